@@ -1,0 +1,42 @@
+# `make repro` — set up .venv/ and run the whole pipeline (dvc repro) on the embedded tiny default.
+# `make test`  — set up .venv/, lint, and run the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Stages run `python -m stages.…`: put the project's interpreter first on PATH so DVC picks it, not whatever
+# `python` the caller happens to have.
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup repro test lint bench flow clean-venv
+
+setup: $(VENV)/.installed
+
+# torch first and pinned: this machine serves 2.13.0 as a CPU build; an unpinned torch would pull a CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+repro: setup
+	$(BIN)/dvc repro
+
+flow: setup
+	$(BIN)/python -m pipelines.longlora_flow
+
+bench: setup
+	$(BIN)/python benchmarks/s2attn_speed.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny models and tokenizers built locally (tests never touch the network)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Overrides that shrink the default pipeline to seconds: merged into the project's params.yaml by `tiny_params`.
+TINY_OVERRIDES = {
+    "corpus": {"max_documents": 24},
+    "base_model": {
+        "vocab_size": 400,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "context_length": 32,
+        "batch_size": 4,
+        "steps": 12,
+        "lr": 0.01,
+        "warmup_steps": 2,
+        "eval_blocks": 4,
+    },
+    "model": {"target_context": 128},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def tiny_params_dict(**overrides: dict) -> dict:
+    """The project's params.yaml with TINY_OVERRIDES (and then `overrides`) applied."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    return _merge(_merge(raw, TINY_OVERRIDES), overrides)
+
+
+@pytest.fixture
+def tiny_params():
+    """Validated tiny Params (paths relative to the current directory: chdir to tmp_path first)."""
+    from stages.params import parse_params
+
+    return parse_params(tiny_params_dict())
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in a fraction of a second on a few standard-library files."""
+    from longlora.corpus import stdlib_documents
+    from longlora.tiny import train_bpe_tokenizer
+
+    texts = [d.text for d in stdlib_documents("base", max_documents=20)]
+    return train_bpe_tokenizer(texts, vocab_size=400)

@@ -1,0 +1,90 @@
+"""Stage build_base_model end to end on a 2-layer model: artifacts, determinism, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stages import build_base_model
+from stages.params import parse_params
+from tests.conftest import tiny_params_dict
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_writes_a_loadable_hf_model_that_learned(in_tmp):
+    metrics = build_base_model.run(parse_params(tiny_params_dict()))
+    out = in_tmp / "data/base_model"
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    saved = json.loads((in_tmp / "data/metrics/base_model.json").read_text())
+    assert saved == metrics
+    assert metrics["heldout_loss"] < metrics["initial_heldout_loss"] - 0.25
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.model_type == "llama" and model.config.max_position_embeddings == 32
+    assert model.config.num_key_value_heads == 2 and len(tokenizer) == model.config.vocab_size == 400
+    ids = tokenizer("def main():\n    return 0\n")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "def main():\n    return 0\n"
+    assert not list(in_tmp.glob("data/.base_model*")), "temporary folders or checkpoints left behind"
+
+
+def test_resumes_after_a_kill_and_matches_an_uninterrupted_run(in_tmp, monkeypatch):
+    params = parse_params(tiny_params_dict())
+    build_base_model.run(params)
+    uninterrupted = load_file(in_tmp / "data/base_model/model.safetensors")
+
+    monkeypatch.setattr(build_base_model, "CHECKPOINT_EVERY", 4)
+    save = build_base_model._save_checkpoint
+
+    def save_then_die(path, p, step, *args):
+        save(path, p, step, *args)
+        if step == 8:
+            raise KeyboardInterrupt  # what a kill looks like from inside the loop
+
+    shutil.rmtree(in_tmp / "data")
+    monkeypatch.setattr(build_base_model, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_base_model.run(params)
+    assert not (in_tmp / "data/base_model").exists(), "a killed run must not leave a finished-looking model"
+    assert (in_tmp / "data/.base_model.checkpoint.pt").exists()
+
+    monkeypatch.setattr(build_base_model, "_save_checkpoint", save)
+    build_base_model.run(params)
+    resumed = load_file(in_tmp / "data/base_model/model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, msg=name)
+
+
+def test_checkpoint_of_other_params_is_ignored(in_tmp, caplog):
+    other = parse_params(tiny_params_dict(base_model={"lr": 0.02}))
+    p = other.base_model
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    path = in_tmp / "data/.base_model.checkpoint.pt"
+    build_base_model._save_checkpoint(path, p, 4, model, optimizer, schedule, torch.Generator())
+    params = parse_params(tiny_params_dict())
+    with caplog.at_level("INFO"):
+        build_base_model.run(params)
+    assert "written with other parameters" in caplog.text
+
+
+def test_cli_reports_bad_params_in_one_line(in_tmp, capsys):
+    (in_tmp / "params.yaml").write_text("base_model:\n  steps: -1\n", encoding="utf-8")
+    assert build_base_model._cli.main("build_base_model", build_base_model.run, ["--params", "params.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "params.yaml: base_model.steps: Input should be greater than 0" in err
+    assert "Traceback" not in err
+    assert not (in_tmp / "data").exists()

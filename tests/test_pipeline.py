@@ -1,0 +1,125 @@
+"""The orchestration: `dvc repro` in a temporary git repository and the Prefect flow under Prefect's test harness
+both run every stage of dvc.yaml on tiny parameters and write the artifacts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.longlora_flow import stage_order
+from tests.conftest import ROOT, tiny_params_dict
+
+PROJECT_FILES = ["dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+PROJECT_DIRS = ["longlora", "stages", "pipelines"]
+
+
+def _final_outputs() -> list[Path]:
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    return [Path(next(iter(o)) if isinstance(o, dict) else o)
+            for stage in spec["stages"].values() for o in stage.get("outs", []) + stage.get("metrics", [])]
+
+
+def _write_tiny_params(where: Path) -> None:
+    (where / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()), encoding="utf-8")
+
+
+def test_stage_order_follows_dependencies(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "evaluate": {"cmd": "python -m stages.evaluate", "deps": ["data/model"], "outs": ["data/scores"]},
+        "train": {"cmd": "python -m stages.train", "deps": ["data/blocks/train.bin"], "outs": ["data/model"]},
+        "pack": {"cmd": "python -m stages.pack", "outs": ["data/blocks"]},
+        "report": {"cmd": "python -m stages.report", "deps": ["data/scores/a.json", "data/model"]},
+    }}, sort_keys=False))
+    assert stage_order(tmp_path / "dvc.yaml") == ["pack", "train", "evaluate", "report"]
+
+
+def test_stage_order_rejects_foreign_commands(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"x": {"cmd": "bash run.sh"}}}))
+    with pytest.raises(ValueError, match="stage 'x' must run `python -m stages.x`"):
+        stage_order(tmp_path / "dvc.yaml")
+
+
+def test_project_stage_order_starts_with_the_base_model():
+    assert stage_order(ROOT / "dvc.yaml")[0] == "build_base_model"
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_pipeline_in_a_fresh_repo(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    _write_tiny_params(repo)
+    env = {
+        **os.environ,
+        # The stages' `python` must be this interpreter, whatever else is on PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "-m", "init"], repo, env)
+
+    _run([*dvc, "repro"], repo, env)
+    for out in _final_outputs():
+        assert (repo / out).exists(), f"dvc repro did not produce {out}"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(stage_order(ROOT / "dvc.yaml"))
+    assert lock["stages"]["build_base_model"]["params"]["params.yaml"]["base_model"]["steps"] == 12
+
+    assert "Data and pipelines are up to date" in _run([*dvc, "status"], repo, env)
+    changed = _run([*dvc, "repro", "--dry", "build_base_model"], repo, env)
+    assert "didn't change, skipping" in changed
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_prefect_flow_runs_the_same_stages(prefect_harness, tmp_path, monkeypatch):
+    from pipelines.longlora_flow import longlora_flow
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    _write_tiny_params(tmp_path)
+    results = longlora_flow(params_file="params.yaml")
+    assert list(results) == stage_order(ROOT / "dvc.yaml")
+    assert results["build_base_model"]["heldout_loss"] < results["build_base_model"]["initial_heldout_loss"]
+    for out in _final_outputs():
+        assert (tmp_path / out).exists(), f"the flow did not produce {out}"
+
+
+@pytest.mark.slow
+def test_prefect_flow_rejects_bad_params_before_any_stage(prefect_harness, tmp_path, monkeypatch):
+    from pipelines.longlora_flow import longlora_flow
+    from stages.params import ParamsError
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text("model:\n  target_context: 1002\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match="1002"):
+        longlora_flow(params_file="params.yaml")
+    assert not (tmp_path / "data").exists()
