@@ -6,7 +6,8 @@ On 2 CPU cores (the default params) it takes about 3 minutes: a byte-level BPE t
 ~3M-parameter Llama pre-trained for 300 steps at 256 tokens on the base split of the Python standard library
 sources, written as a Hugging Face folder (safetensors) that later stages load like `meta-llama/Llama-2-7b-hf`.
 Expected: held-out loss well below the unigram baseline (about 3 nats/token against ~6 at initialisation).
-A killed run resumes from its last checkpoint. In the full-size profile this stage is not used.
+A killed run resumes from its last checkpoint. When `model.name_or_path` names another model (the full-size
+profile), there is nothing to build: the stage writes only a note saying so, and later stages load that model.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ CHECKPOINT_EVERY = 50
 def run(params: Params) -> dict:
     """Build the tokenizer, pre-train the tiny Llama, save both, return metrics."""
     p = params.base_model
+    if Path(params.model.name_or_path) != p.out_dir:
+        return _skip(params)
     started = time.perf_counter()
     torch.manual_seed(p.seed)
     base_texts = [d.text for d in _documents(params, "base")]
@@ -56,6 +59,7 @@ def run(params: Params) -> dict:
         tokenizer.save_pretrained(tmp)
     _checkpoint_path(p).unlink(missing_ok=True)
     metrics = {
+        "built": True,
         "parameters": sum(t.numel() for t in model.parameters()),
         "vocab_size": len(tokenizer),
         "train_tokens": int(train_blocks.size),
@@ -66,6 +70,19 @@ def run(params: Params) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(p.metrics_file, metrics)
+    return metrics
+
+
+def _skip(params: Params) -> dict:
+    """Keep the stage's outputs well-defined (DVC expects them) without building anything."""
+    note = (
+        f"No embedded base model was built: model.name_or_path is {params.model.name_or_path!r}.\n"
+        f"Set it to {str(params.base_model.out_dir)!r} to build and use the tiny embedded default.\n"
+    )
+    with atomic_dir(params.base_model.out_dir) as tmp:
+        (tmp / "NOT_BUILT.txt").write_text(note, encoding="utf-8")
+    metrics = {"built": False, "base_model": params.model.name_or_path}
+    write_json(params.base_model.metrics_file, metrics)
     return metrics
 
 

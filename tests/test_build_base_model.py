@@ -88,3 +88,10 @@ def test_cli_reports_bad_params_in_one_line(in_tmp, capsys):
     assert "params.yaml: base_model.steps: Input should be greater than 0" in err
     assert "Traceback" not in err
     assert not (in_tmp / "data").exists()
+
+
+def test_another_base_model_means_nothing_to_build(in_tmp):
+    metrics = build_base_model.run(parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"})))
+    assert metrics == {"built": False, "base_model": "meta-llama/Llama-2-7b-hf"}
+    assert [p.name for p in (in_tmp / "data/base_model").iterdir()] == ["NOT_BUILT.txt"]
+    assert json.loads((in_tmp / "data/metrics/base_model.json").read_text()) == metrics
