@@ -1,0 +1,233 @@
+"""Model-level tests of the "s2attn" transformers backend on tiny Llama, Mistral and Qwen2 models."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import longlora.s2attn as s2
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+VOCAB = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine every parallel op can stall for a
+    # scheduler quantum: one thread keeps these tests fast whatever else runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(arch, attn="s2attn", group_size=8, seed=0, **overrides):
+    config_cls, model_cls = ARCHS[arch]
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
+    config = config_cls(**{**fields, **overrides})
+    if attn == "s2attn":
+        s2.configure_s2attn(config, group_size=group_size)
+    else:
+        config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return model_cls(config)
+
+
+def twin(model, arch, attn="sdpa", **overrides):
+    """Same weights, another attention backend."""
+    other = tiny(arch, attn=attn, **overrides)
+    other.load_state_dict(model.state_dict())
+    other.train(model.training)
+    return other
+
+
+def tokens(batch, length, seed=0):
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def count_s2_calls(monkeypatch):
+    calls = []
+    original = s2.shifted_sparse_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])  # group size
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(s2, "shifted_sparse_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_with_s2attn_lowers_the_loss(arch):
+    model = tiny(arch).train()
+    ids = tokens(2, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_s2_is_active_in_training_and_dense_in_eval(arch, count_s2_calls):
+    model = tiny(arch).train()
+    dense = twin(model, arch)
+    ids = tokens(2, 32)
+
+    train_logits = model(ids).logits
+    assert count_s2_calls == [8, 8]  # once per layer, with the configured group size
+    # S² restricts attention when seq > G: the training forward must differ from dense attention.
+    assert (train_logits - dense(ids).logits).abs().max() > 1e-3
+
+    model.eval()
+    dense.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
+    assert len(count_s2_calls) == 2  # eval never ran S²
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_right_padded_rows_equal_rows_alone(arch):
+    model = tiny(arch).train()
+    lengths = [64, 32, 16]  # multiples of the group size 8
+    rows = [tokens(1, length, seed=i)[0] for i, length in enumerate(lengths)]
+    ids = torch.zeros(3, 64, dtype=torch.long)
+    mask = torch.zeros(3, 64, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    batched = model(ids, attention_mask=mask).logits
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits[0]
+        torch.testing.assert_close(batched[i, : len(row)], alone, rtol=0, atol=1e-5)
+
+
+def test_left_padding_in_training_raises():
+    model = tiny("llama").train()
+    ids = tokens(2, 32)
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, :8] = 0
+    with pytest.raises(ValueError, match="right-padded"):
+        model(ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generation_with_cache_equals_sdpa(arch):
+    model = tiny(arch).eval()
+    dense = twin(model, arch)
+    ids = tokens(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding is fine for dense generation
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, **kwargs)
+    assert out.shape == (2, 18)
+    assert torch.equal(out, dense.generate(ids, **kwargs))
+
+    with torch.no_grad():
+        first = model(ids[:, :8], use_cache=True)
+        step = model(ids[:, 8:], past_key_values=first.past_key_values, use_cache=True).logits
+        expected = dense(ids).logits[:, 8:]
+    torch.testing.assert_close(step, expected, rtol=0, atol=1e-5)
+
+
+def test_sliding_window_is_respected_in_eval():
+    model = tiny("mistral", sliding_window=8).eval()
+    dense = twin(model, "mistral", sliding_window=8)
+    full = twin(model, "mistral", sliding_window=None)
+    ids = tokens(2, 32)
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, dense(ids).logits, rtol=0, atol=1e-5)
+        assert (logits - full(ids).logits).abs().max() > 1e-3  # the window matters at this length
+
+
+def test_group_larger_than_sliding_window_warns():
+    model = tiny("mistral", group_size=16, sliding_window=8).train()
+    s2._warned.clear()
+    with pytest.warns(UserWarning, match="sliding window 8"):
+        model(tokens(1, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(tokens(1, 32))  # once is enough
+
+
+def test_packed_sequences_fall_back_to_dense():
+    """Packed position_ids need a block-diagonal mask that S² cannot honour: dense, not silently wrong."""
+    model = tiny("llama").train()
+    dense = twin(model, "llama")
+    ids = tokens(1, 32)
+    position_ids = torch.cat([torch.arange(16), torch.arange(16)])[None]
+    s2._warned.clear()
+    # transformers detects packing only without a cache object, i.e. with use_cache=False.
+    with pytest.warns(UserWarning, match="4D attention mask"):
+        logits = model(ids, position_ids=position_ids, use_cache=False).logits
+    expected = dense(ids, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    # The documents stay independent: the second one's logits equal it run alone (densely, as in eval mode).
+    alone = model.eval()(ids[:, 16:]).logits[0]
+    torch.testing.assert_close(logits[0, 16:], alone, rtol=0, atol=1e-5)
+
+
+def test_group_size_from_ratio(count_s2_calls):
+    model = tiny("llama", group_size=None).train()
+    model(tokens(1, 32))
+    assert count_s2_calls == [8, 8]  # default ratio 0.25 × 32
+    for length in (36, 34):  # group 9 is odd, 8.5 is no integer
+        with pytest.raises(ValueError, match=rf"ratio 0.25 .*sequence length {length}"):
+            model(tokens(1, length))
+    s2.configure_s2attn(model, group_size_ratio=0.5)
+    model(tokens(1, 32))
+    assert count_s2_calls[2:] == [16, 16]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """LongLoRA trains with activation checkpointing: the recomputed forward must run the same S² attention."""
+    model = tiny("llama").train()
+    ids = tokens(2, 32)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_configure_on_a_built_model_and_validation(count_s2_calls):
+    model = tiny("qwen2", attn="sdpa").train()
+    s2.configure_s2attn(model, group_size=16)
+    assert model.config._attn_implementation == s2.S2ATTN
+    assert model.config.s2attn_group_size == 16
+    model(tokens(1, 32))
+    assert count_s2_calls == [16, 16]
+    with pytest.raises(ValueError, match="even integer"):
+        s2.configure_s2attn(model.config, group_size=7)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        s2.configure_s2attn(model.config, group_size_ratio=1.5)
