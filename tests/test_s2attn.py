@@ -197,3 +197,14 @@ def test_invalid_shapes_raise_with_the_numbers(shape_q, shape_kv, group_size, nu
         shifted_sparse_attention(q, k, k, group_size)
     for number in numbers:
         assert number in str(excinfo.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernels_match_reference(dtype):
+    """On CUDA the groups go through flash-attn when installed, else SDPA's fused kernels: same semantics."""
+    q, k, v = make_qkv(2, 8, 2, 256, d=64, dtype=torch.float64)
+    expected = reference(q, k, v, 64)
+    got = shifted_sparse_attention(*(x.detach().to("cuda", dtype).requires_grad_() for x in (q, k, v)), 64)
+    torch.testing.assert_close(got.double().cpu(), expected, atol=2e-2, rtol=2e-2)
