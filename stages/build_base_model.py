@@ -2,10 +2,10 @@
 
     .venv/bin/python -m stages.build_base_model     # or: dvc repro build_base_model
 
-On 2 CPU cores (the default params) it takes about 3 minutes: a byte-level BPE tokenizer (4096 tokens) and a
-~3M-parameter Llama pre-trained for 300 steps at 256 tokens on the base split of the Python standard library
+On 2 CPU cores (the default params) it takes about 2.5 minutes: a byte-level BPE tokenizer (4096 tokens) and a
+3.1M-parameter Llama pre-trained for 400 steps at 256 tokens on the base split of the Python standard library
 sources, written as a Hugging Face folder (safetensors) that later stages load like `meta-llama/Llama-2-7b-hf`.
-Expected: held-out loss well below the unigram baseline (about 3 nats/token against ~6 at initialisation).
+Expected (Python 3.11.7): held-out loss 4.95 nats/token (perplexity ~140), from 8.36 at initialisation.
 A killed run resumes from its last checkpoint. When `model.name_or_path` names another model (the full-size
 profile), there is nothing to build: the stage writes only a note saying so, and later stages load that model.
 """
