@@ -6,7 +6,6 @@ An unknown key, a wrong type or an impossible combination stops with the key pat
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal, Self
 
@@ -14,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from longlora.errors import InputError
+from longlora.s2attn import group_size_for
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -66,9 +66,9 @@ class BaseModelParams(Section):
     context_length: int = Field(256, gt=0)
     """The short pre-training context that later stages extend; becomes max_position_embeddings."""
     batch_size: int = Field(8, gt=0)
-    steps: int = Field(300, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
+    steps: int = Field(400, gt=0)
+    lr: float = Field(4e-3, gt=0)
+    warmup_steps: int = Field(30, ge=0)
     eval_blocks: int = Field(32, gt=0)
     """Held-out blocks of context_length tokens scored for the reported held-out loss."""
 
@@ -126,16 +126,7 @@ class S2AttnParams(Section):
 
     def group_size_for(self, seq_len: int) -> int:
         """The group size S²-Attn uses on a sequence of `seq_len` tokens; raises if it cannot tile it."""
-        if self.group_size is not None:
-            size = self.group_size
-        else:
-            exact = seq_len * self.group_size_ratio
-            size = int(exact) if math.isclose(exact, round(exact)) else -1
-            if size <= 0:
-                raise ValueError(f"{seq_len} × group_size_ratio {self.group_size_ratio} is not a whole token count")
-        if seq_len % size or size % 2:
-            raise ValueError(f"sequence length {seq_len} is not divisible by the S²-Attn group size {size}")
-        return size
+        return group_size_for(seq_len, self.group_size, self.group_size_ratio)
 
 
 class LoraParams(Section):
@@ -156,6 +147,158 @@ class LoraParams(Section):
         return self
 
 
+OnError = Literal["raise", "skip"]
+TokenDtype = Literal["auto", "uint16", "uint32"]
+BosPolicy = Literal["document", "none"]
+
+
+class EmbeddedDataParams(Section):
+    """Stage `prepare_corpus`: the offline default data, written in the formats real inputs come in."""
+
+    out_dir: Path = Path("data/corpus")
+    """pretrain.jsonl (RedPajama format), eval/ (one long text file per document), longqa.json and
+    longqa_heldout.json (LongAlpaca format)."""
+    metrics_file: Path = Path("data/metrics/embedded_data.json")
+    """DVC metrics: documents, tokens and question counts of each file written."""
+    seed: int = 0
+    """Seeds the file order of the evaluation documents and the LongQA windows and questions."""
+    eval_min_tokens: int | None = Field(None, gt=0)
+    """Each evaluation document is held-out files joined until it has at least this many tokens;
+    None: 2 × model.target_context, so every document reaches the longest default evaluation length."""
+    eval_documents: int | None = Field(64, gt=0)
+    """At most this many evaluation documents; None: as many as the held-out split gives."""
+    longqa_examples: int = Field(512, gt=0)
+    """LongQA training examples (from the extend split); fewer when the split has too few usable windows."""
+    longqa_heldout_examples: int = Field(128, ge=0)
+    """LongQA examples from the held-out split, for scoring answers of the fine-tuned model."""
+    longqa_min_tokens: int | None = Field(None, gt=0)
+    """Shortest LongQA instruction (source code + question) in tokens; None: half of model.target_context."""
+    longqa_max_tokens: int | None = Field(None, gt=0)
+    """Longest LongQA instruction in tokens; None: 85 % of model.target_context, which leaves room for the prompt
+    template and the answer, so that prepare_sft's default `drop` policy keeps every example."""
+
+    def longqa_range(self, target_context: int) -> tuple[int, int]:
+        """(min, max) instruction tokens of the LongQA examples."""
+        return (self.longqa_min_tokens or target_context // 2,
+                self.longqa_max_tokens or int(0.85 * target_context))
+
+
+class PretrainDataParams(Section):
+    """Stage `prepare_pretrain`: RedPajama-format text → fixed blocks of tokens with document boundaries."""
+
+    input: str = "data/corpus/pretrain.jsonl"
+    """A .jsonl, .jsonl.gz, .jsonl.zst, .parquet or .txt file, a folder of them, or a Hugging Face dataset
+    name (e.g. togethercomputer/RedPajama-Data-1T-Sample; streamed, needs the network). The dvc.yaml dep
+    names the default file: point it at another local input too."""
+    text_field: str = "text"
+    """Field (or parquet column) holding each document's text."""
+    hub_split: str = "train"
+    """Split to stream when `input` is a hub dataset name."""
+    hub_config: str | None = None
+    """Configuration (subset) name of a hub dataset, if it has several."""
+    max_documents: int | None = Field(None, gt=0)
+    """Read at most this many documents (a bounded sample of a large or streamed input); None reads all."""
+    on_error: OnError = "raise"
+    """A malformed line, a non-UTF-8 line or a missing or empty text stops the stage with file:line
+    (raise) or is skipped and counted in the metrics (skip)."""
+    block_length: int | None = Field(None, gt=0)
+    """Tokens per block; None: model.target_context. Must not exceed it and must be tiled by S²-Attn groups."""
+    bos: BosPolicy = "document"
+    """`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`."""
+    remainder: Literal["drop", "pad"] = "drop"
+    """The last tokens that do not fill a block: dropped, or padded with the pad token to a full block
+    (the training stage must mask padding); either way the count is reported."""
+    dtype: TokenDtype = "auto"
+    """Token file dtype: auto picks uint16 when the vocabulary fits (ids < 65536), else uint32."""
+    batch_chars: int = Field(4_000_000, ge=1000)
+    """Text per tokenizer call (characters); bounds memory whatever the size of the input."""
+    num_proc: int = Field(1, ge=1)
+    """1: one process, the fast tokenizer's own threads use all cores; >1: that many tokenizer processes
+    (pays off when reading and packing, not tokenization, would otherwise be the bottleneck)."""
+    out_dir: Path = Path("data/pretrain")
+    """tokens.bin (blocks × block_length), doc_starts.bin, doc_index.npy and meta.json: see docs/data.md."""
+    metrics_file: Path = Path("data/metrics/pretrain_data.json")
+    """DVC metrics: documents, tokens, blocks, dropped or padded tokens, skipped records, tokens/s."""
+
+
+class SftDataParams(Section):
+    """Stage `prepare_sft`: LongAlpaca-format instructions → tokenized examples with prompt-masked labels."""
+
+    input: str = "data/corpus/longqa.json"
+    """A LongAlpaca-format .json list (or .jsonl, .parquet, a folder of them) of {"instruction", "output",
+    optional "input", "file"}, or a hub dataset name (e.g. Yukang/LongAlpaca-12k; needs the network)."""
+    hub_split: str = "train"
+    """Split to stream when `input` is a hub dataset name."""
+    hub_config: str | None = None
+    """Configuration (subset) name of a hub dataset, if it has several."""
+    max_examples: int | None = Field(None, gt=0)
+    """Read at most this many examples; None reads all."""
+    on_error: OnError = "raise"
+    """A malformed record stops the stage with file:line (raise) or is skipped and counted (skip)."""
+    template: Literal["llama2", "chat_template"] = "llama2"
+    """llama2: the paper code's `[INST]{instruction}[/INST]`, and its system-prompt variant when `input` is
+    present; chat_template: the tokenizer's own chat template (system turn only when `input` is present)."""
+    system_prompt: str = (
+        "You are a helpful assistant. Answer the question from the document you are given, briefly and exactly."
+    )
+    """System prompt of the with-input variant (the reference used Llama-2's default system prompt)."""
+    max_length: int | None = Field(None, ge=2)
+    """Longest example in tokens (prompt + answer + EOS); None: model.target_context."""
+    truncation: Literal["drop", "truncate_middle"] = "drop"
+    """Too long: `drop` drops (and counts) examples whose prompt alone leaves no room for an answer token and
+    cuts over-long answers at the end; `truncate_middle` cuts tokens from the middle of the prompt (keeping its
+    start and the question at its end), leaving the answer at least half of max_length."""
+    group_by_length: bool = False
+    """Write examples in length-grouped batches of `group_batch_size` (batches in seeded random order, the
+    longest first) so padding is small; the training stage must then read them in order."""
+    group_batch_size: int = Field(4, gt=0)
+    """Batch size the grouping (and the padding figures in the metrics) assume; match the training batch."""
+    seed: int = 0
+    """Seeds the length-grouped order."""
+    out_dir: Path = Path("data/sft")
+    """Hugging Face dataset (datasets.load_from_disk) with input_ids, labels (−100 on the prompt), length."""
+    metrics_file: Path = Path("data/metrics/sft_data.json")
+    """DVC metrics: examples kept, dropped and truncated, tokens, label tokens, padding with and without
+    length grouping."""
+
+
+class EvalDataParams(Section):
+    """Stage `prepare_eval`: long documents → one flat token stream with document offsets."""
+
+    input: str = "data/corpus/eval"
+    """A folder of text files (PG19 / proof-pile style, one document per file), a .jsonl/.parquet file or
+    folder of them, or a hub dataset name (needs the network)."""
+    text_field: str = "text"
+    """Field (or parquet column) holding each document's text (not used for .txt files)."""
+    hub_split: str = "test"
+    """Split to stream when `input` is a hub dataset name."""
+    hub_config: str | None = None
+    """Configuration (subset) name of a hub dataset, if it has several."""
+    max_documents: int | None = Field(None, gt=0)
+    """Read at most this many documents; None reads all."""
+    on_error: OnError = "raise"
+    """A malformed or empty record stops the stage with file:line (raise) or is skipped and counted (skip)."""
+    bos: BosPolicy = "document"
+    """`document`: each document is `BOS text EOS` in the stream; `none`: `text EOS`."""
+    dtype: TokenDtype = "auto"
+    """Stream dtype: auto picks uint16 when the vocabulary fits (ids < 65536), else uint32."""
+    lengths: tuple[int, ...] | None = None
+    """Evaluation context lengths whose reach is counted (documents with at least that many tokens);
+    None: model.target_context / 4, / 2 and × 1."""
+    batch_chars: int = Field(4_000_000, ge=1000)
+    """Text per tokenizer call (characters); bounds memory."""
+    out_dir: Path = Path("data/eval")
+    """tokens.bin (flat stream), doc_offsets.npy (documents + 1 offsets) and meta.json: see docs/data.md."""
+    metrics_file: Path = Path("data/metrics/eval_data.json")
+    """DVC metrics: documents, tokens, documents reaching each evaluation length."""
+
+    @model_validator(mode="after")
+    def _positive_lengths(self) -> Self:
+        if self.lengths is not None and (not self.lengths or min(self.lengths) <= 0):
+            raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
+        return self
+
+
 class Params(Section):
     """The whole params.yaml."""
 
@@ -164,6 +307,10 @@ class Params(Section):
     model: ModelParams = ModelParams()
     s2attn: S2AttnParams = S2AttnParams()
     lora: LoraParams = LoraParams()
+    embedded_data: EmbeddedDataParams = EmbeddedDataParams()
+    pretrain_data: PretrainDataParams = PretrainDataParams()
+    sft_data: SftDataParams = SftDataParams()
+    eval_data: EvalDataParams = EvalDataParams()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Self:
@@ -171,6 +318,30 @@ class Params(Section):
             self.s2attn.group_size_for(self.model.target_context)
         except ValueError as err:
             raise ValueError(f"s2attn vs model.target_context: {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _data_fits_model(self) -> Self:
+        target = self.model.target_context
+        block = self.pretrain_data.block_length
+        if block is not None:
+            if block > target:
+                raise ValueError(
+                    f"pretrain_data.block_length {block} exceeds model.target_context {target}: "
+                    "the model cannot take blocks longer than the context it is extended to"
+                )
+            try:
+                self.s2attn.group_size_for(block)
+            except ValueError as err:
+                raise ValueError(f"pretrain_data.block_length vs s2attn: {err}") from None
+        low, high = self.embedded_data.longqa_range(target)
+        if low > high:
+            raise ValueError(f"embedded_data: LongQA instructions of {low} to {high} tokens: the minimum exceeds the "
+                             "maximum (longqa_min_tokens, longqa_max_tokens, defaults from model.target_context)")
+        if self.sft_data.max_length is not None and self.sft_data.max_length > target:
+            raise ValueError(
+                f"sft_data.max_length {self.sft_data.max_length} exceeds model.target_context {target}"
+            )
         return self
 
 

@@ -34,6 +34,11 @@ TINY_OVERRIDES = {
         "eval_blocks": 4,
     },
     "model": {"target_context": 128},
+    # The tiny tokenizer (vocab 400) spends ~190 tokens on the LongQA preamble and question alone: LongQA
+    # instructions longer than the 128-token context, cut in the middle by prepare_sft, keep the pipeline whole.
+    "embedded_data": {"longqa_min_tokens": 240, "longqa_max_tokens": 400, "longqa_examples": 16,
+                      "longqa_heldout_examples": 4, "eval_documents": 4},
+    "sft_data": {"truncation": "truncate_middle"},
 }
 
 
@@ -69,3 +74,11 @@ def tiny_tokenizer():
 
     texts = [d.text for d in stdlib_documents("base", max_documents=20)]
     return train_bpe_tokenizer(texts, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tiny_tokenizer, tmp_path_factory):
+    """`tiny_tokenizer` saved as a folder, for stages that load `model.name_or_path` with AutoTokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_tokenizer")
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

@@ -27,12 +27,12 @@ def test_wrong_type_names_the_key():
 
 def test_target_not_divisible_by_group_size():
     raw = tiny_params_dict(model={"target_context": 1000}, s2attn={"group_size": 256})
-    with pytest.raises(ParamsError, match="1000 is not divisible by the S²-Attn group size 256"):
+    with pytest.raises(ParamsError, match="sequence length 1000 is not divisible by S²-Attn group size 256"):
         parse_params(raw)
 
 
 def test_ratio_that_does_not_give_whole_groups():
-    with pytest.raises(ParamsError, match="1002 × group_size_ratio 0.25 is not a whole token count"):
+    with pytest.raises(ParamsError, match="ratio 0.25 gives group size 250.5 for sequence length 1002"):
         parse_params(tiny_params_dict(model={"target_context": 1002}))
 
 
@@ -66,3 +66,22 @@ def test_missing_file(tmp_path):
 def test_top_level_must_be_a_mapping():
     with pytest.raises(ParamsError, match="expected a mapping"):
         parse_params([1, 2])
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    return {f"{prefix}{k}" for k in tree} | {
+        key for k, v in tree.items() if isinstance(v, dict) for key in _keys(v, f"{prefix}{k}.")
+    }
+
+
+def test_full_size_profile_is_valid_and_in_step_with_params_yaml():
+    import yaml
+
+    full_raw = yaml.safe_load((ROOT / "configs/llama2-7b-32k.yaml").read_text())
+    default_raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert _keys(full_raw) == _keys(default_raw), "configs/llama2-7b-32k.yaml drifted from params.yaml"
+    full = load_params(ROOT / "configs/llama2-7b-32k.yaml")
+    assert full.model.name_or_path == "meta-llama/Llama-2-7b-hf"
+    assert full.model.target_context / full.model.original_context == 8
+    assert full.s2attn.group_size_for(full.model.target_context) == 8192
+    assert (full.lora.r, full.lora.alpha, full.lora.train_embeddings, full.lora.train_norms) == (8, 16, True, True)

@@ -1,0 +1,127 @@
+"""Stage `prepare_corpus`: the embedded default data, built offline from the Python standard library sources.
+
+    .venv/bin/python -m stages.prepare_corpus     # or: dvc repro prepare_corpus
+
+On 2 CPU cores (the default params) it takes about 10 seconds and writes, under `data/corpus/`, the inputs the
+other data stages read, in the formats real data comes in:
+
+- `pretrain.jsonl` — RedPajama format ({"text", "meta"}), one record per file of the `extend` split;
+- `eval/doc_00000.txt`… — PG19 style, one long document per file: held-out files (never seen by the base model)
+  joined until each has ≥ 2 × model.target_context tokens, so every document reaches the evaluation lengths;
+- `longqa.json` (from the extend split) and `longqa_heldout.json` (held-out split) — LongAlpaca format
+  ({"instruction", "output", "file"}, plus "meta" with the question kind, name and depth): long source code with
+  one mechanically verifiable question each (see longlora/longqa.py), by default 50–85 % of
+  model.target_context tokens long.
+
+Expected: 169 pretraining documents, 62 evaluation documents (the held-out split runs out before 64), 512 + 128
+questions spread evenly over five depth bands. Deterministic for a given seed, Python version and tokenizer (the
+tokenizer only measures lengths).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from longlora.corpus import Document, stdlib_documents
+from longlora.errors import InputError
+from longlora.io import atomic_dir, write_json
+from longlora.longqa import generate_longqa, long_documents
+from longlora.tokenizing import BatchEncoder, load_tokenizer, rust_parallelism
+from stages import _cli
+from stages.params import Params
+
+
+def run(params: Params) -> dict:
+    """Write pretrain.jsonl, eval/ and the LongQA sets; return metrics."""
+    p = params.embedded_data
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
+    encode = BatchEncoder(tokenizer)
+
+    def count_tokens(texts: list[str]) -> list[int]:
+        with rust_parallelism():
+            return encode(texts)[0].tolist()
+
+    target = params.model.target_context
+    min_eval_tokens = p.eval_min_tokens or 2 * target
+    metrics: dict = {}
+    with atomic_dir(p.out_dir) as tmp:
+        metrics["pretrain_documents"], metrics["pretrain_chars"] = _write_pretrain(
+            tmp / "pretrain.jsonl", _documents(params, "extend"))
+
+        heldout = list(_documents(params, "heldout"))
+        order = np.random.default_rng(p.seed).permutation(len(heldout))
+        eval_lengths = _write_eval(tmp / "eval", [(heldout[i].name, heldout[i].text) for i in order],
+                                   count_tokens, min_eval_tokens, p.eval_documents)
+        if not eval_lengths:
+            raise InputError(
+                f"embedded_data.eval_min_tokens: the held-out split ({len(heldout)} files) does not add up to one "
+                f"document of {min_eval_tokens} tokens; lower it or raise corpus.max_documents"
+            )
+        metrics.update(eval_documents=len(eval_lengths), eval_min_tokens=min(eval_lengths),
+                       eval_median_tokens=int(np.median(eval_lengths)), eval_target_tokens=min_eval_tokens)
+
+        lo, hi = p.longqa_range(target)
+        for split, count, filename in (("extend", p.longqa_examples, "longqa.json"),
+                                       ("heldout", p.longqa_heldout_examples, "longqa_heldout.json")):
+            files = [(d.name, d.text) for d in _documents(params, split)]
+            try:
+                examples, qa = generate_longqa(files, count_tokens, count, lo, hi, seed=p.seed,
+                                               source=f"python-stdlib/{split}")
+            except ValueError as err:
+                raise InputError(f"embedded_data.longqa_max_tokens: {err}") from None
+            if count and not examples:
+                raise InputError(
+                    f"embedded_data: no LongQA question could be made from the {split} split ({len(files)} files, "
+                    f"{lo}–{hi} tokens per instruction); raise corpus.max_documents or model.target_context"
+                )
+            _write_json_list(tmp / filename, examples)
+            key = "longqa" if split == "extend" else "longqa_heldout"
+            metrics[f"{key}_examples"] = len(examples)
+            metrics[f"{key}_by_kind"] = qa.kinds
+            metrics[f"{key}_by_depth_band"] = qa.depth_bands
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    write_json(p.metrics_file, metrics)
+    return metrics
+
+
+def _documents(params: Params, split: str) -> Iterator[Document]:
+    c = params.corpus
+    return stdlib_documents(split, c.base_fraction, c.heldout_fraction, max_documents=c.max_documents)
+
+
+def _write_pretrain(path: Path, documents) -> tuple[int, int]:
+    count = chars = 0
+    with path.open("w", encoding="utf-8") as handle:
+        for doc in documents:
+            record = {"text": doc.text, "meta": {"source": "python-stdlib", "path": doc.name, "split": "extend"}}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+            chars += len(doc.text)
+    return count, chars
+
+
+def _write_eval(folder: Path, files, count_tokens, min_tokens: int, max_documents: int | None) -> list[int]:
+    folder.mkdir()
+    lengths = []
+    for index, (text, _) in enumerate(long_documents(files, count_tokens, min_tokens, max_documents)):
+        (folder / f"doc_{index:05d}.txt").write_text(text, encoding="utf-8")
+        lengths.append(count_tokens([text])[0])
+    return lengths
+
+
+def _write_json_list(path: Path, records: list[dict]) -> None:
+    # One record per line inside the array: still one JSON value (LongAlpaca's format), but diffable and greppable.
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write("[\n")
+        handle.write(",\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+        handle.write("\n]\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli.main("prepare_corpus", run))

@@ -1,0 +1,89 @@
+"""Stage `prepare_eval`: long documents → one flat token stream with document offsets, for perplexity evaluation.
+
+    .venv/bin/python -m stages.prepare_eval     # or: dvc repro prepare_eval
+
+On 2 CPU cores (the default params: the 64 held-out documents of data/corpus/eval/) it takes a few seconds. Input:
+a folder of text files, one document each (PG19 / proof-pile style), or .jsonl/.parquet records with a text field,
+or a hub dataset name (needs the network). Each document becomes `[BOS] tokens EOS`, back to back, like the `.bin`
+token files LongLoRA's evaluation reads — uint16 when the vocabulary fits, else uint32 — with the offsets of every
+document, so evaluation can stay within documents or slide across them.
+Output: data/eval/ (tokens.bin, doc_offsets.npy, meta.json — read it with `longlora.packing.TokenStream`) and
+data/metrics/eval_data.json, which counts the documents that reach each evaluation length (`lengths`, default
+model.target_context / 4, / 2, × 1). Expected on the default data: every document reaches every length.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+
+from longlora.data import ReadStats, batched_texts, iter_texts
+from longlora.errors import InputError
+from longlora.io import atomic_dir, write_json
+from longlora.packing import TokenStreamWriter, join_encoded
+from longlora.tokenizing import BatchEncoder, encode_batches, load_tokenizer, special_ids, token_dtype
+from stages import _cli
+from stages.params import Params
+
+
+def evaluation_lengths(params: Params) -> tuple[int, ...]:
+    """The context lengths evaluated: eval_data.lengths, or model.target_context / 4, / 2 and × 1."""
+    target = params.model.target_context
+    return params.eval_data.lengths or tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))
+
+
+def run(params: Params) -> dict:
+    """Tokenize the documents into one stream, record offsets and length coverage; return metrics."""
+    p = params.eval_data
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
+    eos_id, bos_id, _ = special_ids(tokenizer, p.bos, "eval_data.bos")
+    dtype = token_dtype(len(tokenizer), p.dtype, "eval_data.dtype")
+    encoder = BatchEncoder(tokenizer, dtype)
+    read = ReadStats()
+    records = iter_texts(p.input, text_field=p.text_field, on_error=p.on_error, stats=read,
+                         hub_split=p.hub_split, hub_config=p.hub_config)
+    batches = batched_texts(itertools.islice(records, p.max_documents), p.text_field, p.batch_chars)
+    doc_lengths: list[np.ndarray] = []
+
+    with atomic_dir(p.out_dir) as tmp:
+        writer = TokenStreamWriter(tmp, dtype)
+        try:
+            for lengths, flat in encode_batches(batches, encoder):
+                stream, _ = join_encoded(lengths, flat, eos_id, bos_id)
+                joined = lengths + (1 if bos_id is None else 2)
+                writer.write(stream, joined)
+                doc_lengths.append(joined)
+        except BaseException:
+            writer.abort()
+            raise
+        if not doc_lengths:
+            writer.abort()
+            raise InputError(f"eval_data.input {p.input}: no documents (all skipped or empty)")
+        lengths = np.concatenate(doc_lengths)
+        eval_lengths = evaluation_lengths(params)
+        reaching = {str(n): int((lengths >= n).sum()) for n in eval_lengths}
+        writer.close({"tokenizer": params.model.name_or_path, "vocab_size": len(tokenizer), "eos_id": eos_id,
+                      "bos_id": bos_id, "evaluation_lengths": list(eval_lengths), "documents_reaching": reaching})
+
+    metrics = {
+        "documents": len(lengths),
+        "tokens": int(lengths.sum()),
+        "dtype": dtype.name,
+        "shortest": int(lengths.min()),
+        "median_length": int(np.median(lengths)),
+        "longest": int(lengths.max()),
+        "documents_reaching": reaching,
+        "files": read.files,
+        "skipped_records": sum(read.skipped.values()),
+        "skipped_by_reason": dict(sorted(read.skipped.items())),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(p.metrics_file, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli.main("prepare_eval", run))

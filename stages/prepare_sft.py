@@ -1,0 +1,157 @@
+"""Stage `prepare_sft`: LongAlpaca-format instructions → tokenized SFT examples, labels masked on the prompt.
+
+    .venv/bin/python -m stages.prepare_sft     # or: dvc repro prepare_sft
+
+On 2 CPU cores (the default params: data/corpus/longqa.json, 512 long-code questions) it takes a few seconds.
+Each record {"instruction", "output", optional "input"} becomes the paper code's Llama-2 prompt
+(`[INST]{instruction}[/INST]`, or the system-prompt variant when `input` is present) or the tokenizer's own chat
+template (`template` param), followed by `output` + EOS. Labels are −100 on the prompt; examples longer than
+`max_length` (default model.target_context) are dropped when the prompt alone leaves no room for an answer token,
+or cut in the middle of the prompt (`truncation: truncate_middle`) — never kept with every label masked.
+Output: data/sft/ (a Hugging Face dataset, `datasets.load_from_disk`: input_ids, labels, length; in length-grouped
+batches when `group_by_length`) and data/metrics/sft_data.json (kept, dropped, truncated, tokens, padding).
+Expected on the default data: all 512 examples kept, none truncated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from longlora.data import Problems, ReadStats, iter_records
+from longlora.errors import InputError
+from longlora.io import atomic_dir, write_json
+from longlora.sft import (
+    fit_example,
+    length_grouped_order,
+    padding_fraction,
+    parse_instruction,
+    prompt_has_special_tokens,
+    render_prompt,
+)
+from longlora.tokenizing import load_tokenizer, rust_parallelism
+from stages import _cli
+from stages.params import Params
+
+log = logging.getLogger(__name__)
+
+BATCH_RECORDS = 256
+SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32())])
+
+
+def run(params: Params) -> dict:
+    """Render prompts, tokenize, mask, fit to max_length, write the dataset; return metrics."""
+    p = params.sft_data
+    max_length = p.max_length or params.model.target_context
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise InputError("model.name_or_path: the tokenizer has no EOS token, which ends every answer")
+    if p.template == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise InputError("sft_data.template: chat_template, but the tokenizer has no chat template; use llama2")
+    read = ReadStats()
+    problems = Problems(p.on_error, read)
+    records = iter_records(p.input, on_error=p.on_error, stats=read, hub_split=p.hub_split, hub_config=p.hub_config)
+    records = itertools.islice(records, p.max_examples)
+    counts = dict.fromkeys(("kept", "dropped", "answer_truncated", "prompt_truncated"), 0)
+    lengths: list[int] = []
+    label_tokens = 0
+
+    with atomic_dir(p.out_dir) as tmp, tempfile.TemporaryDirectory(prefix=".sft-raw-", dir=tmp.parent) as raw_dir:
+        raw = Path(raw_dir) / "examples.arrow"
+        with pa.OSFile(str(raw), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as arrow:
+            while batch := list(itertools.islice(records, BATCH_RECORDS)):
+                ids, labels = [], []
+                for fitted in _fit_batch(batch, tokenizer, p, max_length, problems):
+                    if fitted.input_ids is None:
+                        counts["dropped"] += 1
+                        continue
+                    counts["kept"] += 1
+                    if fitted.status != "kept":
+                        counts[fitted.status] += 1
+                    ids.append(fitted.input_ids.astype(np.int32))
+                    labels.append(fitted.labels.astype(np.int32))
+                    label_tokens += int((fitted.labels != -100).sum())
+                if ids:
+                    lengths.extend(len(x) for x in ids)
+                    arrow.write_batch(pa.record_batch(
+                        [_list_array(ids), _list_array(labels), pa.array([len(x) for x in ids], pa.int32())],
+                        schema=SCHEMA))
+        examples = counts["kept"]
+        if examples == 0:
+            raise InputError(
+                f"sft_data.input {p.input}: no example left ({counts['dropped']} dropped: prompt alone ≥ max_length "
+                f"{max_length} tokens); use truncation: truncate_middle or a longer sft_data.max_length"
+            )
+        order = length_grouped_order(lengths, p.group_batch_size, p.seed) if p.group_by_length else None
+        _save_dataset(raw, tmp, order)
+
+    written = np.asarray(lengths)[order] if order is not None else np.asarray(lengths)
+    metrics = {
+        "examples": examples,
+        "dropped_prompt_too_long": counts["dropped"],
+        "answer_truncated": counts["answer_truncated"],
+        "prompt_truncated": counts["prompt_truncated"],
+        "max_length": max_length,
+        "template": p.template,
+        "tokens": int(sum(lengths)),
+        "label_tokens": label_tokens,
+        "longest": int(max(lengths)),
+        "mean_length": round(float(np.mean(lengths)), 1),
+        "padding_fraction": round(padding_fraction(written, p.group_batch_size), 4),
+        "padding_fraction_ungrouped": round(padding_fraction(lengths, p.group_batch_size), 4),
+        "group_by_length": p.group_by_length,
+        "files": read.files,
+        "skipped_records": sum(read.skipped.values()),
+        "skipped_by_reason": dict(sorted(read.skipped.items())),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(p.metrics_file, metrics)
+    return metrics
+
+
+def _fit_batch(batch, tokenizer, p, max_length: int, problems: Problems):
+    valid = []
+    for record in batch:
+        try:
+            example = parse_instruction(record.data)
+            prompt = render_prompt(example, p.template, tokenizer, p.system_prompt)
+        except ValueError as err:
+            problems("bad_record", f"{record.where}: {err}")
+            continue
+        valid.append((prompt, example.output))
+    if not valid:
+        return
+    prompts, answers = zip(*valid, strict=True)
+    with rust_parallelism():
+        # Separately, so that the prompt's tokens are exactly those the model gets at inference.
+        prompt_ids = tokenizer(list(prompts), add_special_tokens=not prompt_has_special_tokens(p.template))
+        answer_ids = tokenizer(list(answers), add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    for prompt, answer in zip(prompt_ids["input_ids"], answer_ids["input_ids"], strict=True):
+        yield fit_example(prompt, [*answer, eos], max_length, p.truncation)
+
+
+def _list_array(rows: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(rows)))
+
+
+def _save_dataset(raw: Path, out: Path, order: np.ndarray | None) -> None:
+    import datasets
+
+    dataset = datasets.Dataset.from_file(str(raw))
+    if order is not None:
+        dataset = dataset.select(order.tolist())
+    # save_to_disk refuses a non-empty target, and atomic_dir hands us an empty one: write there directly.
+    dataset.save_to_disk(str(out))
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli.main("prepare_sft", run))

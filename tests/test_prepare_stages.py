@@ -1,0 +1,475 @@
+"""The data stages end to end on tiny inputs: the artifacts they write, their invariants, and every bad input."""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+import zstandard
+
+from longlora.corpus import stdlib_documents
+from longlora.errors import InputError
+from longlora.longqa import DEPTH_BANDS, KINDS, generate_longqa, instruction_document, source_units
+from longlora.packing import PackedBlocks, TokenStream
+from longlora.sft import IGNORE_INDEX, Instruction, render_prompt
+from stages import _cli, prepare_corpus, prepare_eval, prepare_pretrain, prepare_sft
+from stages.params import ParamsError, parse_params
+from tests.conftest import tiny_params_dict
+
+SHARED_TEXT = Path(__file__).resolve().parents[1] / "../shared/data/tinyshakespeare.txt"
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """A dozen real documents of very different lengths."""
+    return [d.text for d in stdlib_documents("extend", max_documents=12)]
+
+
+def _params(tokenizer_dir, **sections):
+    return parse_params(tiny_params_dict(model={"name_or_path": str(tokenizer_dir)}, **sections))
+
+
+def _write_jsonl(path: Path, lines: list[bytes | dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines)
+    path.write_bytes(raw)
+    return path
+
+
+def _joined(tokenizer, texts, bos=True):
+    """The EOS-joined token stream and document starts, computed independently of the stage."""
+    stream, starts = [], []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        starts.append(len(stream))
+        stream += ([tokenizer.bos_token_id] if bos else []) + ids + [tokenizer.eos_token_id]
+    return np.array(stream), np.array(starts)
+
+
+def _assert_nothing_finished(root: Path, out: str):
+    assert not (root / out).exists(), f"a failed run left {out}"
+    parent = (root / out).parent
+    leftovers = [p.name for p in parent.glob(f".{Path(out).name}*")] if parent.exists() else []
+    assert not leftovers, f"temporary outputs left behind: {leftovers}"
+
+
+# --- prepare_pretrain ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("remainder", "bos", "block_length"), [("drop", "document", None), ("pad", "none", 64)])
+def test_pretrain_blocks_are_the_eos_joined_stream_with_document_boundaries(
+        in_tmp, tiny_tokenizer, tiny_tokenizer_dir, texts, remainder, bos, block_length):
+    _write_jsonl(in_tmp / "in/pretrain.jsonl", [{"text": t, "meta": {"i": i}} for i, t in enumerate(texts)])
+    params = _params(tiny_tokenizer_dir, pretrain_data={
+        "input": "in/pretrain.jsonl", "remainder": remainder, "bos": bos, "block_length": block_length,
+        "batch_chars": 5000})  # many batches: blocks and boundaries must carry across them
+    metrics = prepare_pretrain.run(params)
+
+    length = block_length or params.model.target_context
+    stream, starts = _joined(tiny_tokenizer, texts, bos=bos == "document")
+    blocks = PackedBlocks(in_tmp / "data/pretrain")
+    n = len(blocks)
+    assert blocks.tokens.dtype == np.uint16 and blocks.block_length == length
+    flat = np.asarray(blocks.tokens).ravel()
+    if remainder == "drop":
+        assert n == len(stream) // length
+        assert np.array_equal(flat, stream[: n * length])
+        assert metrics["dropped_tokens"] == len(stream) - n * length and metrics["padded_tokens"] == 0
+    else:
+        assert n == -(-len(stream) // length)
+        assert np.array_equal(flat[: len(stream)], stream)
+        assert (flat[len(stream):] == tiny_tokenizer.pad_token_id).all()
+        assert metrics["padded_tokens"] == n * length - len(stream) and metrics["dropped_tokens"] == 0
+    recorded = [(i, int(s)) for i in range(n) for s in blocks.doc_starts(i)]
+    assert recorded == [(int(s) // length, int(s) % length) for s in starts if s < n * length]
+
+    saved = json.loads((in_tmp / "data/metrics/pretrain_data.json").read_text())
+    assert saved == metrics
+    assert metrics["documents"] == len(texts) and metrics["tokens"] == len(stream) and metrics["blocks"] == n
+    assert metrics["tokens_per_second"] > 0 and metrics["skipped_records"] == 0
+    assert blocks.meta["eos_id"] == tiny_tokenizer.eos_token_id and blocks.meta["documents"] == len(texts)
+
+
+def test_pretrain_reads_every_format_and_process_count_to_the_same_blocks(in_tmp, tiny_tokenizer_dir, texts):
+    records = [{"text": t, "meta": {"i": i}} for i, t in enumerate(texts)]
+    _write_jsonl(in_tmp / "plain.jsonl", records)
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in records[:4])
+    (in_tmp / "folder").mkdir()
+    (in_tmp / "folder/a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (in_tmp / "folder/b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        b"".join(json.dumps(r).encode() + b"\n" for r in records[4:8])))
+    pq.write_table(pa.Table.from_pylist(records[8:]), in_tmp / "folder/c.parquet")
+
+    outputs = {}
+    for name, extra in {"jsonl": {"input": "plain.jsonl"}, "folder": {"input": "folder"},
+                        "two processes": {"input": "plain.jsonl", "num_proc": 2, "batch_chars": 20000}}.items():
+        out = f"out/{name}"
+        metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={
+            **extra, "out_dir": out, "metrics_file": f"{out}.json"}))
+        outputs[name] = ((in_tmp / out / "tokens.bin").read_bytes(), (in_tmp / out / "doc_starts.bin").read_bytes())
+        assert metrics["documents"] == len(texts)
+    assert outputs["jsonl"] == outputs["folder"] == outputs["two processes"]
+
+
+def test_pretrain_max_documents(in_tmp, tiny_tokenizer_dir, texts):
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": t} for t in texts])
+    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl", "max_documents": 3}))
+    assert metrics["documents"] == 3
+
+
+@pytest.mark.parametrize(("bad_line", "reason", "message"), [
+    (b'{"text": "a broken line', "malformed_json", r"in\.jsonl:3:10: malformed JSON: Unterminated string"),
+    (b'{"meta": {"source": "x"}}', "missing_text", r"in\.jsonl:3: no 'text' field"),
+    (b'{"text": ""}', "empty_text", r"in\.jsonl:3: 'text' is empty"),
+    (b'{"text": "caf\xe9 latin-1"}', "not_utf8", r"in\.jsonl:3: not valid UTF-8 \(byte 0xe9"),
+])
+def test_pretrain_bad_line_stops_with_file_line_or_is_skipped(
+        in_tmp, tiny_tokenizer_dir, texts, bad_line, reason, message):
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": texts[0]}, {"text": texts[1]}, bad_line, {"text": texts[2]}])
+    with pytest.raises(InputError, match=message):
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl"}))
+    _assert_nothing_finished(in_tmp, "data/pretrain")
+    assert not (in_tmp / "data/metrics/pretrain_data.json").exists()
+
+    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl", "on_error": "skip"}))
+    assert metrics["documents"] == 3 and metrics["skipped_records"] == 1
+    assert metrics["skipped_by_reason"] == {reason: 1}
+    assert json.loads((in_tmp / "data/metrics/pretrain_data.json").read_text())["skipped_records"] == 1
+
+
+def test_pretrain_failure_keeps_the_previous_finished_output(in_tmp, tiny_tokenizer_dir, texts):
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": t} for t in texts])
+    prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl"}))
+    before = (in_tmp / "data/pretrain/tokens.bin").read_bytes()
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": texts[0]}, b"{oops"])
+    with pytest.raises(InputError, match=r"in\.jsonl:2:2: malformed JSON"):
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl"}))
+    assert (in_tmp / "data/pretrain/tokens.bin").read_bytes() == before
+    assert [p.name for p in (in_tmp / "data").iterdir() if p.name.startswith(".")] == []
+
+
+def test_pretrain_empty_input_folder(in_tmp, tiny_tokenizer_dir):
+    (in_tmp / "empty").mkdir()
+    with pytest.raises(InputError, match="empty: the folder contains no input files"):
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "empty"}))
+    _assert_nothing_finished(in_tmp, "data/pretrain")
+
+
+def test_pretrain_too_little_text_for_one_block(in_tmp, tiny_tokenizer_dir):
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": "x = 1"}])
+    with pytest.raises(InputError, match=r"tokens do not fill one block of 128; .*remainder: pad"):
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl"}))
+    _assert_nothing_finished(in_tmp, "data/pretrain")
+    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl", "remainder": "pad"}))
+    assert metrics["blocks"] == 1 and metrics["padded_tokens"] > 100
+
+
+def test_pretrain_all_records_skipped(in_tmp, tiny_tokenizer_dir):
+    _write_jsonl(in_tmp / "in.jsonl", [b"not json", {"text": " "}])
+    with pytest.raises(InputError, match="no documents to tokenize"):
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl", "on_error": "skip"}))
+    _assert_nothing_finished(in_tmp, "data/pretrain")
+
+
+class _BigVocabulary:
+    """The tiny tokenizer pretending to have 70 000 tokens."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __len__(self):
+        return 70_000
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize("stage", [prepare_pretrain, prepare_eval])
+def test_vocabulary_too_large_for_the_chosen_dtype(in_tmp, tiny_tokenizer, tiny_tokenizer_dir, texts, monkeypatch,
+                                                    stage):
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": t} for t in texts[:2]])
+    monkeypatch.setattr(stage, "load_tokenizer", lambda *a, **k: _BigVocabulary(tiny_tokenizer))
+    section = "pretrain_data" if stage is prepare_pretrain else "eval_data"
+    with pytest.raises(InputError, match=rf"{section}\.dtype: uint16 cannot hold the ids of a 70000-token"):
+        stage.run(_params(tiny_tokenizer_dir, **{section: {"input": "in.jsonl", "dtype": "uint16"}}))
+    _assert_nothing_finished(in_tmp, "data/pretrain" if stage is prepare_pretrain else "data/eval")
+    stage.run(_params(tiny_tokenizer_dir, **{section: {"input": "in.jsonl", "dtype": "auto"}}))
+    out = in_tmp / ("data/pretrain" if stage is prepare_pretrain else "data/eval")
+    assert json.loads((out / "meta.json").read_text())["dtype"] == "uint32"
+
+
+def test_block_length_the_model_cannot_take(tiny_tokenizer_dir):
+    with pytest.raises(ParamsError, match="pretrain_data.block_length 256 exceeds model.target_context 128"):
+        _params(tiny_tokenizer_dir, pretrain_data={"block_length": 256})
+    with pytest.raises(ParamsError, match="block_length vs s2attn: .*96 is not divisible by .*group size 64"):
+        _params(tiny_tokenizer_dir, pretrain_data={"block_length": 96}, s2attn={"group_size": 64})
+    with pytest.raises(ParamsError, match="sft_data.max_length 4096 exceeds model.target_context 128"):
+        _params(tiny_tokenizer_dir, sft_data={"max_length": 4096})
+
+
+def test_cli_reports_bad_input_in_one_line(in_tmp, tiny_tokenizer_dir, texts, capsys):
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": texts[0]}, {"text": texts[1]}, b'{"text": 1'])
+    raw = tiny_params_dict(model={"name_or_path": str(tiny_tokenizer_dir)}, pretrain_data={"input": "in.jsonl"})
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert _cli.main("prepare_pretrain", prepare_pretrain.run, ["--params", "params.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.prepare_pretrain: error: in.jsonl:3:11: malformed JSON" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_hub_name_without_network_is_a_clear_error(in_tmp, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="togethercomputer/RedPajama-Data-1T-Sample: not a local file or folder, "
+                                         "and hub access is off"):
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={
+            "input": "togethercomputer/RedPajama-Data-1T-Sample"}))
+    _assert_nothing_finished(in_tmp, "data/pretrain")
+
+
+@pytest.mark.skipif(not SHARED_TEXT.exists(), reason="shared sample text not on this machine")
+def test_pretrain_plain_text_file(in_tmp, tiny_tokenizer, tiny_tokenizer_dir):
+    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": str(SHARED_TEXT.resolve())}))
+    assert metrics["documents"] == 1 and metrics["blocks"] == metrics["tokens"] // 128
+
+
+# --- prepare_sft --------------------------------------------------------------------------------------------------
+
+LONGALPACA = [
+    {"instruction": "Below is a paper. " + "word " * 8 + "\nWhat is it about?", "output": "Words.", "file": "a.pdf"},
+    {"instruction": "Summarise:", "input": "A short input text.", "output": "A summary."},
+    {"instruction": "Q? " + "long " * 400, "output": "Too long to keep."},
+    {"instruction": "Name a colour.", "output": "Blue."},
+]
+
+
+def _expected_prompt_ids(tokenizer, record, system_prompt):
+    example = Instruction(record["instruction"], record["output"], record.get("input", ""))
+    return tokenizer(render_prompt(example, "llama2", system_prompt=system_prompt))["input_ids"]
+
+
+def test_sft_labels_are_masked_exactly_on_the_prompt(in_tmp, tiny_tokenizer, tiny_tokenizer_dir):
+    (in_tmp / "longalpaca.json").write_text(json.dumps(LONGALPACA), encoding="utf-8")
+    params = _params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json", "truncation": "drop",
+                                                   "system_prompt": "Be brief."})
+    metrics = prepare_sft.run(params)
+    assert metrics["examples"] == 3 and metrics["dropped_prompt_too_long"] == 1
+    assert json.loads((in_tmp / "data/metrics/sft_data.json").read_text()) == metrics
+
+    dataset = datasets.load_from_disk(str(in_tmp / "data/sft"))
+    assert dataset.column_names == ["input_ids", "labels", "length"] and len(dataset) == 3
+    kept = [r for r in LONGALPACA if "Too long" not in r["output"]]
+    for row, record in zip(dataset, kept, strict=True):
+        prompt = _expected_prompt_ids(tiny_tokenizer, record, params.sft_data.system_prompt)
+        answer = tiny_tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+        assert row["input_ids"] == prompt + answer and row["length"] == len(prompt) + len(answer)
+        assert row["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+        assert prompt[0] == tiny_tokenizer.bos_token_id
+    assert metrics["label_tokens"] == sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in dataset)
+
+
+def test_sft_truncate_middle_keeps_over_long_examples_with_answer_labels(in_tmp, tiny_tokenizer_dir):
+    (in_tmp / "longalpaca.json").write_text(json.dumps(LONGALPACA), encoding="utf-8")
+    metrics = prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json",
+                                                                    "truncation": "truncate_middle",
+                                                                    "system_prompt": "Be brief."}))
+    assert metrics["examples"] == 4 and metrics["prompt_truncated"] == 1 and metrics["dropped_prompt_too_long"] == 0
+    dataset = datasets.load_from_disk(str(in_tmp / "data/sft"))
+    for row in dataset:
+        assert len(row["input_ids"]) <= 128
+        assert any(x != IGNORE_INDEX for x in row["labels"]), "an example with every label masked"
+
+
+def test_sft_length_grouped_batches(in_tmp, tiny_tokenizer_dir):
+    sizes = np.random.default_rng(0).permutation(np.arange(1, 40))
+    records = [{"instruction": "Repeat: " + "la " * int(n), "output": "la " * int(n % 5 + 1)} for n in sizes]
+    (in_tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    common = {"input": "in.jsonl", "group_batch_size": 4}
+    plain = prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={**common, "out_dir": "plain"}))
+    grouped = prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={**common, "group_by_length": True}))
+    assert grouped["padding_fraction"] < plain["padding_fraction"] == plain["padding_fraction_ungrouped"]
+    a = datasets.load_from_disk(str(in_tmp / "plain"))
+    b = datasets.load_from_disk(str(in_tmp / "data/sft"))
+    assert sorted(map(tuple, a["input_ids"])) == sorted(map(tuple, b["input_ids"]))
+    assert b["length"][:4] == sorted(b["length"][:4], reverse=True) and max(b["length"][:4]) == max(a["length"])
+
+
+def test_sft_bad_record_stops_with_its_item_or_is_skipped(in_tmp, tiny_tokenizer_dir):
+    records = [LONGALPACA[3], {"instruction": "no answer here"}, LONGALPACA[1]]
+    (in_tmp / "longalpaca.json").write_text(json.dumps(records), encoding="utf-8")
+    with pytest.raises(InputError, match=r"longalpaca\.json: item 2: no 'output' field"):
+        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json"}))
+    _assert_nothing_finished(in_tmp, "data/sft")
+    metrics = prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json", "on_error": "skip"}))
+    assert metrics["examples"] == 2 and metrics["skipped_by_reason"] == {"bad_record": 1}
+
+
+def test_sft_every_example_dropped_is_an_error(in_tmp, tiny_tokenizer_dir):
+    (in_tmp / "longalpaca.json").write_text(json.dumps([LONGALPACA[2]]), encoding="utf-8")
+    with pytest.raises(InputError, match="no example left \\(1 dropped: prompt alone ≥ max_length 128 tokens\\)"):
+        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json", "truncation": "drop"}))
+    _assert_nothing_finished(in_tmp, "data/sft")
+
+
+def test_sft_chat_template_needs_one(in_tmp, tiny_tokenizer_dir):
+    (in_tmp / "longalpaca.json").write_text(json.dumps(LONGALPACA[:1]), encoding="utf-8")
+    with pytest.raises(InputError, match="sft_data.template: chat_template, but the tokenizer has no chat template"):
+        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json",
+                                                              "template": "chat_template"}))
+
+
+# --- prepare_eval -------------------------------------------------------------------------------------------------
+
+def test_eval_stream_holds_every_document_with_offsets(in_tmp, tiny_tokenizer, tiny_tokenizer_dir, texts):
+    folder = in_tmp / "docs"
+    folder.mkdir()
+    for i, text in enumerate(texts[:6]):
+        (folder / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    metrics = prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs", "lengths": [100, 1000, 5000]}))
+
+    stream = TokenStream(in_tmp / "data/eval")
+    ids = tiny_tokenizer(texts[:6], add_special_tokens=False)["input_ids"]
+    bos, eos = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
+    assert len(stream) == 6 and stream.tokens.dtype == np.uint16
+    assert [stream.document(i).tolist() for i in range(6)] == [[bos, *d, eos] for d in ids]
+    lengths = [len(d) + 2 for d in ids]
+    assert metrics["documents_reaching"] == {str(n): sum(x >= n for x in lengths) for n in (100, 1000, 5000)}
+    assert metrics["tokens"] == sum(lengths) == len(stream.tokens)
+    assert stream.meta["documents_reaching"] == metrics["documents_reaching"]
+    assert json.loads((in_tmp / "data/metrics/eval_data.json").read_text()) == metrics
+
+
+def test_eval_default_lengths_and_uint32(in_tmp, tiny_tokenizer_dir, texts):
+    _write_jsonl(in_tmp / "docs.jsonl", [{"text": t} for t in texts[:3]] + [b"{bad"])
+    metrics = prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs.jsonl", "dtype": "uint32",
+                                                                      "on_error": "skip"}))
+    assert list(metrics["documents_reaching"]) == ["32", "64", "128"]  # target_context 128 / 4, / 2, × 1
+    assert metrics["dtype"] == "uint32" and metrics["skipped_by_reason"] == {"malformed_json": 1}
+    assert (in_tmp / "data/eval/tokens.bin").stat().st_size == 4 * metrics["tokens"]
+
+
+def test_eval_bad_inputs(in_tmp, tiny_tokenizer_dir):
+    (in_tmp / "docs").mkdir()
+    with pytest.raises(InputError, match="docs: the folder contains no input files"):
+        prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs"}))
+    (in_tmp / "docs/a.txt").write_bytes(b"fine\n\xff\xfe")
+    with pytest.raises(InputError, match=r"a\.txt:2: not valid UTF-8"):
+        prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs"}))
+    _assert_nothing_finished(in_tmp, "data/eval")
+
+
+# --- prepare_corpus and the LongQA generator ----------------------------------------------------------------------
+
+def _sections(document: str) -> dict[str, str]:
+    parts = re.split(r"^# ==== file: (.+) ====\n", document, flags=re.M)
+    assert parts[0] == ""
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _verify_with_ast(example: dict) -> None:
+    """Recompute the answer from the document with `ast` (the generator checks itself with regexes)."""
+    kind, name = example["meta"]["kind"], example["meta"]["name"]
+    modules = {file: ast.parse(body) for file, body in _sections(instruction_document(example["instruction"])).items()}
+    if kind == "constant_value":
+        values = [ast.get_source_segment(body, node.value)
+                  for file, body in _sections(instruction_document(example["instruction"])).items()
+                  for node in ast.parse(body).body
+                  if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets)]
+        assert values == [example["output"]]
+        return
+    defining = {file: [n.name for n in module.body
+                       if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
+                for file, module in modules.items()}
+    files = [file for file, names in defining.items() if name in names]
+    assert len(files) == 1 and defining[files[0]].count(name) == 1
+    if kind == "defining_file":
+        assert example["output"] == files[0]
+    else:
+        functions = [n.name for n in modules[files[0]].body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        assert functions[functions.index(name) + 1] == example["output"]
+        assert len(functions) >= 2
+
+
+def test_longqa_questions_are_verifiable_and_spread_over_the_context(tiny_tokenizer):
+    files = [(d.name, d.text) for d in stdlib_documents("extend", max_documents=60)]
+
+    def count(batch):
+        return [len(x) for x in tiny_tokenizer(batch)["input_ids"]]
+
+    examples, stats = generate_longqa(files, count, n_examples=60, min_tokens=400, max_tokens=900, seed=3)
+    again, _ = generate_longqa(files, count, n_examples=60, min_tokens=400, max_tokens=900, seed=3)
+    assert examples == again, "not deterministic"
+    assert len(examples) == 60
+    assert all(stats.kinds[k] > 0 for k in KINDS), stats.kinds
+    assert min(stats.depth_bands) >= 60 // DEPTH_BANDS - 2, stats.depth_bands  # early, middle and late alike
+    asked = [(e["meta"]["kind"], e["meta"]["name"], e["file"]) for e in examples]
+    assert len(set(asked)) == len(asked)
+    late_evidence = 0
+    for example in examples:
+        _verify_with_ast(example)
+        assert set(example) == {"instruction", "output", "file", "meta"}
+        assert 400 <= count([example["instruction"]])[0] <= 900
+        document = instruction_document(example["instruction"])
+        lines = document.splitlines()
+        name, kind = example["meta"]["name"], example["meta"]["kind"]
+        definition = re.compile(rf"(class|(async )?def) {name}\b|{name}\s*[:=]")
+        line = next(i for i, text in enumerate(lines) if definition.match(text))
+        late_evidence += line >= 0.8 * len(lines)
+        units = [u for f, body in _sections(document).items() for u in source_units(body)]
+        same_kind = {"constant_value": "constant", "next_function": "function"}.get(kind)
+        if same_kind:  # distractors: other definitions of the same kind
+            assert sum(u.kind == same_kind for u in units) >= 2
+        else:
+            assert len(_sections(document)) >= 2
+        if kind != "constant_value":  # the question does not give the answer away
+            assert example["output"] not in example["instruction"].rsplit("Question:", 1)[1]
+    assert late_evidence <= 0.4 * len(examples), "the last lines answer too many questions"
+
+
+def test_prepare_corpus_writes_the_embedded_inputs(in_tmp, tiny_tokenizer, tiny_tokenizer_dir):
+    params = _params(tiny_tokenizer_dir)
+    metrics = prepare_corpus.run(params)
+    corpus = in_tmp / "data/corpus"
+    assert json.loads((in_tmp / "data/metrics/embedded_data.json").read_text()) == metrics
+
+    records = [json.loads(line) for line in (corpus / "pretrain.jsonl").read_text("utf-8").splitlines()]
+    extend = list(stdlib_documents("extend", max_documents=params.corpus.max_documents))
+    assert [r["text"] for r in records] == [d.text for d in extend]
+    assert all(r["meta"]["split"] == "extend" and r["meta"]["source"] == "python-stdlib" for r in records)
+
+    docs = sorted((corpus / "eval").glob("doc_*.txt"))
+    assert len(docs) == metrics["eval_documents"] == params.embedded_data.eval_documents
+    heldout = {d.name for d in stdlib_documents("heldout", max_documents=params.corpus.max_documents)}
+    for doc in docs:
+        text = doc.read_text("utf-8")
+        assert len(tiny_tokenizer(text)["input_ids"]) >= 2 * params.model.target_context
+        assert set(_sections(text)) <= heldout  # only files the base model never saw
+
+    for name, count in (("longqa.json", 16), ("longqa_heldout.json", 4)):
+        examples = json.loads((corpus / name).read_text("utf-8"))
+        assert len(examples) == count == metrics[name.removesuffix(".json") + "_examples"]
+        for example in examples:
+            _verify_with_ast(example)
+    assert not list((in_tmp / "data").glob(".*"))
+
+    sft = prepare_sft.run(params)  # the default chain: prepare_sft reads what prepare_corpus wrote
+    assert sft["examples"] == 16 and sft["skipped_records"] == 0
+
+
+def test_prepare_corpus_question_that_does_not_fit(in_tmp, tiny_tokenizer_dir):
+    with pytest.raises(InputError, match=r"embedded_data\.longqa_max_tokens: max_tokens 100 leaves no room"):
+        prepare_corpus.run(_params(tiny_tokenizer_dir, embedded_data={"longqa_min_tokens": 50,
+                                                                      "longqa_max_tokens": 100}))
+    _assert_nothing_finished(in_tmp, "data/corpus")
