@@ -11,6 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path, mode: int) -> None:
+    """mkdtemp/mkstemp create owner-only (0700/0600) entries; give the final output the usual permissions."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `final`; on success it replaces `final`, on error it is removed."""
@@ -22,6 +33,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish(tmp, 0o777)
     if final.exists():
         # Move the old output aside first so there is no moment with neither a complete old nor new folder.
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -42,6 +54,7 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
+        _publish(Path(tmp), 0o666)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
