@@ -1,5 +1,6 @@
 # `make repro` — set up .venv/ and run the whole pipeline (dvc repro) on the embedded tiny default.
 # `make test`  — set up .venv/, lint, and run the test suite.
+# `make bench` — the speed benchmarks (run on an idle machine); `make flow` — the pipeline as a Prefect flow.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -37,6 +38,7 @@ flow: setup
 
 bench: setup
 	$(BIN)/python benchmarks/s2attn_speed.py
+	$(BIN)/python benchmarks/pack_speed.py
 
 clean-venv:
 	rm -rf $(VENV)

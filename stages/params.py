@@ -361,7 +361,9 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
         lines = []
         for e in err.errors():
             reason = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {_location(e['loc'])}: {reason} (got {e.get('input')!r})"[:500])
+            # A cross-field check's input is the whole section: its message already names the values.
+            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            lines.append(f"{source}: {_location(e['loc'])}: {reason}{got}"[:500])
         raise ParamsError("\n".join(lines)) from None
 
 

@@ -27,8 +27,12 @@ def test_wrong_type_names_the_key():
 
 def test_target_not_divisible_by_group_size():
     raw = tiny_params_dict(model={"target_context": 1000}, s2attn={"group_size": 256})
-    with pytest.raises(ParamsError, match="sequence length 1000 is not divisible by S²-Attn group size 256"):
+    with pytest.raises(ParamsError) as err:
         parse_params(raw)
+    assert str(err.value) == (
+        "params.yaml: (top level): s2attn vs model.target_context: "
+        "sequence length 1000 is not divisible by S²-Attn group size 256"
+    )
 
 
 def test_ratio_that_does_not_give_whole_groups():
