@@ -56,7 +56,8 @@ class ReadStats:
     skipped: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
-        return {"files": self.files, "records": self.records, "skipped": sum(self.skipped.values()),
+        """The reading part of a stage's metrics."""
+        return {"files": self.files, "records": self.records, "skipped_records": sum(self.skipped.values()),
                 "skipped_by_reason": dict(sorted(self.skipped.items()))}
 
 
@@ -237,13 +238,18 @@ def _reason(err: json.JSONDecodeError) -> str:
     return err.msg.removesuffix(" at")  # "Unterminated string starting at" reads oddly before the location
 
 
+def _not_utf8(path: Path, raw: bytes, err: UnicodeDecodeError) -> str:
+    line = raw[: err.start].count(b"\n") + 1
+    column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+    return f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column})"
+
+
 def _json_array_records(path: Path, problems: Problems) -> Iterator[Record]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
+        raise InputError(_not_utf8(path, raw, err)) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -288,9 +294,7 @@ def _text_file_record(path: Path, problems: Problems) -> Iterator[Record]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        problems("not_utf8", f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column})")
+        problems("not_utf8", _not_utf8(path, raw, err))
         return
     yield Record({"text": text}, str(path))
 

@@ -76,9 +76,7 @@ def run(params: Params) -> dict:
         "median_length": int(np.median(lengths)),
         "longest": int(lengths.max()),
         "documents_reaching": reaching,
-        "files": read.files,
-        "skipped_records": sum(read.skipped.values()),
-        "skipped_by_reason": dict(sorted(read.skipped.items())),
+        **read.as_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json(p.metrics_file, metrics)

@@ -85,9 +85,7 @@ def run(params: Params) -> dict:
         "remainder": p.remainder,
         "dropped_tokens": packer.dropped_tokens,
         "padded_tokens": packer.padded_tokens,
-        "files": read.files,
-        "skipped_records": sum(read.skipped.values()),
-        "skipped_by_reason": dict(sorted(read.skipped.items())),
+        **read.as_dict(),
         "tokens_per_second": round(packer.tokens / max(seconds, 1e-9)),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -107,9 +107,7 @@ def run(params: Params) -> dict:
         "padding_fraction": round(padding_fraction(written, p.group_batch_size), 4),
         "padding_fraction_ungrouped": round(padding_fraction(lengths, p.group_batch_size), 4),
         "group_by_length": p.group_by_length,
-        "files": read.files,
-        "skipped_records": sum(read.skipped.values()),
-        "skipped_by_reason": dict(sorted(read.skipped.items())),
+        **read.as_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json(p.metrics_file, metrics)

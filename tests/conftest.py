@@ -82,3 +82,15 @@ def tiny_tokenizer_dir(tiny_tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_tokenizer")
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine every parallel op can stall for
+    a scheduler quantum: one thread keeps such tests fast whatever else runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -114,7 +114,7 @@ def test_bad_record_raises_with_file_line_or_is_skipped_and_counted(tmp_path, ba
     stats = ReadStats()
     assert _texts(path, on_error="skip", stats=stats) == [r["text"] for r in RECORDS[:3]]
     assert stats.skipped == {reason: 1}
-    assert stats.as_dict()["skipped"] == 1
+    assert stats.as_dict()["skipped_records"] == 1
 
 
 def test_blank_lines_are_not_records(tmp_path):

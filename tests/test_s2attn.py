@@ -9,15 +9,7 @@ import torch.nn.functional as F
 import longlora.s2attn as s2
 from longlora.s2attn import shifted_sparse_attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine every parallel op can stall for a
-    # scheduler quantum: one thread keeps these tests fast whatever else runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def segments(n: int, group_size: int, shifted: bool) -> list[tuple[int, int]]:

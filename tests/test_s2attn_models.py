@@ -23,14 +23,7 @@ ARCHS = {
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine every parallel op can stall for a
-    # scheduler quantum: one thread keeps these tests fast whatever else runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny(arch, attn="s2attn", group_size=8, seed=0, **overrides):
