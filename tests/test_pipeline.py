@@ -89,6 +89,11 @@ def test_dvc_repro_runs_the_pipeline_in_a_fresh_repo(tmp_path):
     changed = _run([*dvc, "repro", "--dry", "build_base_model"], repo, env)
     assert "didn't change, skipping" in changed
 
+    # An experiment with one parameter changed reruns what depends on it and records the new value.
+    _run([*dvc, "exp", "run", "-S", "base_model.steps=6"], repo, env)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["build_base_model"]["params"]["params.yaml"]["base_model"]["steps"] == 6
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():
