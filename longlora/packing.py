@@ -24,6 +24,8 @@ from typing import Literal
 
 import numpy as np
 
+from longlora.io import write_json
+
 BLOCKS_FORMAT = "longlora-blocks-v1"
 STREAM_FORMAT = "longlora-stream-v1"
 
@@ -194,7 +196,7 @@ class PackedBlocksWriter:
         np.save(self.folder / "doc_index.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
         full_meta = {"format": BLOCKS_FORMAT, "dtype": self.dtype.name, "block_length": self.block_len,
                      "blocks": self.blocks, **(meta or {})}
-        (self.folder / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n", "utf-8")
+        write_json(self.folder / "meta.json", full_meta)
         return full_meta
 
     def abort(self) -> None:
@@ -265,7 +267,7 @@ class TokenStreamWriter:
         np.save(self.folder / "doc_offsets.npy", offsets)
         full_meta = {"format": STREAM_FORMAT, "dtype": self.dtype.name, "documents": len(lengths),
                      "tokens": int(offsets[-1]), **(meta or {})}
-        (self.folder / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n", "utf-8")
+        write_json(self.folder / "meta.json", full_meta)
         return full_meta
 
     def abort(self) -> None:

@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
-from longlora.corpus import stdlib_documents
 from longlora.io import atomic_dir, write_json
 from longlora.packing import cut_blocks, join_documents
 from longlora.tiny import tiny_llama_config, train_bpe_tokenizer
@@ -41,10 +40,10 @@ def run(params: Params) -> dict:
         return _skip(params)
     started = time.perf_counter()
     torch.manual_seed(p.seed)
-    base_texts = [d.text for d in _documents(params, "base")]
+    base_texts = [d.text for d in params.corpus.documents("base")]
     tokenizer = train_bpe_tokenizer(base_texts, p.vocab_size)
     train_blocks = _blocks(tokenizer, base_texts, p.context_length)
-    heldout_blocks = _blocks(tokenizer, [d.text for d in _documents(params, "heldout")], p.context_length)
+    heldout_blocks = _blocks(tokenizer, [d.text for d in params.corpus.documents("heldout")], p.context_length)
     heldout_blocks = heldout_blocks[: p.eval_blocks]
 
     model = LlamaForCausalLM(tiny_llama_config(
@@ -85,10 +84,6 @@ def _skip(params: Params) -> dict:
     write_json(params.base_model.metrics_file, metrics)
     return metrics
 
-
-def _documents(params: Params, split: str):
-    c = params.corpus
-    return stdlib_documents(split, c.base_fraction, c.heldout_fraction, max_documents=c.max_documents)
 
 
 def _blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str], block_len: int) -> np.ndarray:

@@ -6,12 +6,14 @@ An unknown key, a wrong type or an impossible combination stops with the key pat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from longlora.corpus import Document, Split, stdlib_documents
 from longlora.errors import InputError
 from longlora.s2attn import group_size_for
 
@@ -35,6 +37,10 @@ class CorpusParams(Section):
     """Share of files no training stage ever sees (evaluation); the rest is context-extension data."""
     max_documents: int | None = Field(None, gt=0)
     """Use at most this many files of each split (in sorted order); None uses all. For quick runs and tests."""
+
+    def documents(self, split: Split) -> Iterator[Document]:
+        """The embedded corpus' documents of one split, as these parameters cut it."""
+        return stdlib_documents(split, self.base_fraction, self.heldout_fraction, max_documents=self.max_documents)
 
     @model_validator(mode="after")
     def _fractions_leave_room(self) -> Self:

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from longlora.corpus import Document, stdlib_documents
 from longlora.errors import InputError
 from longlora.io import atomic_dir, write_json
 from longlora.longqa import generate_longqa, long_documents
@@ -52,9 +50,9 @@ def run(params: Params) -> dict:
     metrics: dict = {}
     with atomic_dir(p.out_dir) as tmp:
         metrics["pretrain_documents"], metrics["pretrain_chars"] = _write_pretrain(
-            tmp / "pretrain.jsonl", _documents(params, "extend"))
+            tmp / "pretrain.jsonl", params.corpus.documents("extend"))
 
-        heldout = list(_documents(params, "heldout"))
+        heldout = list(params.corpus.documents("heldout"))
         order = np.random.default_rng(p.seed).permutation(len(heldout))
         eval_lengths = _write_eval(tmp / "eval", [(heldout[i].name, heldout[i].text) for i in order],
                                    count_tokens, min_eval_tokens, p.eval_documents)
@@ -69,7 +67,7 @@ def run(params: Params) -> dict:
         lo, hi = p.longqa_range(target)
         for split, count, filename in (("extend", p.longqa_examples, "longqa.json"),
                                        ("heldout", p.longqa_heldout_examples, "longqa_heldout.json")):
-            files = [(d.name, d.text) for d in _documents(params, split)]
+            files = [(d.name, d.text) for d in params.corpus.documents(split)]
             try:
                 examples, qa = generate_longqa(files, count_tokens, count, lo, hi, seed=p.seed,
                                                source=f"python-stdlib/{split}")
@@ -89,10 +87,6 @@ def run(params: Params) -> dict:
     write_json(p.metrics_file, metrics)
     return metrics
 
-
-def _documents(params: Params, split: str) -> Iterator[Document]:
-    c = params.corpus
-    return stdlib_documents(split, c.base_fraction, c.heldout_fraction, max_documents=c.max_documents)
 
 
 def _write_pretrain(path: Path, documents) -> tuple[int, int]:

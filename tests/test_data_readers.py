@@ -228,11 +228,16 @@ def test_hub_name_with_hub_offline_is_a_clear_error(monkeypatch):
         _texts("togethercomputer/RedPajama-Data-1T-Sample")
 
 
-def test_network_failure_becomes_an_input_error(monkeypatch):
-    import datasets
-
+@pytest.fixture
+def hub_allowed(monkeypatch):
+    """Lift the suite's HF_HUB_OFFLINE so the hub path is taken (its download function is faked in each test)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+
+def test_network_failure_becomes_an_input_error(monkeypatch, hub_allowed):
+    import datasets
+
 
     def no_network(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'owner/corpus' on the Hub (LocalEntryNotFoundError)")
@@ -243,11 +248,9 @@ def test_network_failure_becomes_an_input_error(monkeypatch):
         _texts("owner/corpus")
 
 
-def test_hub_dataset_is_streamed(monkeypatch):
+def test_hub_dataset_is_streamed(monkeypatch, hub_allowed):
     import datasets
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     calls = []
 
     def fake_load(name, config, split, streaming):
