@@ -1,14 +1,41 @@
-"""Atomic outputs: a failed or killed run never leaves a file or folder that looks finished."""
+"""Stage outputs that never lose a user's data, and atomic files.
+
+A stage publishes its output folder atomically (a temporary folder beside it, renamed at the end: a failed or killed
+run never leaves anything that looks finished) and only ever replaces what it wrote itself. Every published folder
+carries a marker, `.longlora-output.json`, naming the stage and listing the files it wrote. An existing folder is
+replaced only when it is empty or carries that stage's marker and holds nothing but the files listed there; a folder
+with any other file, an existing file, the working directory or a folder above it, the home folder, a mount point
+and a symbolic link are refused, before any work, with an `OutputError` naming the parameter and the path. A metrics
+file is replaced only when it is one this stage wrote (a JSON object whose `"stage"` names it).
+
+`StageOutput` holds a lock (`.<name>.lock` beside the folder, removed at the end) from the check to the end of the
+run, so a second run of the same stage on the same output fails at once; under the lock it removes the temporary
+folders a killed run left behind (`.<name>.tmp-*`, recognised by their marker).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from longlora.errors import InputError
+
+OUTPUT_MARKER = ".longlora-output.json"
+_SHOWN_ENTRIES = 5
+
+
+class OutputError(InputError):
+    """An output path the stage must not write: it would replace or delete something the stage did not write."""
+
+
+class OutputBusyError(OutputError):
+    """Another run of the same stage holds the output's lock."""
 
 
 def _umask() -> int:
@@ -22,26 +49,276 @@ def _publish(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~_umask())
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `final`; on success it replaces `final`, on error it is removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+def resolved(path: str | Path) -> Path:
+    """`path` with `~` expanded, made absolute and with symbolic links resolved (it need not exist)."""
+    return Path(path).expanduser().resolve()
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two spellings name the same place (relative or absolute, `~`, `..`, symbolic links)."""
+    return resolved(a) == resolved(b)
+
+
+def protected_place(path: str | Path) -> str | None:
+    """Why no stage may ever write or replace `path` (whatever it holds), or None.
+
+    The working directory (the project), any folder above it, the home folder and the folders above it, and the
+    filesystem root: replacing one of them would take everything under it.
+    """
+    place = resolved(path)
+    cwd = Path.cwd().resolve()
+    if place == cwd:
+        return "is the working directory"
+    if place in cwd.parents:
+        return "is a folder above the working directory"
+    home = Path.home().resolve()
+    if place == home or place in home.parents:
+        return "is the home folder or a folder above it"
+    if place == Path(place.anchor):
+        return "is the filesystem root"
+    return None
+
+
+def _entries(folder: Path) -> set[str]:
+    """Every file and symbolic link under `folder` (not following links), as relative POSIX paths."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        found.update((base / name).as_posix() for name in files)
+        found.update((base / name).as_posix() for name in dirs if os.path.islink(os.path.join(root, name)))
+    return found
+
+
+def _read_marker(folder: Path) -> dict | None:
     try:
+        marker = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _shown(names) -> str:
+    names = sorted(names)
+    more = f", … ({len(names)} in all)" if len(names) > _SHOWN_ENTRIES else ""
+    return ", ".join(names[:_SHOWN_ENTRIES]) + more
+
+
+def _first_existing_ancestor_not_a_folder(path: Path) -> Path | None:
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
+class StageOutput:
+    """One stage's output folder (and metrics file): checked and locked before any work, published atomically.
+
+        with StageOutput("prepare_eval", "data/eval", "eval_data.out_dir", "data/metrics/eval.json",
+                         "eval_data.metrics_file") as out:
+            ...                                   # the work; nothing has been written yet
+            with out.publish() as tmp:            # a fresh folder; it replaces data/eval if the block succeeds
+                ...
+            metrics = out.write_metrics(metrics)  # adds "stage", the metrics file's own marker
+    """
+
+    def __init__(self, owner: str, path: str | Path, param: str, metrics_file: str | Path | None = None,
+                 metrics_param: str = "metrics_file"):
+        self.owner = owner
+        self.path = Path(path).expanduser()
+        self.param = param
+        self.metrics_file = Path(metrics_file).expanduser() if metrics_file is not None else None
+        self.metrics_param = metrics_param
+        self._lock: int | None = None
+
+    # --- checks -------------------------------------------------------------------------------------------------
+
+    def _refuse(self, param: str, path: Path, reason: str) -> OutputError:
+        return OutputError(f"{param} {str(path)!r} {reason}; nothing was written or deleted")
+
+    def check(self) -> None:
+        """Raise OutputError unless the folder and the metrics file may be (re)written by this stage."""
+        self._check_folder()
+        if self.metrics_file is not None:
+            self._check_metrics_file()
+
+    def _check_place(self, param: str, path: Path) -> None:
+        reason = protected_place(path)
+        if reason is None and path.is_symlink():
+            reason = "is a symbolic link (name the real place instead)"
+        if reason is None and path.exists() and os.path.ismount(path):
+            reason = "is a mount point"
+        if reason is None and (blocker := _first_existing_ancestor_not_a_folder(path)) is not None:
+            reason = f"cannot be created: {str(blocker)!r} is a file, not a folder"
+        if reason is not None:
+            raise self._refuse(param, path, reason)
+
+    def _check_folder(self) -> None:
+        path = self.path
+        self._check_place(self.param, path)
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise self._refuse(self.param, path, f"is an existing file, not an output folder of stage {self.owner}")
+        entries = _entries(path)
+        if not entries:
+            return
+        marker = _read_marker(path)
+        if marker is None:
+            raise self._refuse(self.param, path, f"holds files that stage {self.owner} did not write "
+                               f"({_shown(entries)}; no {OUTPUT_MARKER}); name another folder, or move them away")
+        if marker.get("stage") != self.owner:
+            raise self._refuse(self.param, path, f"is the output of stage {marker.get('stage')!r}, not of "
+                               f"{self.owner}; name another folder")
+        foreign = entries - {OUTPUT_MARKER} - set(marker.get("files") or ())
+        if foreign:
+            raise self._refuse(self.param, path, f"holds files that stage {self.owner} did not write "
+                               f"({_shown(foreign)}); move them away first")
+
+    def _check_metrics_file(self) -> None:
+        path = self.metrics_file
+        assert path is not None
+        self._check_place(self.metrics_param, path)
+        if not path.exists():
+            return
+        if path.is_dir():
+            raise self._refuse(self.metrics_param, path, "is a folder, not a metrics file")
+        try:
+            written = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            written = None
+        if not isinstance(written, dict) or written.get("stage") != self.owner:
+            raise self._refuse(self.metrics_param, path, f"exists and is not a metrics file of stage {self.owner} "
+                               f"(a JSON object whose \"stage\" is {self.owner!r}); name another file, or delete "
+                               "it yourself if it is an old metrics file")
+
+    # --- the claim: lock, leftovers -------------------------------------------------------------------------------
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.lock")
+
+    def _tmp_prefix(self) -> str:
+        return f".{self.path.name}.tmp-"
+
+    def __enter__(self) -> StageOutput:
+        self.check()  # before creating anything, even the lock file
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = self._acquire()
+        try:
+            self._remove_leftovers()
+            self.check()  # again: the folder may have changed while another run held the lock
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release()
+
+    def _acquire(self) -> int:
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputBusyError(
+                    f"{self.param} {str(self.path)!r}: another run of stage {self.owner} is writing it "
+                    f"(it holds {self.lock_file}); wait for it to finish"
+                ) from None
+            opened = os.fstat(fd)
+            if opened.st_size:
+                os.close(fd)
+                raise self._refuse(self.param, self.path, f"cannot be locked: {str(self.lock_file)!r} is not an "
+                                   "empty lock file (a file of yours?); move it away")
+            try:
+                on_disk = os.stat(self.lock_file)
+            except FileNotFoundError:
+                on_disk = None
+            # A run finishing meanwhile unlinks the file it locked: then lock the one now on disk.
+            if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino):
+                return fd
+            os.close(fd)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            # Unlinked while still locked, so no run can lock this file after it is gone (see _acquire).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_file)
+            os.close(self._lock)
+            self._lock = None
+
+    def _remove_leftovers(self) -> None:
+        """Temporary folders of a killed run of this stage: ours only if empty or marked by this stage."""
+        if not self.path.parent.is_dir():
+            return
+        for entry in self.path.parent.iterdir():
+            if not entry.name.startswith(self._tmp_prefix()) or entry.is_symlink() or not entry.is_dir():
+                continue
+            marker = _read_marker(entry)
+            if marker is not None and marker.get("stage") == self.owner:
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.rmdir()  # killed between creating it and marking it: empty
+
+    # --- writing ----------------------------------------------------------------------------------------------------
+
+    def _new_tmp(self, kind: str) -> Path:
+        if self._lock is None:
+            raise RuntimeError("use StageOutput as a context manager: the output is claimed in __enter__")
+        tmp = Path(tempfile.mkdtemp(prefix=f"{self._tmp_prefix()}{kind}", dir=self.path.parent))
+        write_json(tmp / OUTPUT_MARKER, {"stage": self.owner, "files": None})
+        return tmp
+
+    @contextlib.contextmanager
+    def publish(self) -> Iterator[Path]:
+        """Yield a fresh folder beside the output; if the block succeeds it replaces the output, else it goes."""
+        tmp = self._new_tmp("")
+        try:
+            yield tmp
+            files = sorted(_entries(tmp) - {OUTPUT_MARKER})
+            write_json(tmp / OUTPUT_MARKER, {"stage": self.owner, "files": files})
+            _publish(tmp, 0o777)
+            self._check_folder()  # it may have changed during the run
+            if self.path.exists():
+                # Move the old output aside first so there is no moment with neither a complete old nor new folder.
+                old = self.path.with_name(f"{self._tmp_prefix()}old-{os.getpid()}")
+                self.path.rename(old)
+                tmp.rename(self.path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A temporary folder beside the output for intermediate files, removed at the end (or by the next run)."""
+        tmp = self._new_tmp("scratch-")
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def write_metrics(self, metrics: dict) -> dict:
+        """Write the metrics file (with `"stage"`, its marker) atomically; return what was written."""
+        if self.metrics_file is None:
+            raise ValueError(f"stage {self.owner}: no metrics file was named")
+        if self._lock is None:
+            raise RuntimeError("use StageOutput as a context manager: the output is claimed in __enter__")
+        self._check_metrics_file()
+        written = {"stage": self.owner, **metrics}
+        write_json(self.metrics_file, written)
+        return written
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, owner: str, param: str = "out_dir") -> Iterator[Path]:
+    """Claim `final` for `owner` and publish it: `with atomic_dir("data/x", "my_stage") as tmp: ...`."""
+    with StageOutput(owner, final, param) as out, out.publish() as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, 0o777)
-    if final.exists():
-        # Move the old output aside first so there is no moment with neither a complete old nor new folder.
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 @contextlib.contextmanager

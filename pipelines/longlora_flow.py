@@ -69,12 +69,14 @@ def run_stage(stage: str, params_file: str) -> dict:
 @flow(name="longlora", log_prints=True)
 def longlora_flow(params_file: str = str(DEFAULT_PARAMS_FILE), stages: list[str] | None = None) -> dict[str, dict]:
     """Run the pipeline's stages (all, or the named ones in pipeline order); returns metrics per stage."""
-    load_params(params_file)  # fail before any task starts if params.yaml is invalid
+    params = load_params(params_file)  # fail before any task starts if params.yaml is invalid
     order = stage_order()
     unknown = sorted(set(stages or ()) - set(order))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; dvc.yaml has {order}")
     selected = [s for s in order if stages is None or s in stages]
+    for stage in selected:
+        params.output(stage).check()  # an output a late stage may not write stops the flow before the first
     return {stage: run_stage(stage, params_file) for stage in selected}
 
 

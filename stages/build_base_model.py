@@ -8,6 +8,8 @@ sources, written as a Hugging Face folder (safetensors) that later stages load l
 Expected (Python 3.11.7): held-out loss 4.95 nats/token (perplexity ~140), from 8.36 at initialisation.
 A killed run resumes from its last checkpoint. When `model.name_or_path` names another model (the full-size
 profile), there is nothing to build: the stage writes only a note saying so, and later stages load that model.
+The output folder is replaced only when it is this stage's own earlier output (longlora/io.py); a second run at
+the same time fails at once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
-from longlora.io import atomic_dir, write_json
+from longlora.io import StageOutput, same_path
 from longlora.packing import cut_blocks, join_documents
 from longlora.tiny import tiny_llama_config, train_bpe_tokenizer
 from stages import _cli
@@ -35,9 +37,14 @@ CHECKPOINT_EVERY = 50
 
 def run(params: Params) -> dict:
     """Build the tokenizer, pre-train the tiny Llama, save both, return metrics."""
+    with params.output("build_base_model") as out:
+        if not same_path(params.model.name_or_path, params.base_model.out_dir):
+            return _skip(params, out)
+        return _build(params, out)
+
+
+def _build(params: Params, out: StageOutput) -> dict:
     p = params.base_model
-    if Path(params.model.name_or_path) != p.out_dir:
-        return _skip(params)
     started = time.perf_counter()
     torch.manual_seed(p.seed)
     base_texts = [d.text for d in params.corpus.documents("base")]
@@ -53,7 +60,7 @@ def run(params: Params) -> dict:
     final_train_loss = _pretrain(model, train_blocks, p, _checkpoint_path(p))
     heldout_loss = _mean_loss(model, heldout_blocks)
 
-    with atomic_dir(p.out_dir) as tmp:
+    with out.publish() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     _checkpoint_path(p).unlink(missing_ok=True)
@@ -68,21 +75,18 @@ def run(params: Params) -> dict:
         "heldout_ppl": round(math.exp(heldout_loss), 3),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_json(p.metrics_file, metrics)
-    return metrics
+    return out.write_metrics(metrics)
 
 
-def _skip(params: Params) -> dict:
+def _skip(params: Params, out: StageOutput) -> dict:
     """Keep the stage's outputs well-defined (DVC expects them) without building anything."""
     note = (
         f"No embedded base model was built: model.name_or_path is {params.model.name_or_path!r}.\n"
         f"Set it to {str(params.base_model.out_dir)!r} to build and use the tiny embedded default.\n"
     )
-    with atomic_dir(params.base_model.out_dir) as tmp:
+    with out.publish() as tmp:
         (tmp / "NOT_BUILT.txt").write_text(note, encoding="utf-8")
-    metrics = {"built": False, "base_model": params.model.name_or_path}
-    write_json(params.base_model.metrics_file, metrics)
-    return metrics
+    return out.write_metrics({"built": False, "base_model": params.model.name_or_path})
 
 
 

@@ -1,27 +1,85 @@
 """Typed, validated `params.yaml`: one model per section, checked as a whole before any stage does work.
 
-An unknown key, a wrong type or an impossible combination stops with the key path and the reason, e.g.
-`params.yaml: s2attn.group_size: target_context 1000 is not divisible by the S²-Attn group size 256`.
+An unknown key, a duplicate key, a wrong type or an impossible combination stops with the key path and the reason,
+e.g. `params.yaml: s2attn.group_size: target_context 1000 is not divisible by the S²-Attn group size 256`.
+
+Paths are checked as a whole too: every output (`out_dir`, `metrics_file`) has a place of its own, none inside
+another, none overlapping an input a stage reads, none the working directory, a folder above it or the home folder;
+empty paths are rejected and `~` is expanded. (What is on disk is checked when a stage starts: longlora/io.py.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Literal, Self
+from pathlib import Path, PurePath
+from typing import Annotated, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from longlora.corpus import Document, Split, stdlib_documents
+from longlora.data import is_hub_name
 from longlora.errors import InputError
+from longlora.io import StageOutput, protected_place, resolved
 from longlora.s2attn import group_size_for
+from longlora.sources import is_hub_model_id
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+STAGE_SECTIONS = {
+    "build_base_model": "base_model",
+    "prepare_corpus": "embedded_data",
+    "prepare_pretrain": "pretrain_data",
+    "prepare_sft": "sft_data",
+    "prepare_eval": "eval_data",
+}
+"""Each stage and the params section holding its `out_dir` and `metrics_file`."""
 
 
 class ParamsError(InputError):
     """params.yaml is missing, unreadable or invalid; the message names the file and the key path."""
+
+
+class KeyProblem(ValueError):
+    """A cross-field problem best reported at one key (`section.key`) rather than at the top level."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key = key
+
+
+def _nonempty(value: object) -> object:
+    if isinstance(value, str | PurePath) and not str(value).strip():
+        raise ValueError("empty path: name a file or folder")
+    return value
+
+
+def _source(value: object) -> object:
+    """An input: a local path (`~` expanded) or a hub name."""
+    value = _nonempty(value)
+    if isinstance(value, str) and value.startswith("~"):
+        return str(Path(value).expanduser())
+    return value
+
+
+def _output(value: object) -> object:
+    """A place a stage writes: never empty, `.`, the working directory or above it, or the home folder."""
+    value = _nonempty(value)
+    if isinstance(value, str | PurePath):
+        path = Path(value).expanduser()
+        if path == Path("."):
+            raise ValueError("'.' is the working directory, which a stage would replace; name a folder inside it")
+        reason = protected_place(path)
+        if reason is not None:
+            raise ValueError(f"{str(path)!r} {reason}, which a stage would replace; name a folder inside it")
+        return path
+    return value
+
+
+Source = Annotated[str, BeforeValidator(_source)]
+"""A local file or folder, or a Hugging Face hub name."""
+OutPath = Annotated[Path, BeforeValidator(_output)]
+"""A file or folder a stage writes (and replaces on the next run)."""
 
 
 class Section(BaseModel):
@@ -55,9 +113,9 @@ class CorpusParams(Section):
 class BaseModelParams(Section):
     """Stage `build_base_model`: the tiny embedded Llama and its tokenizer, pre-trained here without network."""
 
-    out_dir: Path = Path("data/base_model")
+    out_dir: OutPath = Path("data/base_model")
     """Hugging Face folder (safetensors weights, config, tokenizer) that later stages load like a hub model."""
-    metrics_file: Path = Path("data/metrics/base_model.json")
+    metrics_file: OutPath = Path("data/metrics/base_model.json")
     """DVC metrics: losses, parameter count, throughput."""
     seed: int = 0
     """Seeds tokenizer training order, weight initialisation and batch sampling."""
@@ -94,8 +152,10 @@ class BaseModelParams(Section):
 class ModelParams(Section):
     """The model to extend and how far."""
 
-    name_or_path: str = "data/base_model"
-    """Local Hugging Face folder or hub id (e.g. meta-llama/Llama-2-7b-hf; hub ids need the network)."""
+    name_or_path: Source = "data/base_model"
+    """Local Hugging Face folder or hub id (e.g. meta-llama/Llama-2-7b-hf; hub ids need the network). A path that
+    looks local (absolute, relative with `./` or several parts, or whose parent folder exists) is never looked up
+    on the hub. Equal to base_model.out_dir (however spelled), build_base_model builds it."""
     original_context: int | None = Field(None, gt=0)
     """Context the model was pre-trained at; default: the config's max_position_embeddings."""
     target_context: int = Field(1024, gt=0)
@@ -161,10 +221,10 @@ BosPolicy = Literal["document", "none"]
 class EmbeddedDataParams(Section):
     """Stage `prepare_corpus`: the offline default data, written in the formats real inputs come in."""
 
-    out_dir: Path = Path("data/corpus")
+    out_dir: OutPath = Path("data/corpus")
     """pretrain.jsonl (RedPajama format), eval/ (one long text file per document), longqa.json and
     longqa_heldout.json (LongAlpaca format)."""
-    metrics_file: Path = Path("data/metrics/embedded_data.json")
+    metrics_file: OutPath = Path("data/metrics/embedded_data.json")
     """DVC metrics: documents, tokens and question counts of each file written."""
     seed: int = 0
     """Seeds the file order of the evaluation documents and the LongQA windows and questions."""
@@ -192,12 +252,12 @@ class EmbeddedDataParams(Section):
 class PretrainDataParams(Section):
     """Stage `prepare_pretrain`: RedPajama-format text → fixed blocks of tokens with document boundaries."""
 
-    input: str = "data/corpus/pretrain.jsonl"
+    input: Source = "data/corpus/pretrain.jsonl"
     """A .jsonl, .jsonl.gz, .jsonl.zst, .parquet or .txt file, a folder of them, or a Hugging Face dataset
     name (e.g. togethercomputer/RedPajama-Data-1T-Sample; streamed, needs the network). The dvc.yaml dep
     names the default file: point it at another local input too."""
     text_field: str = "text"
-    """Field (or parquet column) holding each document's text."""
+    """Field (or parquet column) holding each document's text (a .txt file is one document whatever it says)."""
     hub_split: str = "train"
     """Split to stream when `input` is a hub dataset name."""
     hub_config: str | None = None
@@ -221,16 +281,16 @@ class PretrainDataParams(Section):
     num_proc: int = Field(1, ge=1)
     """1: one process, the fast tokenizer's own threads use all cores; >1: that many tokenizer processes
     (pays off when reading and packing, not tokenization, would otherwise be the bottleneck)."""
-    out_dir: Path = Path("data/pretrain")
+    out_dir: OutPath = Path("data/pretrain")
     """tokens.bin (blocks × block_length), doc_starts.bin, doc_index.npy and meta.json: see docs/data.md."""
-    metrics_file: Path = Path("data/metrics/pretrain_data.json")
+    metrics_file: OutPath = Path("data/metrics/pretrain_data.json")
     """DVC metrics: documents, tokens, blocks, dropped or padded tokens, skipped records, tokens/s."""
 
 
 class SftDataParams(Section):
     """Stage `prepare_sft`: LongAlpaca-format instructions → tokenized examples with prompt-masked labels."""
 
-    input: str = "data/corpus/longqa.json"
+    input: Source = "data/corpus/longqa.json"
     """A LongAlpaca-format .json list (or .jsonl, .parquet, a folder of them) of {"instruction", "output",
     optional "input", "file"}, or a hub dataset name (e.g. Yukang/LongAlpaca-12k; needs the network)."""
     hub_split: str = "train"
@@ -261,9 +321,9 @@ class SftDataParams(Section):
     """Batch size the grouping (and the padding figures in the metrics) assume; match the training batch."""
     seed: int = 0
     """Seeds the length-grouped order."""
-    out_dir: Path = Path("data/sft")
+    out_dir: OutPath = Path("data/sft")
     """Hugging Face dataset (datasets.load_from_disk) with input_ids, labels (−100 on the prompt), length."""
-    metrics_file: Path = Path("data/metrics/sft_data.json")
+    metrics_file: OutPath = Path("data/metrics/sft_data.json")
     """DVC metrics: examples kept, dropped and truncated, tokens, label tokens, padding with and without
     length grouping."""
 
@@ -271,11 +331,11 @@ class SftDataParams(Section):
 class EvalDataParams(Section):
     """Stage `prepare_eval`: long documents → one flat token stream with document offsets."""
 
-    input: str = "data/corpus/eval"
+    input: Source = "data/corpus/eval"
     """A folder of text files (PG19 / proof-pile style, one document per file), a .jsonl/.parquet file or
     folder of them, or a hub dataset name (needs the network)."""
     text_field: str = "text"
-    """Field (or parquet column) holding each document's text (not used for .txt files)."""
+    """Field (or parquet column) holding each document's text (a .txt file is one document whatever it says)."""
     hub_split: str = "test"
     """Split to stream when `input` is a hub dataset name."""
     hub_config: str | None = None
@@ -293,9 +353,9 @@ class EvalDataParams(Section):
     None: model.target_context / 4, / 2 and × 1."""
     batch_chars: int = Field(4_000_000, ge=1000)
     """Text per tokenizer call (characters); bounds memory."""
-    out_dir: Path = Path("data/eval")
+    out_dir: OutPath = Path("data/eval")
     """tokens.bin (flat stream), doc_offsets.npy (documents + 1 offsets) and meta.json: see docs/data.md."""
-    metrics_file: Path = Path("data/metrics/eval_data.json")
+    metrics_file: OutPath = Path("data/metrics/eval_data.json")
     """DVC metrics: documents, tokens, documents reaching each evaluation length."""
 
     @model_validator(mode="after")
@@ -350,6 +410,71 @@ class Params(Section):
             )
         return self
 
+    def _outputs(self) -> list[tuple[str, str, Path]]:
+        """(stage, key, path) of every file or folder a stage writes, in pipeline order."""
+        return [(stage, f"{section}.{key}", getattr(getattr(self, section), key))
+                for stage, section in STAGE_SECTIONS.items() for key in ("out_dir", "metrics_file")]
+
+    def _local_inputs(self) -> list[tuple[set[str], str, str]]:
+        """(stages reading it, key, path) of every input that is a local path rather than a hub name."""
+        inputs = []
+        if not is_hub_model_id(self.model.name_or_path):
+            inputs.append((set(STAGE_SECTIONS) - {"build_base_model"}, "model.name_or_path", self.model.name_or_path))
+        for stage, section in STAGE_SECTIONS.items():
+            source = getattr(getattr(self, section), "input", None)
+            if source is not None and not is_hub_name(source):
+                inputs.append(({stage}, f"{section}.input", source))
+        return inputs
+
+    @model_validator(mode="after")
+    def _paths_apart(self) -> Self:
+        """No stage may replace another's output, or a place a stage reads from, whatever the spelling."""
+        outputs = [(stage, key, path, resolved(path)) for stage, key, path in self._outputs()]
+        for i, (_, key_a, path_a, place_a) in enumerate(outputs):
+            for _, key_b, path_b, place_b in outputs[i + 1:]:
+                relation = _relation(place_b, place_a)
+                if relation:
+                    raise KeyProblem(key_b, f"{str(path_b)!r} {relation} {key_a} {str(path_a)!r}: every stage "
+                                            "output needs a place of its own")
+        folders = [(stage, key, path, place) for stage, key, path, place in outputs if key.endswith(".out_dir")]
+        for readers, key, source in self._local_inputs():
+            place = resolved(source)
+            producer = next(((stage, out_key, out_path) for stage, out_key, out_path, out_place in folders
+                             if _relation(place, out_place) in ("is the same place as", "is inside")), None)
+            if producer is not None:
+                # A product of the pipeline (the default inputs are): it must not be read by the stage writing it.
+                stage, out_key, out_path = producer
+                if key == "model.name_or_path" and stage == "build_base_model" and place != resolved(out_path):
+                    raise KeyProblem(key, f"{source!r} is inside base_model.out_dir {str(out_path)!r}: name the "
+                                          "folder itself to build and use the embedded model, or another model")
+                if stage in readers:
+                    raise KeyProblem(key, f"{source!r} is inside {out_key} {str(out_path)!r}: the stage would read "
+                                          "from the folder it replaces")
+                continue
+            for _, out_key, out_path, out_place in outputs:
+                relation = _relation(out_place, place)
+                if relation:
+                    raise KeyProblem(out_key, f"{str(out_path)!r} {relation} {key} {source!r}: a stage never writes "
+                                              "where data is read from")
+        return self
+
+    def output(self, stage: str) -> StageOutput:
+        """The stage's output folder and metrics file, to claim before any work (`with params.output(...)`)."""
+        section = STAGE_SECTIONS[stage]
+        p = getattr(self, section)
+        return StageOutput(stage, p.out_dir, f"{section}.out_dir", p.metrics_file, f"{section}.metrics_file")
+
+
+def _relation(a: Path, b: Path) -> str | None:
+    """How resolved path `a` overlaps resolved path `b`, as words, or None if they are apart."""
+    if a == b:
+        return "is the same place as"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
 
 def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
@@ -367,10 +492,35 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
         lines = []
         for e in err.errors():
             reason = e["msg"].removeprefix("Value error, ")
+            location = _location(e["loc"])
+            cause = (e.get("ctx") or {}).get("error")
+            if isinstance(cause, KeyProblem):
+                location, reason = cause.key, str(cause)
             # A cross-field check's input is the whole section: its message already names the values.
             got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
-            lines.append(f"{source}: {_location(e['loc'])}: {reason}{got}"[:500])
+            lines.append(f"{source}: {location}: {reason}{got}"[:500])
         raise ParamsError("\n".join(lines)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a params file with one is a mistake to report."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first at line {first_line[key] + 1})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
@@ -381,7 +531,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
     except OSError as err:
         raise ParamsError(f"{path}: cannot read parameters ({err.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

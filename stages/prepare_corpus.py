@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from longlora.errors import InputError
-from longlora.io import atomic_dir, write_json
+from longlora.io import StageOutput
 from longlora.longqa import generate_longqa, long_documents
 from longlora.tokenizing import BatchEncoder, load_tokenizer, rust_parallelism
 from stages import _cli
@@ -36,6 +36,11 @@ from stages.params import Params
 
 def run(params: Params) -> dict:
     """Write pretrain.jsonl, eval/ and the LongQA sets; return metrics."""
+    with params.output("prepare_corpus") as out:  # checked and locked before any work
+        return _run(params, out)
+
+
+def _run(params: Params, out: StageOutput) -> dict:
     p = params.embedded_data
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
@@ -48,7 +53,7 @@ def run(params: Params) -> dict:
     target = params.model.target_context
     min_eval_tokens = p.eval_min_tokens or 2 * target
     metrics: dict = {}
-    with atomic_dir(p.out_dir) as tmp:
+    with out.publish() as tmp:
         metrics["pretrain_documents"], metrics["pretrain_chars"] = _write_pretrain(
             tmp / "pretrain.jsonl", params.corpus.documents("extend"))
 
@@ -84,8 +89,7 @@ def run(params: Params) -> dict:
             metrics[f"{key}_by_kind"] = qa.kinds
             metrics[f"{key}_by_depth_band"] = qa.depth_bands
     metrics["seconds"] = round(time.perf_counter() - started, 2)
-    write_json(p.metrics_file, metrics)
-    return metrics
+    return out.write_metrics(metrics)
 
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from longlora.data import ReadStats, batched_texts, iter_texts
 from longlora.errors import InputError
-from longlora.io import atomic_dir, write_json
+from longlora.io import StageOutput
 from longlora.packing import TokenStreamWriter, join_encoded
 from longlora.tokenizing import BatchEncoder, encode_batches, load_tokenizer, special_ids, token_dtype
 from stages import _cli
@@ -36,6 +36,11 @@ def evaluation_lengths(params: Params) -> tuple[int, ...]:
 
 def run(params: Params) -> dict:
     """Tokenize the documents into one stream, record offsets and length coverage; return metrics."""
+    with params.output("prepare_eval") as out:  # checked and locked before any work
+        return _run(params, out)
+
+
+def _run(params: Params, out: StageOutput) -> dict:
     p = params.eval_data
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
@@ -48,7 +53,7 @@ def run(params: Params) -> dict:
     batches = batched_texts(itertools.islice(records, p.max_documents), p.text_field, p.batch_chars)
     doc_lengths: list[np.ndarray] = []
 
-    with atomic_dir(p.out_dir) as tmp:
+    with out.publish() as tmp:
         writer = TokenStreamWriter(tmp, dtype)
         try:
             for lengths, flat in encode_batches(batches, encoder):
@@ -79,8 +84,7 @@ def run(params: Params) -> dict:
         **read.as_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_json(p.metrics_file, metrics)
-    return metrics
+    return out.write_metrics(metrics)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 
 from longlora.data import ReadStats, batched_texts, iter_texts
 from longlora.errors import InputError
-from longlora.io import atomic_dir, write_json
+from longlora.io import StageOutput
 from longlora.packing import BlockPacker, PackedBlocksWriter
 from longlora.tokenizing import BatchEncoder, encode_batches, load_tokenizer, special_ids, token_dtype
 from stages import _cli
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 def run(params: Params) -> dict:
     """Tokenize, join, cut into blocks, write them with their document boundaries; return metrics."""
+    with params.output("prepare_pretrain") as out:  # checked and locked before any work
+        return _run(params, out)
+
+
+def _run(params: Params, out: StageOutput) -> dict:
     p = params.pretrain_data
     block_len = p.block_length or params.model.target_context
     started = time.perf_counter()
@@ -50,7 +55,7 @@ def run(params: Params) -> dict:
     batches = batched_texts(records, p.text_field, p.batch_chars)
 
     tokenize_started = time.perf_counter()
-    with atomic_dir(p.out_dir) as tmp:
+    with out.publish() as tmp:
         writer = PackedBlocksWriter(tmp, block_len, dtype)
         try:
             for lengths, flat in encode_batches(batches, encoder, p.num_proc):
@@ -89,10 +94,9 @@ def run(params: Params) -> dict:
         "tokens_per_second": round(packer.tokens / max(seconds, 1e-9)),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_json(p.metrics_file, metrics)
     log.info("%d documents → %d blocks of %d tokens (%s tokens/s)", packer.documents, packer.blocks, block_len,
              f"{metrics['tokens_per_second']:,}")
-    return metrics
+    return out.write_metrics(metrics)
 
 
 if __name__ == "__main__":

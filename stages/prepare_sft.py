@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pyarrow as pa
 
 from longlora.data import Problems, ReadStats, iter_records
 from longlora.errors import InputError
-from longlora.io import atomic_dir, write_json
+from longlora.io import StageOutput
 from longlora.sft import (
     fit_example,
     length_grouped_order,
@@ -47,6 +46,11 @@ SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.
 
 def run(params: Params) -> dict:
     """Render prompts, tokenize, mask, fit to max_length, write the dataset; return metrics."""
+    with params.output("prepare_sft") as out:  # checked and locked before any work
+        return _run(params, out)
+
+
+def _run(params: Params, out: StageOutput) -> dict:
     p = params.sft_data
     max_length = p.max_length or params.model.target_context
     started = time.perf_counter()
@@ -63,8 +67,8 @@ def run(params: Params) -> dict:
     lengths: list[int] = []
     label_tokens = 0
 
-    with atomic_dir(p.out_dir) as tmp, tempfile.TemporaryDirectory(prefix=".sft-raw-", dir=tmp.parent) as raw_dir:
-        raw = Path(raw_dir) / "examples.arrow"
+    with out.publish() as tmp, out.scratch() as scratch:
+        raw = scratch / "examples.arrow"
         with pa.OSFile(str(raw), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as arrow:
             while batch := list(itertools.islice(records, BATCH_RECORDS)):
                 ids, labels = [], []
@@ -110,8 +114,7 @@ def run(params: Params) -> dict:
         **read.as_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_json(p.metrics_file, metrics)
-    return metrics
+    return out.write_metrics(metrics)
 
 
 def _fit_batch(batch, tokenizer, p, max_length: int, problems: Problems):
@@ -147,7 +150,7 @@ def _save_dataset(raw: Path, out: Path, order: np.ndarray | None) -> None:
     dataset = datasets.Dataset.from_file(str(raw))
     if order is not None:
         dataset = dataset.select(order.tolist())
-    # save_to_disk refuses a non-empty target, and atomic_dir hands us an empty one: write there directly.
+    # `out` is the fresh folder StageOutput.publish hands out: save straight into it.
     dataset.save_to_disk(str(out))
 
 

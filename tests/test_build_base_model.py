@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from longlora.io import OUTPUT_MARKER
 from stages import build_base_model
 from stages.params import parse_params
 from tests.conftest import tiny_params_dict
@@ -92,6 +93,20 @@ def test_cli_reports_bad_params_in_one_line(in_tmp, capsys):
 
 def test_another_base_model_means_nothing_to_build(in_tmp):
     metrics = build_base_model.run(parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"})))
-    assert metrics == {"built": False, "base_model": "meta-llama/Llama-2-7b-hf"}
-    assert [p.name for p in (in_tmp / "data/base_model").iterdir()] == ["NOT_BUILT.txt"]
+    assert metrics == {"stage": "build_base_model", "built": False, "base_model": "meta-llama/Llama-2-7b-hf"}
+    assert sorted(p.name for p in (in_tmp / "data/base_model").iterdir()) == [OUTPUT_MARKER, "NOT_BUILT.txt"]
     assert json.loads((in_tmp / "data/metrics/base_model.json").read_text()) == metrics
+
+
+QUICK = {"steps": 4, "warmup_steps": 1}
+
+
+def test_its_own_output_given_as_an_absolute_path_is_built_not_deleted(in_tmp):
+    absolute = str(in_tmp / "data/base_model")
+    for spelling in (absolute, "./data/base_model/", "data/../data/base_model"):
+        assert build_base_model.same_path(spelling, "data/base_model"), spelling
+    metrics = build_base_model.run(parse_params(tiny_params_dict(base_model=QUICK, model={"name_or_path": absolute})))
+    assert metrics["built"] is True
+    assert (in_tmp / "data/base_model/model.safetensors").exists()
+    assert not (in_tmp / "data/base_model/NOT_BUILT.txt").exists()
+

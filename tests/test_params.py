@@ -89,3 +89,89 @@ def test_full_size_profile_is_valid_and_in_step_with_params_yaml():
     assert full.model.target_context / full.model.original_context == 8
     assert full.s2attn.group_size_for(full.model.target_context) == 8192
     assert (full.lora.r, full.lora.alpha, full.lora.train_embeddings, full.lora.train_norms) == (8, 16, True, True)
+
+
+# --- paths: every output has a place of its own, away from every input ----------------------------------------
+
+def test_duplicate_key_is_an_error_with_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base_model:\n  steps: 400\n  lr: 0.004\n  steps: 40\nmodel: {}\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match=r"params\.yaml:4:3: invalid YAML: duplicate key 'steps' \(first at line 2\)"):
+        load_params(path)
+    path.write_text("model: {}\nbase_model: {}\nmodel: {target_context: 2048}\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match=r"params\.yaml:3:1: invalid YAML: duplicate key 'model' \(first at line 1\)"):
+        load_params(path)
+    path.write_text("model: {target_context: 2048, target_context: 4096}\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match="duplicate key 'target_context'"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(("section", "key", "value", "reason"), [
+    ("pretrain_data", "input", "", "empty path"),
+    ("eval_data", "input", "  ", "empty path"),
+    ("model", "name_or_path", "", "empty path"),
+    ("eval_data", "out_dir", "", "empty path"),
+    ("sft_data", "metrics_file", "", "empty path"),
+    ("eval_data", "out_dir", ".", "'.' is the working directory"),
+    ("eval_data", "out_dir", "./", "'.' is the working directory"),
+    ("pretrain_data", "out_dir", "..", "'..' is a folder above the working directory"),
+    ("base_model", "out_dir", "data/..", "'data/..' is the working directory"),
+])
+def test_empty_and_protected_paths_are_rejected_at_their_key(section, key, value, reason):
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params_dict(**{section: {key: value}}))
+    assert str(err.value).startswith(f"params.yaml: {section}.{key}: {reason}")
+
+
+def test_home_is_expanded_and_never_an_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    params = parse_params(tiny_params_dict(eval_data={"out_dir": "~/runs/eval", "input": "~/pg19"}))
+    assert params.eval_data.out_dir == tmp_path / "runs/eval" and params.eval_data.input == str(tmp_path / "pg19")
+    with pytest.raises(ParamsError, match=r"params\.yaml: eval_data\.out_dir: '.*' is the home folder"):
+        parse_params(tiny_params_dict(eval_data={"out_dir": "~"}))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    # the probe: every other output and data/.gitignore were deleted
+    ({"eval_data": {"out_dir": "data"}},
+     "eval_data.out_dir: 'data' contains base_model.out_dir 'data/base_model': every stage output needs a place"),
+    ({"pretrain_data": {"out_dir": "data/base_model"}},
+     "pretrain_data.out_dir: 'data/base_model' is the same place as base_model.out_dir 'data/base_model'"),
+    ({"sft_data": {"out_dir": "./data//pretrain/"}},
+     "sft_data.out_dir: 'data/pretrain' is the same place as pretrain_data.out_dir 'data/pretrain'"),
+    ({"eval_data": {"out_dir": "data/corpus/eval_tokens"}},
+     "eval_data.out_dir: 'data/corpus/eval_tokens' is inside embedded_data.out_dir 'data/corpus'"),
+    ({"pretrain_data": {"metrics_file": "data/pretrain/metrics.json"}},
+     "pretrain_data.metrics_file: 'data/pretrain/metrics.json' is inside pretrain_data.out_dir 'data/pretrain'"),
+    ({"sft_data": {"metrics_file": "data/metrics/pretrain_data.json"}},
+     "sft_data.metrics_file: 'data/metrics/pretrain_data.json' is the same place as pretrain_data.metrics_file"),
+    # inputs: never written, never written around, never read from a stage's own output
+    ({"pretrain_data": {"input": "raw/redpajama.jsonl", "metrics_file": "raw/redpajama.jsonl"}},
+     "pretrain_data.metrics_file: 'raw/redpajama.jsonl' is the same place as pretrain_data.input"),
+    ({"eval_data": {"input": "raw/pg19/test", "out_dir": "raw"}},
+     "eval_data.input: 'raw/pg19/test' is inside eval_data.out_dir 'raw': the stage would read from the folder it "
+     "replaces"),
+    ({"eval_data": {"input": "raw/pg19/test"}, "sft_data": {"out_dir": "raw/pg19/test/sft"}},
+     "sft_data.out_dir: 'raw/pg19/test/sft' is inside eval_data.input 'raw/pg19/test'"),
+    ({"eval_data": {"input": "data/eval/old_docs"}},
+     "eval_data.input: 'data/eval/old_docs' is inside eval_data.out_dir 'data/eval': the stage would read from"),
+    ({"model": {"name_or_path": "data/base_model/checkpoint-100"}},
+     "model.name_or_path: 'data/base_model/checkpoint-100' is inside base_model.out_dir 'data/base_model'"),
+    ({"model": {"name_or_path": "/models/llama"}, "sft_data": {"out_dir": "/models"}},
+     "model.name_or_path: '/models/llama' is inside sft_data.out_dir '/models': the stage would read from the folder"),
+    ({"model": {"name_or_path": "/models/llama"}, "base_model": {"out_dir": "/models"}},
+     "model.name_or_path: '/models/llama' is inside base_model.out_dir '/models': name the folder itself"),
+])
+def test_outputs_that_would_replace_each_other_or_an_input_are_rejected(overrides, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params_dict(**overrides))
+    assert str(err.value).startswith(f"params.yaml: {message}"), str(err.value)
+
+
+def test_the_default_chain_and_hub_names_are_fine(tmp_path):
+    parse_params(tiny_params_dict())  # inputs inside embedded_data.out_dir are its products, read by other stages
+    same = parse_params(tiny_params_dict(model={"name_or_path": str(ROOT / "data/base_model")}))
+    assert same.model.name_or_path == str(ROOT / "data/base_model")
+    hub = parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"},
+                                        pretrain_data={"input": "togethercomputer/RedPajama-Data-1T-Sample"}))
+    assert hub.pretrain_data.input == "togethercomputer/RedPajama-Data-1T-Sample"
