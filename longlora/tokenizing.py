@@ -24,6 +24,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import numpy as np
 
 from longlora.errors import InputError
+from longlora.sources import check_model_source
 
 Encoded = tuple[np.ndarray, np.ndarray]
 """(lengths int64 of each document, flat ids of all documents in order)."""
@@ -35,6 +36,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The model's tokenizer via AutoTokenizer (a local folder, or a hub id when the network allows)."""
     from transformers import AutoTokenizer
 
+    check_model_source(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -6,10 +6,10 @@ On 2 CPU cores (the default params) it takes about 2.5 minutes: a byte-level BPE
 3.1M-parameter Llama pre-trained for 400 steps at 256 tokens on the base split of the Python standard library
 sources, written as a Hugging Face folder (safetensors) that later stages load like `meta-llama/Llama-2-7b-hf`.
 Expected (Python 3.11.7): held-out loss 4.95 nats/token (perplexity ~140), from 8.36 at initialisation.
-A killed run resumes from its last checkpoint. When `model.name_or_path` names another model (the full-size
-profile), there is nothing to build: the stage writes only a note saying so, and later stages load that model.
-The output folder is replaced only when it is this stage's own earlier output (longlora/io.py); a second run at
-the same time fails at once.
+A killed run resumes from its last checkpoint (an unreadable one is set aside with a warning, and the run starts
+over). When `model.name_or_path` names another model (the full-size profile), there is nothing to build: the stage
+writes only a note saying so, and later stages load that model. The output folder is replaced only when it is this
+stage's own earlier output (longlora/io.py); a second run at the same time fails at once.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
+from longlora.checkpoint import load_checkpoint
 from longlora.io import StageOutput, same_path
 from longlora.packing import cut_blocks, join_documents
 from longlora.tiny import tiny_llama_config, train_bpe_tokenizer
@@ -141,11 +142,15 @@ def _save_checkpoint(path: Path, p: BaseModelParams, step: int, model, optimizer
 
 def _resume(path: Path, p: BaseModelParams, model, optimizer, schedule, sampler) -> int:
     """Load a checkpoint written with the same parameters; return the step to continue from (0 if none)."""
-    if not path.exists():
+    state = load_checkpoint(path, required=("params", "step", "model", "optimizer", "schedule", "sampler"))
+    if state is None:
         return 0
-    state = torch.load(path, weights_only=True)
     if state["params"] != p.model_dump(mode="json"):
         log.info("ignoring checkpoint %s: it was written with other parameters", path)
+        return 0
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if {name: tuple(t.shape) for name, t in state["model"].items()} != expected:
+        log.info("ignoring checkpoint %s: it was written for another model architecture", path)
         return 0
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -66,7 +66,7 @@ def _run(params: Params, out: StageOutput) -> dict:
             raise
         if not doc_lengths:
             writer.abort()
-            raise InputError(f"eval_data.input {p.input}: no documents (all skipped or empty)")
+            raise InputError(f"eval_data.input {p.input}: no documents: {read.why_nothing()}")
         lengths = np.concatenate(doc_lengths)
         eval_lengths = evaluation_lengths(params)
         reaching = {str(n): int((lengths >= n).sum()) for n in eval_lengths}

@@ -66,7 +66,7 @@ def _run(params: Params, out: StageOutput) -> dict:
             raise
         if packer.documents == 0:
             writer.abort()
-            raise InputError(f"pretrain_data.input {p.input}: no documents to tokenize (all skipped or empty)")
+            raise InputError(f"pretrain_data.input {p.input}: no documents to tokenize: {read.why_nothing()}")
         if packer.blocks == 0:
             writer.abort()
             raise InputError(

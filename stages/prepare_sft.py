@@ -89,10 +89,7 @@ def _run(params: Params, out: StageOutput) -> dict:
                         schema=SCHEMA))
         examples = counts["kept"]
         if examples == 0:
-            raise InputError(
-                f"sft_data.input {p.input}: no example left ({counts['dropped']} dropped: prompt alone ≥ max_length "
-                f"{max_length} tokens); use truncation: truncate_middle or a longer sft_data.max_length"
-            )
+            raise InputError(f"sft_data.input {p.input}: no example left: {_why_none(read, counts, max_length)}")
         order = length_grouped_order(lengths, p.group_batch_size, p.seed) if p.group_by_length else None
         _save_dataset(raw, tmp, order)
 
@@ -115,6 +112,17 @@ def _run(params: Params, out: StageOutput) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
     }
     return out.write_metrics(metrics)
+
+
+def _why_none(read: ReadStats, counts: dict, max_length: int) -> str:
+    """What left nothing to write: no records, every record bad, or every prompt too long (only then is
+    truncate_middle the answer)."""
+    if not counts["dropped"]:
+        return read.why_nothing()
+    skipped = sum(read.skipped.values())
+    also = f"; {skipped} more skipped as bad" if skipped else ""
+    return (f"{counts['dropped']} dropped: prompt alone ≥ max_length {max_length} tokens{also}; use truncation: "
+            "truncate_middle or a longer sft_data.max_length")
 
 
 def _fit_batch(batch, tokenizer, p, max_length: int, problems: Problems):

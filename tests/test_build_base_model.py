@@ -110,3 +110,18 @@ def test_its_own_output_given_as_an_absolute_path_is_built_not_deleted(in_tmp):
     assert (in_tmp / "data/base_model/model.safetensors").exists()
     assert not (in_tmp / "data/base_model/NOT_BUILT.txt").exists()
 
+
+def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(in_tmp, caplog):
+    checkpoint = in_tmp / "data/.base_model.checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"\x80\x04this is not a checkpoint" * 10)
+    params = parse_params(tiny_params_dict(base_model=QUICK))
+    with caplog.at_level("WARNING"):
+        metrics = build_base_model.run(params)
+    assert metrics["built"] is True
+    assert f"checkpoint {checkpoint.relative_to(in_tmp)} is unreadable" in caplog.text
+    assert "moved it to data/.base_model.checkpoint.pt.corrupt" in caplog.text
+    assert not checkpoint.exists() and checkpoint.with_name(checkpoint.name + ".corrupt").exists()
+    caplog.clear()
+    build_base_model.run(params)  # and the rerun is quiet
+    assert "unreadable" not in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -262,3 +263,79 @@ def test_hub_dataset_is_streamed(monkeypatch, hub_allowed):
     texts = _texts("owner/corpus", on_error="skip", stats=stats, hub_split="validation")
     assert texts == ["one", "two"] and stats.skipped == {"empty_text": 1}
     assert calls == [("owner/corpus", None, "validation", True)]
+
+
+# --- damaged files are file-level errors, whatever on_error says ------------------------------------------------
+
+DOCS_400 = [{"text": f"document {i} " + "word " * (200 + i % 7)} for i in range(400)]  # several zstd blocks
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_truncated_compressed_file_is_an_error_naming_it(tmp_path, suffix, on_error):
+    path = _write(tmp_path / f"part{suffix}", DOCS_400)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) * 2 // 3])  # a download or copy that stopped early
+    read = []
+    with pytest.raises(InputError, match=rf"part{re.escape(suffix)}: cannot read: the file is truncated"):
+        for record in iter_texts(path, on_error=on_error):
+            read.append(record)
+    assert 0 < len(read) < len(DOCS_400)
+
+
+def test_concatenated_zstd_frames_are_read_whole(tmp_path):
+    path = tmp_path / "two_frames.jsonl.zst"
+    compress = zstandard.ZstdCompressor().compress
+    path.write_bytes(compress(_jsonl_bytes(DOCS_400[:250])) + compress(_jsonl_bytes(DOCS_400[250:])))
+    assert _texts(path) == [d["text"] for d in DOCS_400]
+
+
+def test_a_plain_file_that_ends_inside_a_record_is_an_error_even_with_skip(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_bytes(_jsonl_bytes(RECORDS)[:-25])
+    with pytest.raises(InputError, match=r"cut\.jsonl:5:\d+: the file ends in the middle of a record, truncated\?"):
+        _texts(path, on_error="skip")
+    path.write_bytes(_jsonl_bytes(RECORDS).rstrip(b"\n"))  # a complete last line without newline is fine
+    assert len(_texts(path)) == 5
+
+
+def test_null_text_is_reported_as_null_not_missing(tmp_path):
+    path = _bad_jsonl(tmp_path, b'{"text": null}')
+    with pytest.raises(InputError, match=r"data\.jsonl:3: 'text' is null$"):
+        _texts(path)
+    stats = ReadStats()
+    _texts(path, on_error="skip", stats=stats)
+    assert stats.skipped == {"null_text": 1}
+
+
+def test_a_txt_file_is_one_document_whatever_the_text_field(tmp_path):
+    (tmp_path / "book.txt").write_text("Call me Ishmael.\n", encoding="utf-8")
+    records = list(iter_texts(tmp_path, text_field="content"))
+    assert [r.data for r in records] == [{"content": "Call me Ishmael.\n"}]
+    assert next(batched_texts(records, "content", 100)) == ["Call me Ishmael.\n"]
+
+
+def test_records_count_every_record_met_skipped_ones_included(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(_jsonl_bytes(RECORDS[:2]) + b'{broken\n["a list"]\n{"meta": {}}\n{"text": "caf\xe9"}\n'
+                     + b'{"text": null}\n' + _jsonl_bytes(RECORDS[2:3]))
+    stats = ReadStats()
+    texts = _texts(path, on_error="skip", stats=stats)
+    assert len(texts) == 3
+    assert stats.skipped == {"malformed_json": 1, "not_an_object": 1, "missing_text": 1, "not_utf8": 1,
+                             "null_text": 1}
+    assert stats.records == len(texts) + sum(stats.skipped.values()) == 8
+    assert stats.why_nothing() == "3 of 8 records were usable, 5 skipped as bad"
+
+
+def test_json_input_is_one_array_of_objects_not_a_lone_object(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text('{"instruction": "a", "output": "b"}', encoding="utf-8")
+    with pytest.raises(InputError, match=r"one\.json: a JSON object, not an array of records: .* \[ \{\.\.\.\} \]"):
+        list(iter_records(path, on_error="skip"))
+    path.write_text('[{"instruction": "a", "output": "b"}]', encoding="utf-8")
+    assert [r.data for r in iter_records(path)] == [{"instruction": "a", "output": "b"}]
+    path.write_text("  \n", encoding="utf-8")  # empty, like an empty .jsonl: no records
+    stats = ReadStats()
+    assert list(iter_records(path, stats=stats)) == [] and stats.files == 1 and stats.records == 0
+    assert stats.why_nothing() == "the input holds no records (1 file read, all empty)"

@@ -128,3 +128,19 @@ def test_prefect_flow_rejects_bad_params_before_any_stage(prefect_harness, tmp_p
     with pytest.raises(ParamsError, match="1002"):
         longlora_flow(params_file="params.yaml")
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_prefect_flow_checks_every_output_before_the_first_stage(prefect_harness, tmp_path, monkeypatch):
+    from longlora.io import OutputError
+    from pipelines.longlora_flow import longlora_flow
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(eval_data={"out_dir": "results"})))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"eval_data\.out_dir 'results' holds files that stage prepare_eval did not"):
+        longlora_flow(params_file="params.yaml")
+    assert not (tmp_path / "data").exists(), "the last stage's output is checked before the first stage runs"
+    assert (tmp_path / "results/keep.txt").read_text() == "mine"

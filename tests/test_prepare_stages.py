@@ -318,8 +318,24 @@ def test_sft_bad_record_stops_with_its_item_or_is_skipped(in_tmp, tiny_tokenizer
 
 def test_sft_every_example_dropped_is_an_error(in_tmp, tiny_tokenizer_dir):
     (in_tmp / "longalpaca.json").write_text(json.dumps([LONGALPACA[2]]), encoding="utf-8")
-    with pytest.raises(InputError, match="no example left \\(1 dropped: prompt alone ≥ max_length 128 tokens\\)"):
+    with pytest.raises(InputError, match="no example left: 1 dropped: prompt alone ≥ max_length 128 tokens; "
+                                         "use truncation: truncate_middle"):
         prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json", "truncation": "drop"}))
+    _assert_nothing_finished(in_tmp, "data/sft")
+
+
+@pytest.mark.parametrize(("name", "content", "on_error", "message"), [
+    ("empty_list.json", "[]", "raise", r"no example left: the input holds no records \(1 file read, all empty\)$"),
+    ("empty.json", "", "raise", r"no example left: the input holds no records \(1 file read, all empty\)$"),
+    ("empty.jsonl", "\n", "raise", r"no example left: the input holds no records \(1 file read, all empty\)$"),
+    ("all_bad.jsonl", '{"instruction": "no answer"}\n[1]\n{oops\n', "skip",
+     r"no example left: all 3 records were skipped as bad \(1 bad_record, 1 malformed_json, 1 not_an_object;"),
+])
+def test_sft_nothing_read_says_what_happened(in_tmp, tiny_tokenizer_dir, name, content, on_error, message):
+    (in_tmp / name).write_text(content, encoding="utf-8")
+    with pytest.raises(InputError, match=message) as err:
+        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": name, "on_error": on_error}))
+    assert "truncate" not in str(err.value) and "max_length" not in str(err.value)
     _assert_nothing_finished(in_tmp, "data/sft")
 
 
@@ -473,3 +489,87 @@ def test_prepare_corpus_question_that_does_not_fit(in_tmp, tiny_tokenizer_dir):
         prepare_corpus.run(_params(tiny_tokenizer_dir, embedded_data={"longqa_min_tokens": 50,
                                                                       "longqa_max_tokens": 100}))
     _assert_nothing_finished(in_tmp, "data/corpus")
+
+
+# --- inputs the probe of issue #6 found -------------------------------------------------------------------------
+
+def test_pretrain_truncated_zst_stops_even_with_skip(in_tmp, tiny_tokenizer_dir, texts):
+    records = [{"text": texts[i % len(texts)], "meta": {"i": i}} for i in range(400)]
+    data = zstandard.ZstdCompressor().compress(b"".join(json.dumps(r).encode() + b"\n" for r in records))
+    (in_tmp / "rp.jsonl.zst").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match=r"rp\.jsonl\.zst: cannot read: the file is truncated"):
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "rp.jsonl.zst", "on_error": "skip"}))
+    _assert_nothing_finished(in_tmp, "data/pretrain")
+    assert not (in_tmp / "data/metrics/pretrain_data.json").exists()
+
+
+@pytest.mark.parametrize(("stage", "section"), [(prepare_pretrain, "pretrain_data"), (prepare_eval, "eval_data")])
+def test_nothing_read_says_what_happened(in_tmp, tiny_tokenizer_dir, stage, section):
+    (in_tmp / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty\.jsonl: no documents.*: the input holds no records \(1 file read"):
+        stage.run(_params(tiny_tokenizer_dir, **{section: {"input": "empty.jsonl"}}))
+    _write_jsonl(in_tmp / "bad.jsonl", [b"{x", {"text": None}])
+    with pytest.raises(InputError, match=r"all 2 records were skipped as bad \(1 malformed_json, 1 null_text;"):
+        stage.run(_params(tiny_tokenizer_dir, **{section: {"input": "bad.jsonl", "on_error": "skip"}}))
+
+
+class _NoHub:
+    """AutoTokenizer.from_pretrained that fails the test if it is ever reached (it would try the hub)."""
+
+    calls: list = []
+
+    @classmethod
+    def from_pretrained(cls, name, **kwargs):
+        cls.calls.append(name)
+        raise AssertionError(f"AutoTokenizer.from_pretrained({name!r}) was called")
+
+
+@pytest.mark.parametrize("name", ["data/base_mdoel", "./base_model", "ABSOLUTE", "~/models/llama-2-7b",
+                                  "models/llama/7b"])
+def test_a_local_looking_model_path_that_does_not_exist_fails_at_once(in_tmp, monkeypatch, name):
+    import transformers
+
+    monkeypatch.setattr(transformers, "AutoTokenizer", _NoHub)
+    monkeypatch.setenv("HOME", str(in_tmp))
+    (in_tmp / "data").mkdir()
+    name = str(in_tmp / "missing/model") if name == "ABSOLUTE" else name
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": "x"}])
+    with pytest.raises(InputError, match=r"model\.name_or_path '.*': no such folder \(a local path, so the hub was "
+                                         r"not asked\)"):
+        prepare_pretrain.run(parse_params(tiny_params_dict(model={"name_or_path": name},
+                                                           pretrain_data={"input": "in.jsonl"})))
+    assert _NoHub.calls == []
+
+
+def test_a_model_folder_without_a_tokenizer_says_so(in_tmp):
+    (in_tmp / "model").mkdir()
+    (in_tmp / "model/config.json").write_text('{"model_type": "llama"}')
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": "x"}])
+    with pytest.raises(InputError, match=r"model\.name_or_path 'model': the folder has no tokenizer \(none of "
+                                         r"tokenizer\.json"):
+        prepare_pretrain.run(parse_params(tiny_params_dict(model={"name_or_path": "model"},
+                                                           pretrain_data={"input": "in.jsonl"})))
+    (in_tmp / "model/config.json").unlink()
+    (in_tmp / "model/NOT_BUILT.txt").write_text("No embedded base model was built")
+    with pytest.raises(InputError, match="holds only NOT_BUILT.txt: build_base_model did not build a model there"):
+        prepare_eval.run(parse_params(tiny_params_dict(model={"name_or_path": "model"},
+                                                       eval_data={"input": "in.jsonl"})))
+    (in_tmp / "weights.bin").write_bytes(b"")
+    with pytest.raises(InputError, match=r"model\.name_or_path 'weights\.bin': is a file"):
+        prepare_eval.run(parse_params(tiny_params_dict(model={"name_or_path": "weights.bin"},
+                                                       eval_data={"input": "in.jsonl"})))
+
+
+def test_sft_json_holding_one_object_is_refused(in_tmp, tiny_tokenizer_dir):
+    (in_tmp / "one.json").write_text(json.dumps(LONGALPACA[0]), encoding="utf-8")
+    with pytest.raises(InputError, match=r"one\.json: a JSON object, not an array of records"):
+        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "one.json", "on_error": "skip"}))
+    (in_tmp / "one.json").write_text(json.dumps([LONGALPACA[0]]), encoding="utf-8")
+    assert prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "one.json"}))["examples"] == 1
+
+
+def test_eval_text_field_does_not_apply_to_txt_files(in_tmp, tiny_tokenizer_dir, texts):
+    (in_tmp / "docs").mkdir()
+    (in_tmp / "docs/a.txt").write_text(texts[0], encoding="utf-8")
+    metrics = prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs", "text_field": "content"}))
+    assert metrics["documents"] == 1 and metrics["skipped_records"] == 0
