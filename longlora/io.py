@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from longlora.errors import InputError
+
+log = logging.getLogger(__name__)
 
 OUTPUT_MARKER = ".longlora-output.json"
 _SHOWN_ENTRIES = 5
@@ -79,10 +82,15 @@ def protected_place(path: str | Path) -> str | None:
     return None
 
 
+def _raise(err: OSError) -> None:
+    raise err
+
+
 def _entries(folder: Path) -> set[str]:
-    """Every file and symbolic link under `folder` (not following links), as relative POSIX paths."""
+    """Every file and symbolic link under `folder` (not following links), as relative POSIX paths. A folder that
+    cannot be listed raises: it must not pass for an empty one."""
     found = set()
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=_raise):
         base = Path(root).relative_to(folder)
         found.update((base / name).as_posix() for name in files)
         found.update((base / name).as_posix() for name in dirs if os.path.islink(os.path.join(root, name)))
@@ -159,7 +167,10 @@ class StageOutput:
             return
         if not path.is_dir():
             raise self._refuse(self.param, path, f"is an existing file, not an output folder of stage {self.owner}")
-        entries = _entries(path)
+        try:
+            entries = _entries(path)
+        except OSError as err:
+            raise self._refuse(self.param, path, f"cannot be read to check what it holds ({err.strerror})") from None
         if not entries:
             return
         marker = _read_marker(path)
@@ -169,7 +180,9 @@ class StageOutput:
         if marker.get("stage") != self.owner:
             raise self._refuse(self.param, path, f"is the output of stage {marker.get('stage')!r}, not of "
                                f"{self.owner}; name another folder")
-        foreign = entries - {OUTPUT_MARKER} - set(marker.get("files") or ())
+        listed = marker.get("files")
+        listed = {name for name in listed if isinstance(name, str)} if isinstance(listed, list) else set()
+        foreign = entries - {OUTPUT_MARKER} - listed
         if foreign:
             raise self._refuse(self.param, path, f"holds files that stage {self.owner} did not write "
                                f"({_shown(foreign)}); move them away first")
@@ -258,9 +271,13 @@ class StageOutput:
             marker = _read_marker(entry)
             if marker is not None and marker.get("stage") == self.owner:
                 shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.rmdir()  # killed between creating it and marking it: empty
+                continue
+            try:
+                entry.rmdir()  # killed between creating it and marking it: empty
+            except OSError:
+                log.warning("left %s alone: it looks like a temporary folder of stage %s but carries no %s (a "
+                            "leftover of an older version?); delete it yourself if you do not need it",
+                            entry, self.owner, OUTPUT_MARKER)
 
     # --- writing ----------------------------------------------------------------------------------------------------
 

@@ -236,7 +236,7 @@ def test_the_lock_holds_across_processes(tmp_path):
     assert "busy: a.out_dir 'out': another run of stage stage_a is writing it" in other.stdout, other.stderr
 
 
-def test_a_killed_runs_temporary_folders_are_removed_by_the_next_run(tmp_path):
+def test_a_killed_runs_temporary_folders_are_removed_by_the_next_run(tmp_path, caplog):
     killed = _python("""
         import os
         from longlora.io import StageOutput
@@ -253,9 +253,11 @@ def test_a_killed_runs_temporary_folders_are_removed_by_the_next_run(tmp_path):
     (foreign / "keep.txt").write_text("mine")
     (tmp_path / ".out.tmp-empty").mkdir()  # killed before it was marked: empty, removed
 
-    _publish(tmp_path / "out", {"a.txt": "1"})
+    with caplog.at_level("WARNING"):
+        _publish(tmp_path / "out", {"a.txt": "1"})
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-mine", "out"]
     assert (foreign / "keep.txt").read_text() == "mine"
+    assert f"left {foreign} alone: it looks like a temporary folder of stage stage_a" in caplog.text
 
 
 def test_same_path_sees_through_spellings(tmp_path, monkeypatch):
@@ -264,3 +266,15 @@ def test_same_path_sees_through_spellings(tmp_path, monkeypatch):
     assert same_path("data/base_model", tmp_path / "data/base_model")
     assert same_path("./data/../data/base_model/", "data/base_model")
     assert not same_path("data/base_model", "data/base_model2")
+
+
+def test_a_folder_that_cannot_be_listed_is_not_taken_for_an_empty_one(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+
+    def unreadable(top, onerror=None, **kwargs):
+        onerror(PermissionError(13, "Permission denied", str(top)))
+        return iter(())
+
+    monkeypatch.setattr("longlora.io.os.walk", unreadable)
+    with pytest.raises(OutputError, match=r"cannot be read to check what it holds \(Permission denied\)"):
+        _publish(tmp_path / "out", {"a": "1"})
