@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,16 +113,19 @@ def test_its_own_output_given_as_an_absolute_path_is_built_not_deleted(in_tmp):
 
 
 def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(in_tmp, caplog):
-    checkpoint = in_tmp / "data/.base_model.checkpoint.pt"
+    # What a kill during a copy, or a full disk, leaves: before, every rerun raised UnpicklingError.
+    p = parse_params(tiny_params_dict()).base_model
+    checkpoint = build_base_model._checkpoint_path(p)
+    assert checkpoint == Path("data/.base_model.checkpoint.pt")
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"\x80\x04this is not a checkpoint" * 10)
-    params = parse_params(tiny_params_dict(base_model=QUICK))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with caplog.at_level("WARNING"):
-        metrics = build_base_model.run(params)
-    assert metrics["built"] is True
-    assert f"checkpoint {checkpoint.relative_to(in_tmp)} is unreadable" in caplog.text
-    assert "moved it to data/.base_model.checkpoint.pt.corrupt" in caplog.text
+        assert build_base_model._resume(checkpoint, p, model, optimizer, schedule, torch.Generator()) == 0
+    assert "checkpoint data/.base_model.checkpoint.pt is unreadable" in caplog.text
+    assert "moved it to data/.base_model.checkpoint.pt.corrupt and starting over" in caplog.text
     assert not checkpoint.exists() and checkpoint.with_name(checkpoint.name + ".corrupt").exists()
-    caplog.clear()
-    build_base_model.run(params)  # and the rerun is quiet
-    assert "unreadable" not in caplog.text
+    build_base_model._save_checkpoint(checkpoint, p, 4, model, optimizer, schedule, torch.Generator())
+    assert build_base_model._resume(checkpoint, p, model, optimizer, schedule, torch.Generator()) == 4

@@ -494,7 +494,7 @@ def test_prepare_corpus_question_that_does_not_fit(in_tmp, tiny_tokenizer_dir):
 # --- inputs the probe of issue #6 found -------------------------------------------------------------------------
 
 def test_pretrain_truncated_zst_stops_even_with_skip(in_tmp, tiny_tokenizer_dir, texts):
-    records = [{"text": texts[i % len(texts)], "meta": {"i": i}} for i in range(400)]
+    records = [{"text": f"{i}: " + texts[i % len(texts)][:1500], "meta": {"i": i}} for i in range(400)]
     data = zstandard.ZstdCompressor().compress(b"".join(json.dumps(r).encode() + b"\n" for r in records))
     (in_tmp / "rp.jsonl.zst").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(InputError, match=r"rp\.jsonl\.zst: cannot read: the file is truncated"):
