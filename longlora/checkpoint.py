@@ -16,9 +16,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 def corrupt_path(path: str | Path) -> Path:
-    """Where `load_checkpoint` moves an unreadable checkpoint."""
+    """Where `load_checkpoint` moves an unreadable checkpoint: `<name>.corrupt`, or `<name>.corrupt-2`, … when
+    an earlier one is still there (it is never overwritten)."""
     path = Path(path)
-    return path.with_name(path.name + ".corrupt")
+    aside = path.with_name(path.name + ".corrupt")
+    number = 1
+    while aside.exists() or aside.is_symlink():
+        number += 1
+        aside = path.with_name(f"{path.name}.corrupt-{number}")
+    return aside
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:

@@ -34,7 +34,18 @@ def test_an_unreadable_checkpoint_is_set_aside_with_a_warning(tmp_path, caplog, 
     bad = path.read_bytes()
     with caplog.at_level("WARNING"):
         assert load_checkpoint(path, required=("step", "model", "optimizer")) is None
+    aside = tmp_path / ".train.checkpoint.pt.corrupt"
     assert f"checkpoint {path} is unreadable" in caplog.text
-    assert f"moved it to {corrupt_path(path)} and starting over" in caplog.text
-    assert not path.exists() and corrupt_path(path).read_bytes() == bad, "set aside, not deleted"
+    assert f"moved it to {aside} and starting over" in caplog.text
+    assert not path.exists() and aside.read_bytes() == bad, "set aside, not deleted"
+    assert corrupt_path(path) == tmp_path / ".train.checkpoint.pt.corrupt-2"
     assert load_checkpoint(path) is None  # the next run starts over quietly
+
+
+def test_an_earlier_corrupt_checkpoint_is_never_overwritten(tmp_path):
+    path = tmp_path / ".train.checkpoint.pt"
+    for attempt in (b"first", b"second"):
+        path.write_bytes(attempt)
+        assert load_checkpoint(path) is None
+    assert (tmp_path / ".train.checkpoint.pt.corrupt").read_bytes() == b"first"
+    assert (tmp_path / ".train.checkpoint.pt.corrupt-2").read_bytes() == b"second"
