@@ -42,8 +42,9 @@ def tiny_llama_config(
     num_heads: int = 6,
     num_kv_heads: int = 2,
     context_length: int = 256,
+    tie_word_embeddings: bool = False,
 ) -> LlamaConfig:
-    """A Llama-2-shaped config (untied head, RMSNorm, SwiGLU, RoPE) sized for a CPU."""
+    """A Llama-shaped config (RMSNorm, SwiGLU, RoPE; output head tied to the embeddings or not) sized for a CPU."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -56,5 +57,5 @@ def tiny_llama_config(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )

@@ -22,11 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_wsd_schedule
 
-from longlora.checkpoint import load_checkpoint
+from longlora.checkpoint import load_checkpoint, save_checkpoint
+from longlora.errors import InputError
 from longlora.io import StageOutput, same_path
 from longlora.packing import cut_blocks, join_documents
+from longlora.passkey import PASSKEY_DEPTHS, passkey_accuracy
+from longlora.probes import bucket_means, loss_by_position, masked_accuracy
+from longlora.synthetic import SyntheticSequences
 from longlora.tiny import tiny_llama_config, train_bpe_tokenizer
 from stages import _cli
 from stages.params import BaseModelParams, Params
@@ -34,6 +38,8 @@ from stages.params import BaseModelParams, Params
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 50
+# Independent random streams derived from base_model.seed: training batches (one per step) and held-out probes.
+_TRAINING, _PROBES = 0, 1
 
 
 def run(params: Params) -> dict:
@@ -50,16 +56,20 @@ def _build(params: Params, out: StageOutput) -> dict:
     torch.manual_seed(p.seed)
     base_texts = [d.text for d in params.corpus.documents("base")]
     tokenizer = train_bpe_tokenizer(base_texts, p.vocab_size)
-    train_blocks = _blocks(tokenizer, base_texts, p.context_length)
-    heldout_blocks = _blocks(tokenizer, [d.text for d in params.corpus.documents("heldout")], p.context_length)
-    heldout_blocks = heldout_blocks[: p.eval_blocks]
-
+    code = _stream(tokenizer, base_texts)
+    heldout = _stream(tokenizer, [d.text for d in params.corpus.documents("heldout")])
+    if len(code) < 2 * p.context_length or len(heldout) < p.context_length:
+        raise InputError(f"corpus: too little text for base_model.context_length {p.context_length}: "
+                         f"{len(code)} training and {len(heldout)} held-out tokens")
     model = LlamaForCausalLM(tiny_llama_config(
-        tokenizer, p.hidden_size, p.intermediate_size, p.num_layers, p.num_heads, p.num_kv_heads, p.context_length
+        tokenizer, p.hidden_size, p.intermediate_size, p.num_layers, p.num_heads, p.num_kv_heads, p.context_length,
+        tie_word_embeddings=p.tie_word_embeddings,
     ))
-    initial_loss = _mean_loss(model, heldout_blocks)
-    final_train_loss = _pretrain(model, train_blocks, p, _checkpoint_path(p))
-    heldout_loss = _mean_loss(model, heldout_blocks)
+    heldout_blocks = _spread_blocks(heldout, p.context_length, p.eval_blocks)
+    initial_loss = float(loss_by_position(model, heldout_blocks).mean())
+    synthetic = SyntheticSequences(tokenizer, code, p.context_length, prose_share=p.prose_share)
+    final_train_loss = _pretrain(model, code, synthetic, p, _checkpoint_path(p))
+    context = _context_use(model, tokenizer, heldout, heldout_blocks, p)
 
     with out.publish() as tmp:
         model.save_pretrained(tmp)
@@ -69,11 +79,11 @@ def _build(params: Params, out: StageOutput) -> dict:
         "built": True,
         "parameters": sum(t.numel() for t in model.parameters()),
         "vocab_size": len(tokenizer),
-        "train_tokens": int(train_blocks.size),
+        "train_tokens": int(len(code)),
+        "tokens_seen": p.steps * p.batch_size * p.context_length,
         "initial_heldout_loss": round(initial_loss, 4),
         "final_train_loss": round(final_train_loss, 4),
-        "heldout_loss": round(heldout_loss, 4),
-        "heldout_ppl": round(math.exp(heldout_loss), 3),
+        **context,
         "seconds": round(time.perf_counter() - started, 1),
     }
     return out.write_metrics(metrics)
@@ -91,28 +101,47 @@ def _skip(params: Params, out: StageOutput) -> dict:
 
 
 
-def _blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str], block_len: int) -> np.ndarray:
+def _stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
+    """The documents as one token stream, each `BOS text EOS`."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    stream = join_documents(ids, eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id)
-    return cut_blocks(stream, block_len)
+    return join_documents(ids, eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id)
+
+
+def _spread_blocks(stream: np.ndarray, length: int, n: int) -> torch.Tensor:
+    """`n` windows of `length` tokens spread evenly over the stream (not just its first files)."""
+    blocks = cut_blocks(stream, length)
+    picked = np.unique(np.linspace(0, len(blocks) - 1, num=min(n, len(blocks))).round().astype(int))
+    return torch.from_numpy(blocks[picked].astype(np.int64))
 
 
 def _checkpoint_path(p: BaseModelParams) -> Path:
     return p.out_dir.with_name(f".{p.out_dir.name}.checkpoint.pt")
 
 
-def _pretrain(model: LlamaForCausalLM, blocks: np.ndarray, p: BaseModelParams, checkpoint: Path) -> float:
-    """Next-token training on random blocks; checkpoints every CHECKPOINT_EVERY steps and resumes from one."""
-    data = torch.from_numpy(blocks.astype(np.int64))
+def _batch(step: int, code_blocks: np.ndarray, synthetic: SyntheticSequences, p: BaseModelParams) -> torch.Tensor:
+    """The batch of `step`: a pure function of (seed, step), so a resumed run sees exactly the same data."""
+    rng = np.random.default_rng([p.seed, _TRAINING, step])
+    n_synthetic = round(p.synthetic_share * p.batch_size)
+    rows = code_blocks[rng.integers(len(code_blocks), size=p.batch_size - n_synthetic)].astype(np.int64)
+    if n_synthetic:
+        rows = np.concatenate([rows, synthetic.batch(n_synthetic, p.recall_share, rng)[0]])
+    return torch.from_numpy(rows)
+
+
+def _pretrain(model: LlamaForCausalLM, code: np.ndarray, synthetic: SyntheticSequences, p: BaseModelParams,
+              checkpoint: Path) -> float:
+    """Next-token training on code and synthetic recall; checkpoints every CHECKPOINT_EVERY steps, resumes."""
+    code_blocks = cut_blocks(code, p.context_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = get_cosine_schedule_with_warmup(optimizer, p.warmup_steps, p.steps)
-    sampler = torch.Generator().manual_seed(p.seed)
-    start = _resume(checkpoint, p, model, optimizer, schedule, sampler)
+    decay_steps = max(1, round(p.decay_share * p.steps))
+    schedule = get_wsd_schedule(optimizer, p.warmup_steps, decay_steps, num_training_steps=p.steps,
+                                decay_type="linear")
+    start = _resume(checkpoint, p, model, optimizer, schedule)
     model.train()
     loss = torch.tensor(float("nan"))
     with tqdm(range(start, p.steps), desc="pre-train base model", initial=start, total=p.steps) as bar:
         for step in bar:
-            batch = data[torch.randint(len(data), (p.batch_size,), generator=sampler)]
+            batch = _batch(step, code_blocks, synthetic, p)
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -121,28 +150,23 @@ def _pretrain(model: LlamaForCausalLM, blocks: np.ndarray, p: BaseModelParams, c
             optimizer.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < p.steps:
-                _save_checkpoint(checkpoint, p, step + 1, model, optimizer, schedule, sampler)
+                _save_checkpoint(checkpoint, p, step + 1, model, optimizer, schedule)
     return loss.item()
 
 
-def _save_checkpoint(path: Path, p: BaseModelParams, step: int, model, optimizer, schedule, sampler) -> None:
-    state = {
+def _save_checkpoint(path: Path, p: BaseModelParams, step: int, model, optimizer, schedule) -> None:
+    save_checkpoint(path, {
         "params": p.model_dump(mode="json"),
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
-        "sampler": sampler.get_state(),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    tmp.replace(path)
+    })
 
 
-def _resume(path: Path, p: BaseModelParams, model, optimizer, schedule, sampler) -> int:
+def _resume(path: Path, p: BaseModelParams, model, optimizer, schedule) -> int:
     """Load a checkpoint written with the same parameters; return the step to continue from (0 if none)."""
-    state = load_checkpoint(path, required=("params", "step", "model", "optimizer", "schedule", "sampler"))
+    state = load_checkpoint(path, required=("params", "step", "model", "optimizer", "schedule"))
     if state is None:
         return 0
     if state["params"] != p.model_dump(mode="json"):
@@ -155,21 +179,39 @@ def _resume(path: Path, p: BaseModelParams, model, optimizer, schedule, sampler)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    sampler.set_state(state["sampler"])
     log.info("resuming pre-training from step %d (%s)", state["step"], path)
     return state["step"]
 
 
-@torch.no_grad()
-def _mean_loss(model: LlamaForCausalLM, blocks: np.ndarray, batch_size: int = 8) -> float:
-    model.eval()
-    data = torch.from_numpy(blocks.astype(np.int64))
-    losses, weights = [], []
-    for batch in data.split(batch_size):
-        losses.append(model(input_ids=batch, labels=batch).loss.item())
-        weights.append(len(batch))
-    model.train()
-    return float(np.average(losses, weights=weights))
+def _context_use(model: LlamaForCausalLM, tokenizer, heldout: np.ndarray, blocks: torch.Tensor,
+                 p: BaseModelParams) -> dict:
+    """Held-out loss by position, perplexity and bits per byte, synthetic recall and passkey retrieval."""
+    per_position = loss_by_position(model, blocks)
+    buckets = bucket_means(per_position)
+    scored_bytes = sum(len(tokenizer.decode(block[1:]).encode("utf-8")) for block in blocks.tolist())
+    loss = float(per_position.mean())
+    probes = SyntheticSequences(tokenizer, heldout, p.context_length, prose_share=p.prose_share)
+    recall_ids, recall_mask = probes.batch(p.eval_blocks, 1.0, np.random.default_rng([p.seed, _PROBES]))
+    metrics = {
+        "heldout_loss": round(loss, 4),
+        "heldout_ppl": round(math.exp(loss), 3),
+        "heldout_bits_per_byte": round(loss * blocks[:, 1:].numel() / scored_bytes / math.log(2), 4),
+        "loss_by_position": {name: round(value, 4) for name, value in buckets.items()},
+        # What 100+ more tokens of context are worth; None when the window is too short to tell.
+        "context_gain": (round(buckets["8-32"] - buckets["128-256"], 4)
+                         if {"8-32", "128-256"} <= buckets.keys() else None),
+        "recall_accuracy": round(masked_accuracy(model, torch.from_numpy(recall_ids),
+                                                 torch.from_numpy(recall_mask)), 4),
+        "passkey_accuracy": None,
+    }
+    if p.passkey_trials:
+        try:
+            accuracy = passkey_accuracy(model, tokenizer, p.context_length, PASSKEY_DEPTHS, p.passkey_trials)
+        except ValueError as err:  # a context too short for the prompt (tiny test configurations)
+            log.info("no passkey probe: %s", err)
+        else:
+            metrics["passkey_accuracy"] = round(accuracy, 4)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -41,6 +41,22 @@ def test_writes_a_loadable_hf_model_that_learned(in_tmp):
     assert not list(in_tmp.glob("data/.base_model*")), "temporary folders or checkpoints left behind"
 
 
+def test_reports_how_the_model_uses_its_context(in_tmp):
+    """A context long enough for every probe: loss by position, recall, passkey; the head stays tied on disk."""
+    params = parse_params(tiny_params_dict(base_model={"context_length": 320, "batch_size": 2, "steps": 4,
+                                                       "warmup_steps": 1, "eval_blocks": 2, "passkey_trials": 1}))
+    metrics = build_base_model.run(params)
+    assert list(metrics["loss_by_position"]) == ["0-8", "8-32", "32-64", "64-128", "128-256"]
+    assert metrics["context_gain"] == pytest.approx(
+        metrics["loss_by_position"]["8-32"] - metrics["loss_by_position"]["128-256"], abs=2e-4)
+    assert 0 <= metrics["recall_accuracy"] <= 1 and 0 <= metrics["passkey_accuracy"] <= 1
+    assert 0 < metrics["heldout_bits_per_byte"] < metrics["heldout_loss"] / 0.69
+    assert metrics["tokens_seen"] == 4 * 2 * 320
+    model = AutoModelForCausalLM.from_pretrained(in_tmp / "data/base_model")
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
 def test_resumes_after_a_kill_and_matches_an_uninterrupted_run(in_tmp, monkeypatch):
     params = parse_params(tiny_params_dict())
     build_base_model.run(params)
@@ -76,7 +92,7 @@ def test_checkpoint_of_other_params_is_ignored(in_tmp, caplog):
     optimizer = torch.optim.AdamW(model.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     path = in_tmp / "data/.base_model.checkpoint.pt"
-    build_base_model._save_checkpoint(path, p, 4, model, optimizer, schedule, torch.Generator())
+    build_base_model._save_checkpoint(path, p, 4, model, optimizer, schedule)
     params = parse_params(tiny_params_dict())
     with caplog.at_level("INFO"):
         build_base_model.run(params)
@@ -123,9 +139,9 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(in_tmp, caplo
     optimizer = torch.optim.AdamW(model.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with caplog.at_level("WARNING"):
-        assert build_base_model._resume(checkpoint, p, model, optimizer, schedule, torch.Generator()) == 0
+        assert build_base_model._resume(checkpoint, p, model, optimizer, schedule) == 0
     assert "checkpoint data/.base_model.checkpoint.pt is unreadable" in caplog.text
     assert "moved it to data/.base_model.checkpoint.pt.corrupt and starting over" in caplog.text
     assert not checkpoint.exists() and checkpoint.with_name(checkpoint.name + ".corrupt").exists()
-    build_base_model._save_checkpoint(checkpoint, p, 4, model, optimizer, schedule, torch.Generator())
-    assert build_base_model._resume(checkpoint, p, model, optimizer, schedule, torch.Generator()) == 4
+    build_base_model._save_checkpoint(checkpoint, p, 4, model, optimizer, schedule)
+    assert build_base_model._resume(checkpoint, p, model, optimizer, schedule) == 4

@@ -1,0 +1,134 @@
+"""Code-shaped training sequences that reward looking far back, for the embedded base model's pre-training.
+
+A model pre-trained a few minutes on source code alone barely uses its context: the induction mechanism that copies
+what followed an earlier occurrence of the current text forms only after many more tokens. These sequences make
+that mechanism pay off within each 256-token window, in two generic forms built around real code:
+
+- recall: assignments `name = value` planted among lines of real code, and later lines that state some of them
+  again (`name = value`, `assert name == value`, `print(name)  # value`): the value can only be predicted by
+  finding the earlier assignment of the same name. Names share words, so the whole name must be matched. A share
+  of the facts is stated as a comment in prose instead (`# The retry limit is 4411.`, restated later), so that
+  recall does not hinge on code syntax.
+- copy: a span of real code that reappears later in the window.
+
+Nothing here uses the passkey evaluation's wording (no filler sentences, no "pass key"), so passkey retrieval
+measures whether the mechanism generalises, not whether a format was memorised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Identifier parts for the planted names; deliberately without "pass" or "key".
+WORDS = (
+    "max", "min", "count", "size", "limit", "retry", "timeout", "buffer", "total", "user", "file", "path", "port",
+    "node", "batch", "index", "offset", "level", "depth", "width", "height", "delay", "rate", "score", "version",
+    "channel", "block", "chunk", "cache", "queue", "worker", "thread", "frame", "window", "layer", "token", "page",
+    "row", "col", "mode", "flag", "state", "stage", "step", "epoch", "seed", "split", "group", "shard", "slot",
+    "bucket", "region", "zone", "host", "client", "server", "session", "request", "reply", "packet", "stream",
+    "record", "field", "entry", "value", "item_id", "label", "tag", "kind", "code", "status", "error", "retries",
+    "attempts", "threshold", "margin", "budget", "quota", "weight", "bias", "scale", "factor", "ratio", "alpha",
+    "beta", "gamma", "delta", "lambda",
+)
+
+RECALL_FORMS = ("{name} = {value}", "assert {name} == {value}", "print({name})  # {value}")
+"""How a planted assignment `name = value` is stated again; the value always comes last but for punctuation."""
+PROSE_DEFINITION = "# The {words} is {value}."
+PROSE_FORMS = ("# The {words} is {value}.", "# Note that the {words} is {value}.", "# (the {words} is {value})")
+"""The same facts as comments in prose, so that recall does not hinge on code syntax."""
+
+
+def _name(rng: np.random.Generator) -> str:
+    parts = rng.choice(len(WORDS), size=int(rng.integers(2, 4)), replace=False)
+    name = "_".join(WORDS[i] for i in parts)
+    return name.upper() if rng.random() < 0.25 else name
+
+
+def _words(name: str) -> str:
+    return name.lower().replace("_", " ")
+
+
+def _value(rng: np.random.Generator) -> str:
+    kind = rng.random()
+    if kind < 0.7:
+        return str(int(rng.integers(1, 100000)))
+    if kind < 0.85:
+        return f"0x{int(rng.integers(0, 2**24)):06x}"
+    return repr(WORDS[int(rng.integers(len(WORDS)))] + str(int(rng.integers(10, 100))))
+
+
+class SyntheticSequences:
+    """Recall and copy sequences of exactly `length` tokens around real code from `code` (a token stream).
+
+    Every draw takes its random generator, so a batch is a pure function of the generator's seed: a resumed run
+    draws exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, tokenizer, code: np.ndarray, length: int, prose_share: float = 0.0):
+        if len(code) < 2 * length:
+            raise ValueError(f"synthetic sequences of {length} tokens need at least {2 * length} tokens of code, "
+                             f"got {len(code)}")
+        self.tokenizer = tokenizer
+        self.code = code
+        self.length = length
+        self.prose_share = prose_share
+
+    def _encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    def _code(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        start = int(rng.integers(0, len(self.code) - n))
+        return self.code[start:start + n].astype(np.int64)
+
+    def recall(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Assignments spread over the window, then some of them recalled near its end; (ids, recalled-value mask)."""
+        facts = [(_name(rng), _value(rng), rng.random() < self.prose_share) for _ in range(int(rng.integers(2, 6)))]
+        definitions = [self._encode("\n" + (PROSE_DEFINITION.format(words=_words(name), value=value) if prose
+                                            else f"{name} = {value}") + "\n") for name, value, prose in facts]
+        asked = rng.choice(len(facts), size=int(rng.integers(1, len(facts) + 1)), replace=False)
+        tail, tail_mask = [], []
+        for i in asked:
+            name, value, prose = facts[i]
+            forms = PROSE_FORMS if prose else RECALL_FORMS
+            prefix, _, suffix = forms[int(rng.integers(len(forms)))].partition(" {value}")
+            fill = {"name": name, "words": _words(name)}
+            # Encoded in pieces at a pre-token boundary (the value keeps its leading space), so the value's tokens
+            # are known: they are what only a look back at the definition can predict.
+            for text, is_value in ((f"\n{prefix.format(**fill)}", False), (f" {value}", True),
+                                   (suffix.format(**fill) + "\n", False)):
+                ids = self._encode(text)
+                tail.append(ids)
+                tail_mask.append(np.full(len(ids), is_value))
+        tail, tail_mask = np.concatenate(tail), np.concatenate(tail_mask)
+        room = self.length - len(tail) - sum(len(d) for d in definitions)
+        if room < 8:
+            return self.copy(rng)
+        # Definitions go at random points of the code before the queries; the distance to each recall varies
+        # from a few tokens to the whole window.
+        cuts = np.sort(rng.integers(0, room + 1, size=len(definitions)))
+        code = self._code(room, rng)
+        pieces, last = [], 0
+        for cut, definition in zip(cuts, definitions, strict=True):
+            pieces += [code[last:cut], definition]
+            last = cut
+        pieces.append(code[last:])
+        head = np.concatenate(pieces)
+        ids = np.concatenate([head, tail])
+        mask = np.concatenate([np.zeros(len(head), dtype=bool), tail_mask])
+        return ids[: self.length], mask[: self.length]
+
+    def copy(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A span of code that reappears later in the window; (ids, mask of the repeat after its first token)."""
+        span = int(rng.integers(max(2, self.length // 16), max(3, self.length // 3)))
+        before = int(rng.integers(0, self.length - 2 * span))
+        source = self._code(span, rng)
+        gap = self._code(self.length - 2 * span, rng)
+        ids = np.concatenate([gap[:before], source, gap[before:], source])
+        mask = np.zeros(self.length, dtype=bool)
+        mask[self.length - span + 1:] = True
+        return ids, mask
+
+    def batch(self, n: int, recall_share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """`n` sequences, each a recall with probability `recall_share`, else a copy; (ids, masks)."""
+        drawn = [self.recall(rng) if rng.random() < recall_share else self.copy(rng) for _ in range(n)]
+        return np.stack([ids for ids, _ in drawn]), np.stack([mask for _, mask in drawn])
