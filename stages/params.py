@@ -136,6 +136,7 @@ class BaseModelParams(Section):
     """The short pre-training context that later stages extend; becomes max_position_embeddings."""
     batch_size: int = Field(8, gt=0)
     steps: int = Field(1600, gt=0)
+    """1600 fits the 6-minute budget on 2 cores; about 2500–3000 form the copying mechanism (README)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (AdamW, β = (0.9, 0.95), weight decay 0.1)."""
     warmup_steps: int = Field(50, ge=0)
