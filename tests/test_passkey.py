@@ -7,7 +7,16 @@ import re
 import pytest
 import torch
 
-from longlora.passkey import FILLER, KEY_LINE, QUESTION, TASK, passkey, passkey_accuracy, passkey_prompt
+from longlora.passkey import (
+    FILLER,
+    KEY_LINE,
+    QUESTION,
+    TASK,
+    PasskeyTrial,
+    passkey,
+    passkey_accuracy,
+    passkey_prompt,
+)
 
 
 @pytest.mark.parametrize("length", [300, 1000, 4096])
@@ -72,3 +81,9 @@ def test_accuracy_scores_exact_keys_and_keeps_the_exchange_within_the_length(tin
         assert prompt_tokens + answer_tokens - 1 <= 300
     assert oracle.training, "the model's training mode is restored"
     assert passkey_accuracy(_Oracle(tiny_tokenizer, wrong=True), tiny_tokenizer, 300, (0.5,), trials=2) == 0.0
+
+
+@pytest.mark.parametrize(("answer", "correct"), [(" 4211", True), (" 4211.", True), ("4211 is", True),
+                                                 (" 42110", False), (" 421", False), (" a 4211", False), ("", False)])
+def test_a_trial_is_correct_when_the_first_digits_are_exactly_the_key(answer, correct):
+    assert PasskeyTrial(256, 0.5, 0, "4211", answer, 250).correct is correct
