@@ -17,19 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup, get_wsd_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longlora.passkey import passkey_accuracy  # noqa: E402
+from longlora.passkey import PASSKEY_DEPTHS, passkey_accuracy  # noqa: E402
+from longlora.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy  # noqa: E402
 from longlora.synthetic import SyntheticSequences  # noqa: E402
-
-BUCKETS = ((0, 8), (8, 32), (32, 64), (64, 128), (128, 256))
+from longlora.tiny import tiny_llama_config  # noqa: E402
+from stages.build_base_model import token_stream, train_step  # noqa: E402
 
 
 def prep(args) -> None:
     from longlora.corpus import stdlib_documents
-    from longlora.packing import join_documents
     from longlora.tiny import train_bpe_tokenizer
 
     out = Path(args.out)
@@ -38,38 +38,14 @@ def prep(args) -> None:
     tokenizer = train_bpe_tokenizer(base, args.vocab)
     tokenizer.save_pretrained(out)
     for split, texts in (("base", base), ("heldout", [d.text for d in stdlib_documents("heldout")])):
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        stream = join_documents(ids, eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id, dtype=np.int32)
+        stream = token_stream(tokenizer, texts)
         np.save(out / f"{split}.npy", stream)
         print(split, len(stream), "tokens", file=sys.stderr)
 
 
-@torch.no_grad()
-def loss_by_position(model, blocks: torch.Tensor, batch: int = 16) -> np.ndarray:
-    model.eval()
-    total = torch.zeros(blocks.shape[1] - 1, dtype=torch.float64)
-    for chunk in blocks.split(batch):
-        logits = model(input_ids=chunk).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
-        total += nll.sum(0).double().cpu()
-    model.train()
-    return (total / len(blocks)).numpy()
-
-
-@torch.no_grad()
-def masked_accuracy(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
-    """Teacher-forced share of masked tokens predicted exactly (argmax)."""
-    model.eval()
-    predicted = model(input_ids=ids).logits[:, :-1].argmax(-1)
-    model.train()
-    hits = (predicted == ids[:, 1:])[mask[:, 1:]]
-    return float(hits.float().mean())
-
-
 def evaluate(model, tokenizer, heldout_blocks, recall_eval, copy_eval, passkey_trials) -> dict:
     per_pos = loss_by_position(model, heldout_blocks)
-    # Position p scores the prediction of token p + 1 from tokens 0..p (context of p + 1 tokens).
-    buckets = {f"{a}-{b}": round(float(per_pos[a:b].mean()), 4) for a, b in BUCKETS}
+    buckets = {name: round(value, 4) for name, value in bucket_means(per_pos).items()}
     result = {
         "heldout_loss": round(float(per_pos.mean()), 4),
         "ppl_256": round(math.exp(float(per_pos.mean())), 2),
@@ -79,7 +55,7 @@ def evaluate(model, tokenizer, heldout_blocks, recall_eval, copy_eval, passkey_t
         "copy_acc": round(masked_accuracy(model, *copy_eval), 3),
     }
     if passkey_trials:
-        result["passkey_256"] = passkey_accuracy(model, tokenizer, 256, [0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials)
+        result["passkey_256"] = passkey_accuracy(model, tokenizer, 256, PASSKEY_DEPTHS, passkey_trials)
     return result
 
 
@@ -103,13 +79,10 @@ def train(args) -> None:
     recall_eval = [torch.from_numpy(a).to(device) for a in probes.batch(64, 1.0, np.random.default_rng(12345))]
     copy_eval = [torch.from_numpy(a).to(device) for a in probes.batch(64, 0.0, np.random.default_rng(12346))]
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.ff, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv or args.heads, max_position_embeddings=L,
-        rope_parameters={"rope_type": "default", "rope_theta": args.theta}, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=args.tie,
-        initializer_range=args.init,
-    )
+    config = tiny_llama_config(tokenizer, args.hidden, args.ff, args.layers, args.heads, args.kv or args.heads, L,
+                               tie_word_embeddings=args.tie)
+    config.initializer_range = args.init
+    config.rope_parameters["rope_theta"] = args.theta  # read when the model is built, below
     model = LlamaForCausalLM(config)
     if args.mimetic:
         # Mimetic initialisation (Trockman & Kolter, 2023): W_k = W_q so heads start out attending to similar
@@ -125,10 +98,9 @@ def train(args) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
     if args.schedule == "cosine":
         schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
-    else:  # warm-up, constant, then a linear decay to zero over the last `decay` share of the steps
-        decay_start = int(args.steps * (1 - args.decay))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-            (s + 1) / max(args.warmup, 1), 1.0, (args.steps - s) / max(args.steps - decay_start, 1)))
+    else:  # warm-up, constant, then a linear decay to zero over the last `decay` share of the steps (as the stage)
+        schedule = get_wsd_schedule(optimizer, args.warmup, max(1, round(args.decay * args.steps)),
+                                    num_training_steps=args.steps, decay_type="linear")
     gen = torch.Generator().manual_seed(args.seed)
     log = []
     started = time.perf_counter()
@@ -148,13 +120,7 @@ def train(args) -> None:
             batch = code
             if n_syn:
                 batch = torch.cat([code, torch.from_numpy(short_synth.batch(n_syn * per, args.recall_share, rng)[0])])
-        batch = batch.to(device)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, batch.to(device), optimizer, schedule)
         if (step + 1) % args.log_every == 0:
             seconds = round(time.perf_counter() - started, 1)
             entry = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": seconds}
@@ -183,8 +149,7 @@ def evaluate_folder(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from longlora.packing import TokenStream
-    from longlora.passkey import PASSKEY_DEPTHS, passkey_trial
-    from longlora.probes import bucket_means
+    from longlora.passkey import passkey_trial
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -193,10 +158,9 @@ def evaluate_folder(args) -> None:
     L = args.context
     blocks = torch.from_numpy(tokens[: len(tokens) // L * L].reshape(-1, L))[: args.eval_blocks]
     per_pos = loss_by_position(model, blocks)
-    scored_bytes = sum(len(tokenizer.decode(b[1:]).encode()) for b in blocks.tolist())
     loss = float(per_pos.mean())
     result = {"model": args.model, "windows": len(blocks), "loss": round(loss, 4), "ppl": round(math.exp(loss), 2),
-              "bits_per_byte": round(loss * blocks[:, 1:].numel() / scored_bytes / math.log(2), 4),
+              "bits_per_byte": round(bits_per_byte(tokenizer, blocks, loss), 4),
               "loss_by_position": {k: round(v, 3) for k, v in bucket_means(per_pos).items()}}
     trials = [passkey_trial(model, tokenizer, L, depth, seed)
               for depth in PASSKEY_DEPTHS for seed in range(args.passkey_trials)]

@@ -7,6 +7,8 @@ the end of every pre-training and work on any causal LM that returns logits.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -33,6 +35,13 @@ def loss_by_position(model, blocks: torch.Tensor, batch_size: int = 16) -> np.nd
 def bucket_means(per_position: np.ndarray, buckets=POSITION_BUCKETS) -> dict[str, float]:
     """Mean of `per_position` over each `[start, end)` bucket that the window reaches, keyed "start-end"."""
     return {f"{a}-{b}": float(per_position[a:b].mean()) for a, b in buckets if a < len(per_position)}
+
+
+def bits_per_byte(tokenizer, blocks: torch.Tensor, mean_loss: float) -> float:
+    """`mean_loss` (nats per predicted token of `blocks`) as bits per byte of the text those tokens spell, which
+    compares across vocabularies."""
+    scored_bytes = sum(len(tokenizer.decode(block[1:]).encode("utf-8")) for block in blocks.tolist())
+    return mean_loss * blocks[:, 1:].numel() / scored_bytes / math.log(2)
 
 
 @torch.no_grad()

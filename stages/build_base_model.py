@@ -33,7 +33,7 @@ from longlora.errors import InputError
 from longlora.io import StageOutput, same_path
 from longlora.packing import cut_blocks, join_documents
 from longlora.passkey import PASSKEY_DEPTHS, passkey_accuracy
-from longlora.probes import bucket_means, loss_by_position, masked_accuracy
+from longlora.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy
 from longlora.synthetic import SyntheticSequences
 from longlora.tiny import tiny_llama_config, train_bpe_tokenizer
 from stages import _cli
@@ -60,8 +60,8 @@ def _build(params: Params, out: StageOutput) -> dict:
     torch.manual_seed(p.seed)
     base_texts = [d.text for d in params.corpus.documents("base")]
     tokenizer = train_bpe_tokenizer(base_texts, p.vocab_size)
-    code = _stream(tokenizer, base_texts)
-    heldout = _stream(tokenizer, [d.text for d in params.corpus.documents("heldout")])
+    code = token_stream(tokenizer, base_texts)
+    heldout = token_stream(tokenizer, [d.text for d in params.corpus.documents("heldout")])
     if len(code) < 2 * p.context_length or len(heldout) < p.context_length:
         raise InputError(f"corpus: too little text for base_model.context_length {p.context_length}: "
                          f"{len(code)} training and {len(heldout)} held-out tokens")
@@ -104,8 +104,7 @@ def _skip(params: Params, out: StageOutput) -> dict:
     return out.write_metrics({"built": False, "base_model": params.model.name_or_path})
 
 
-
-def _stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
+def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
     """The documents as one token stream, each `BOS text EOS`."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return join_documents(ids, eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id)
@@ -145,17 +144,22 @@ def _pretrain(model: LlamaForCausalLM, code: np.ndarray, synthetic: SyntheticSeq
     loss = torch.tensor(float("nan"))
     with tqdm(range(start, p.steps), desc="pre-train base model", initial=start, total=p.steps) as bar:
         for step in bar:
-            batch = _batch(step, code_blocks, synthetic, p)
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, _batch(step, code_blocks, synthetic, p), optimizer, schedule)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < p.steps:
                 _save_checkpoint(checkpoint, p, step + 1, model, optimizer, schedule)
     return loss.item()
+
+
+def train_step(model: LlamaForCausalLM, batch: torch.Tensor, optimizer, schedule) -> torch.Tensor:
+    """One next-token step on `batch` (gradients clipped to norm 1); returns the loss."""
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def _save_checkpoint(path: Path, p: BaseModelParams, step: int, model, optimizer, schedule) -> None:
@@ -192,14 +196,13 @@ def _context_use(model: LlamaForCausalLM, tokenizer, heldout: np.ndarray, blocks
     """Held-out loss by position, perplexity and bits per byte, synthetic recall and passkey retrieval."""
     per_position = loss_by_position(model, blocks)
     buckets = bucket_means(per_position)
-    scored_bytes = sum(len(tokenizer.decode(block[1:]).encode("utf-8")) for block in blocks.tolist())
     loss = float(per_position.mean())
     probes = SyntheticSequences(tokenizer, heldout, p.context_length, prose_share=p.prose_share)
     recall_ids, recall_mask = probes.batch(p.eval_blocks, 1.0, np.random.default_rng([p.seed, _PROBES]))
     metrics = {
         "heldout_loss": round(loss, 4),
         "heldout_ppl": round(math.exp(loss), 3),
-        "heldout_bits_per_byte": round(loss * blocks[:, 1:].numel() / scored_bytes / math.log(2), 4),
+        "heldout_bits_per_byte": round(bits_per_byte(tokenizer, blocks, loss), 4),
         "loss_by_position": {name: round(value, 4) for name, value in buckets.items()},
         # What 100+ more tokens of context are worth; None when the window is too short to tell.
         "context_gain": (round(buckets["8-32"] - buckets["128-256"], 4)
