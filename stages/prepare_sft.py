@@ -26,7 +26,7 @@ import pyarrow as pa
 from longlora.data import Problems, ReadStats, iter_records
 from longlora.errors import InputError
 from longlora.io import StageOutput
-from longlora.sft import (
+from longlora.sft_data import (
     fit_example,
     length_grouped_order,
     padding_fraction,

@@ -20,7 +20,7 @@ from longlora.corpus import stdlib_documents
 from longlora.errors import InputError
 from longlora.longqa import DEPTH_BANDS, KINDS, generate_longqa, instruction_document, source_units
 from longlora.packing import PackedBlocks, TokenStream
-from longlora.sft import IGNORE_INDEX, Instruction, render_prompt
+from longlora.sft_data import IGNORE_INDEX, Instruction, render_prompt
 from stages import _cli, prepare_corpus, prepare_eval, prepare_pretrain, prepare_sft
 from stages.params import ParamsError, parse_params
 from tests.conftest import tiny_params_dict

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning examples: prompt templates, prompt-masked labels, truncation, padding, length grouping.
+"""Supervised fine-tuning data (the `sft` training stage reads it): prompt templates, prompt-masked labels,
+truncation, padding, length grouping.
 
 An example is `prompt tokens + answer tokens + EOS`; labels are −100 on the prompt (and on padding), so the loss
 is on the answer only. The prompt and the answer are tokenized separately and concatenated: the prompt's tokens are

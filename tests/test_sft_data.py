@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from longlora.sft import (
+from longlora.sft_data import (
     IGNORE_INDEX,
     Instruction,
     fit_example,
