@@ -29,13 +29,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, NamedTuple
+from typing import IO, Literal, NamedTuple, get_args
 
 from longlora.errors import InputError
 
 log = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
+"""A bad record stops the stage (raise) or is skipped and counted (skip)."""
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
 SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet", ".txt")
@@ -81,8 +82,8 @@ class Problems:
     """Applies the on_error policy: raise an InputError, or count the problem and go on."""
 
     def __init__(self, on_error: OnError, stats: ReadStats):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if on_error not in get_args(OnError):
+            raise ValueError(f"on_error must be {' or '.join(map(repr, get_args(OnError)))}, got {on_error!r}")
         self.on_error = on_error
         self.stats = stats
 

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-log = logging.getLogger(__name__)
+from longlora.recipe import PAPER_TARGET_MODULES
 
-PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+log = logging.getLogger(__name__)
 
 
 def norm_module_names(model: torch.nn.Module) -> list[str]:

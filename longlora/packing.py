@@ -29,6 +29,9 @@ from longlora.io import write_json
 BLOCKS_FORMAT = "longlora-blocks-v1"
 STREAM_FORMAT = "longlora-stream-v1"
 
+Remainder = Literal["drop", "pad"]
+"""What happens to the last tokens that do not fill a block: dropped, or padded to a full block."""
+
 
 def join_encoded(
     lengths: np.ndarray, flat: np.ndarray, eos_id: int, bos_id: int | None = None
@@ -144,7 +147,7 @@ class BlockPacker:
         """Tokens waiting for the next block."""
         return len(self._carry)
 
-    def finish(self, remainder: Literal["drop", "pad"], pad_id: int | None = None) -> Packed:
+    def finish(self, remainder: Remainder, pad_id: int | None = None) -> Packed:
         """Deal with the last, partial block: drop it, or pad it to a full block with `pad_id`."""
         left = len(self._carry)
         empty = Packed(np.zeros((0, self.block_len), self.dtype), np.zeros(0, np.int32), np.zeros(0, np.int64))

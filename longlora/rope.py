@@ -8,13 +8,11 @@ returns such a config; `rotary_inv_freq` reads back what a built model actually 
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
 from transformers import PretrainedConfig
 
-RopeType = Literal["linear", "dynamic", "yarn", "llama3"]
-ROPE_TYPES: tuple[str, ...] = ("linear", "dynamic", "yarn", "llama3")
+from longlora.recipe import ROPE_TYPES, RopeType
 
 # Llama 3.1's published values; used only when a llama3 scaling is introduced on a model that has none.
 _LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}

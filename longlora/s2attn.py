@@ -33,10 +33,11 @@ from transformers.masking_utils import (
     sliding_window_causal_mask_function,
 )
 
+from longlora.recipe import DEFAULT_GROUP_SIZE_RATIO, check_group_size, check_group_size_ratio, group_size_for
+
 __all__ = [
     "S2ATTN",
     "configure_s2attn",
-    "group_size_for",
     "register_s2attn",
     "s2attn_attention_forward",
     "s2attn_group_size",
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 S2ATTN = "s2attn"
-DEFAULT_GROUP_SIZE_RATIO = 0.25
 
 _warned: set[str] = set()
 
@@ -197,8 +197,7 @@ def _validate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group
     heads_kv = key.shape[1]
     if heads_kv == 0 or heads % heads_kv:
         raise ValueError(f"key/value heads {heads_kv} do not divide attention heads {heads}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
-        raise ValueError(f"S²-Attn group size must be an even integer >= 2 (it is shifted by half), got {group_size}")
+    check_group_size(group_size)
     if n == 0 or n % group_size:
         raise ValueError(f"sequence length {n} is not divisible by S²-Attn group size {group_size}")
 
@@ -256,29 +255,9 @@ def shifted_sparse_attention(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def group_size_for(seq_len: int, group_size: int | None = None, ratio: float | None = None) -> int:
-    """The S²-Attn group size on ``seq_len`` tokens: ``group_size`` when given, else ``ratio`` (default 0.25) ×
-    ``seq_len``. Raises ValueError naming the numbers unless the result is an even integer dividing ``seq_len``."""
-    if group_size is None:
-        ratio = DEFAULT_GROUP_SIZE_RATIO if ratio is None else float(ratio)
-        exact = ratio * seq_len
-        group_size = round(exact)
-        if abs(exact - group_size) > 1e-6 or group_size < 2 or group_size % 2:
-            raise ValueError(
-                f"S²-Attn group size ratio {ratio} gives group size {exact:g} for sequence length {seq_len}; it must "
-                "be an even integer dividing the sequence length (pad or chunk sequences to a suitable length, or set "
-                "a fixed group size)"
-            )
-    if group_size < 2 or group_size % 2:
-        raise ValueError(f"S²-Attn group size must be an even integer >= 2 (it is shifted by half), got {group_size}")
-    if seq_len % group_size:
-        raise ValueError(f"sequence length {seq_len} is not divisible by S²-Attn group size {group_size}")
-    return int(group_size)
-
-
 def s2attn_group_size(config: Any, seq_len: int) -> int:
     """Group size for a sequence of ``seq_len`` tokens from a model config: ``config.s2attn_group_size`` if set,
-    else ``config.s2attn_group_size_ratio`` (default 0.25) × ``seq_len`` (see ``group_size_for``)."""
+    else ``config.s2attn_group_size_ratio`` (default 0.25) × ``seq_len`` (see ``longlora.recipe.group_size_for``)."""
     return group_size_for(
         seq_len, getattr(config, "s2attn_group_size", None), getattr(config, "s2attn_group_size_ratio", None)
     )
@@ -448,17 +427,14 @@ def configure_s2attn(target: Any, *, group_size_ratio: float = DEFAULT_GROUP_SIZ
     ``group_size`` (even int) fixes the group size; otherwise it is ``group_size_ratio`` × the sequence length.
     Sets ``s2attn_group_size``, ``s2attn_group_size_ratio`` and the attention implementation; returns ``target``.
     """
-    if group_size is not None and (
-        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2
-    ):
-        raise ValueError(f"S²-Attn group size must be an even integer >= 2, got {group_size!r}")
-    if not 0 < group_size_ratio <= 1:
-        raise ValueError(f"S²-Attn group size ratio must be in (0, 1], got {group_size_ratio!r}")
+    if group_size is not None:
+        check_group_size(group_size)
+    group_size_ratio = check_group_size_ratio(group_size_ratio)
     register_s2attn()
     is_model = hasattr(target, "set_attn_implementation") and hasattr(target, "config")
     config = target.config if is_model else target
     config.s2attn_group_size = group_size
-    config.s2attn_group_size_ratio = float(group_size_ratio)
+    config.s2attn_group_size_ratio = group_size_ratio
     if is_model:
         target.set_attn_implementation(S2ATTN)
     else:

@@ -20,6 +20,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -30,6 +31,11 @@ Encoded = tuple[np.ndarray, np.ndarray]
 """(lengths int64 of each document, flat ids of all documents in order)."""
 
 UINT16_VOCAB = 1 << 16
+
+TokenDtype = Literal["auto", "uint16", "uint32"]
+"""Dtype of written token ids: auto picks uint16 when the vocabulary fits (ids < 65536), else uint32."""
+BosPolicy = Literal["document", "none"]
+"""`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`."""
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -43,13 +49,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise InputError(f"model.name_or_path {name_or_path!r}: cannot load its tokenizer: {err}") from None
 
 
-def token_dtype(vocab_size: int, requested: str = "auto", param: str = "dtype") -> np.dtype:
+def token_dtype(vocab_size: int, requested: TokenDtype = "auto", param: str = "dtype") -> np.dtype:
     """uint16 when every id fits (vocabulary ≤ 65536), else uint32; an explicit dtype too small is an error."""
+    if requested not in get_args(TokenDtype):
+        raise InputError(f"{param}: {requested!r} is not a token dtype ({', '.join(get_args(TokenDtype))})")
     if requested == "auto":
         return np.dtype(np.uint16 if vocab_size <= UINT16_VOCAB else np.uint32)
     dtype = np.dtype(requested)
-    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
-        raise InputError(f"{param}: {requested!r} is not a token dtype (auto, uint16 or uint32)")
     if vocab_size - 1 > np.iinfo(dtype).max:
         raise InputError(
             f"{param}: {requested} cannot hold the ids of a {vocab_size}-token vocabulary (largest id "
@@ -58,7 +64,7 @@ def token_dtype(vocab_size: int, requested: str = "auto", param: str = "dtype") 
     return dtype
 
 
-def special_ids(tokenizer, bos_policy: str, param: str = "bos") -> tuple[int, int | None, int]:
+def special_ids(tokenizer, bos_policy: BosPolicy, param: str = "bos") -> tuple[int, int | None, int]:
     """EOS (required), BOS (when the policy asks for it) and the pad id (pad token, else EOS)."""
     eos_id = tokenizer.eos_token_id
     if eos_id is None:

@@ -12,17 +12,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import Annotated, Literal, Self
+from typing import Annotated, Self
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from longlora.corpus import Document, Split, stdlib_documents
-from longlora.data import is_hub_name
+from longlora.data import OnError, is_hub_name
 from longlora.errors import InputError
 from longlora.io import StageOutput, protected_place, resolved
-from longlora.s2attn import group_size_for
+from longlora.packing import Remainder
+from longlora.recipe import (
+    DEFAULT_GROUP_SIZE_RATIO,
+    PAPER_TARGET_MODULES,
+    RopeType,
+    check_group_size,
+    check_group_size_ratio,
+    group_size_for,
+)
+from longlora.sft_data import Template, Truncation
 from longlora.sources import is_hub_model_id
+from longlora.tokenizing import BosPolicy, TokenDtype
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -180,7 +190,7 @@ class ModelParams(Section):
     """Context the model was pre-trained at; default: the config's max_position_embeddings."""
     target_context: int = Field(1024, gt=0)
     """Context to extend to; the RoPE factor is target_context / original_context."""
-    rope_type: Literal["linear", "dynamic", "yarn", "llama3"] = "linear"
+    rope_type: RopeType = "linear"
     """Position interpolation: linear (paper), or dynamic NTK, YaRN, Llama-3 scaling."""
     trust_remote_code: bool = False
     """Never enabled implicitly: executing a hub repository's code is the user's explicit decision."""
@@ -197,17 +207,25 @@ class ModelParams(Section):
 class S2AttnParams(Section):
     """Shifted sparse attention used while training (inference always uses dense attention)."""
 
-    group_size_ratio: float | None = Field(0.25, gt=0, le=1)
+    group_size_ratio: float | None = DEFAULT_GROUP_SIZE_RATIO
     """Group size as a share of the actual sequence length (paper: 1/4)."""
-    group_size: int | None = Field(None, gt=0)
+    group_size: int | None = None
     """Fixed group size in tokens; takes precedence over the ratio (use it for variable-length SFT batches)."""
+
+    @field_validator("group_size_ratio")
+    @classmethod
+    def _ratio(cls, value: float | None) -> float | None:
+        return None if value is None else check_group_size_ratio(value)
+
+    @field_validator("group_size")
+    @classmethod
+    def _size(cls, value: int | None) -> int | None:
+        return None if value is None else check_group_size(value)
 
     @model_validator(mode="after")
     def _one_rule(self) -> Self:
         if self.group_size is None and self.group_size_ratio is None:
             raise ValueError("set group_size_ratio or group_size")
-        if self.group_size is not None and self.group_size % 2:
-            raise ValueError(f"group_size {self.group_size} must be even (the shifted heads move by half a group)")
         return self
 
     def group_size_for(self, seq_len: int) -> int:
@@ -221,7 +239,7 @@ class LoraParams(Section):
     r: int = Field(8, gt=0)
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: tuple[str, ...] = PAPER_TARGET_MODULES
     train_embeddings: bool = True
     """Without trainable embeddings and norms LoRA fails to extend context (paper: PG19 ppl 11.4–12.0 vs 8.12)."""
     train_norms: bool = True
@@ -231,11 +249,6 @@ class LoraParams(Section):
         if not self.target_modules:
             raise ValueError("target_modules must name at least one linear layer")
         return self
-
-
-OnError = Literal["raise", "skip"]
-TokenDtype = Literal["auto", "uint16", "uint32"]
-BosPolicy = Literal["document", "none"]
 
 
 class EmbeddedDataParams(Section):
@@ -291,7 +304,7 @@ class PretrainDataParams(Section):
     """Tokens per block; None: model.target_context. Must not exceed it and must be tiled by S²-Attn groups."""
     bos: BosPolicy = "document"
     """`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`."""
-    remainder: Literal["drop", "pad"] = "drop"
+    remainder: Remainder = "drop"
     """The last tokens that do not fill a block: dropped, or padded with the pad token to a full block
     (the training stage must mask padding); either way the count is reported."""
     dtype: TokenDtype = "auto"
@@ -321,7 +334,7 @@ class SftDataParams(Section):
     """Read at most this many examples; None reads all."""
     on_error: OnError = "raise"
     """A malformed record stops the stage with file:line (raise) or is skipped and counted (skip)."""
-    template: Literal["llama2", "chat_template"] = "llama2"
+    template: Template = "llama2"
     """llama2: the paper code's `[INST]{instruction}[/INST]`, and its system-prompt variant when `input` is
     present; chat_template: the tokenizer's own chat template (system turn only when `input` is present)."""
     system_prompt: str = (
@@ -330,7 +343,7 @@ class SftDataParams(Section):
     """System prompt of the with-input variant (the reference used Llama-2's default system prompt)."""
     max_length: int | None = Field(None, ge=2)
     """Longest example in tokens (prompt + answer + EOS); None: model.target_context."""
-    truncation: Literal["drop", "truncate_middle"] = "drop"
+    truncation: Truncation = "drop"
     """Too long: `drop` drops (and counts) examples whose prompt alone leaves no room for an answer token and
     cuts over-long answers at the end; `truncate_middle` cuts tokens from the middle of the prompt (keeping its
     start and the question at its end), leaving the answer at least half of max_length."""
@@ -516,8 +529,9 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
             cause = (e.get("ctx") or {}).get("error")
             if isinstance(cause, KeyProblem):
                 location, reason = cause.key, str(cause)
-            # A cross-field check's input is the whole section: its message already names the values.
-            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            # A cross-field check's input is the whole section, and a rule's own message may name the value.
+            value = e.get("input")
+            got = "" if isinstance(value, dict) or repr(value) in reason else f" (got {value!r})"
             lines.append(f"{source}: {location}: {reason}{got}"[:500])
         raise ParamsError("\n".join(lines)) from None
 

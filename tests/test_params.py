@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from stages.params import ParamsError, load_params, parse_params
@@ -40,9 +43,32 @@ def test_ratio_that_does_not_give_whole_groups():
         parse_params(tiny_params_dict(model={"target_context": 1002}))
 
 
-def test_odd_group_size():
-    with pytest.raises(ParamsError, match=r"s2attn: group_size 7 must be even"):
-        parse_params(tiny_params_dict(s2attn={"group_size": 7}))
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"group_size": 7}, "params.yaml: s2attn.group_size: S²-Attn group size 7 is not an even integer >= 2"),
+    ({"group_size": 0}, "params.yaml: s2attn.group_size: S²-Attn group size 0 is not an even integer >= 2"),
+    ({"group_size_ratio": 1.5}, "params.yaml: s2attn.group_size_ratio: S²-Attn group size ratio 1.5 is not in (0, 1]"),
+    ({"group_size_ratio": None, "group_size": None}, "params.yaml: s2attn: set group_size_ratio or group_size"),
+])
+def test_bad_group_size_names_the_key(overrides, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params_dict(s2attn=overrides))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_loading_params_imports_neither_torch_nor_transformers():
+    """Every stage validates all of params.yaml first: that must not cost the seconds torch and transformers take."""
+    code = (
+        "import sys\n"
+        "from stages.params import load_params\n"
+        "params = load_params('params.yaml')\n"
+        "assert params.model.target_context > 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+    )
+    # `-c` puts the working directory first on sys.path: this checkout's modules are the ones imported.
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "heavy: []"
 
 
 def test_heads_must_divide_hidden_size():

@@ -220,7 +220,7 @@ def test_configure_on_a_built_model_and_validation(count_s2_calls):
     assert model.config.s2attn_group_size == 16
     model(tokens(1, 32))
     assert count_s2_calls == [16, 16]
-    with pytest.raises(ValueError, match="even integer"):
+    with pytest.raises(ValueError, match="not an even integer"):
         s2.configure_s2attn(model.config, group_size=7)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         s2.configure_s2attn(model.config, group_size_ratio=1.5)

@@ -1,0 +1,58 @@
+"""The method's choices and rules that params.yaml is checked against, importable without torch or transformers.
+
+Every stage validates all of params.yaml before it starts, so validation must stay cheap (a test runs it in a fresh
+interpreter and checks that neither torch nor transformers got imported). `longlora.s2attn`, `longlora.rope` and
+`longlora.lora` use these same definitions: each rule is written once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+DEFAULT_GROUP_SIZE_RATIO = 0.25
+"""S²-Attn group size as a share of the sequence length (paper: 1/4; 1/8 degrades, 1/2 does as well)."""
+
+RopeType = Literal["linear", "dynamic", "yarn", "llama3"]
+"""Position interpolation: linear (the paper), dynamic NTK, YaRN, Llama-3 scaling."""
+ROPE_TYPES: tuple[str, ...] = get_args(RopeType)
+
+PAPER_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""LoRA targets of the paper: the attention projections, by the names Llama-family models give them."""
+
+
+def check_group_size(group_size: object) -> int:
+    """`group_size` as an int, or ValueError: it must be an even integer >= 2, since the shifted heads move by half
+    a group."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(
+            f"S²-Attn group size {group_size!r} is not an even integer >= 2 (the shifted heads move by half a group)"
+        )
+    return group_size
+
+
+def check_group_size_ratio(ratio: object) -> float:
+    """`ratio` as a float, or ValueError unless it is in (0, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise ValueError(f"S²-Attn group size ratio {ratio!r} is not in (0, 1]")
+    return float(ratio)
+
+
+def group_size_for(seq_len: int, group_size: int | None = None, ratio: float | None = None) -> int:
+    """The S²-Attn group size on `seq_len` tokens: `group_size` when given, else `ratio` (default 0.25) × `seq_len`.
+
+    Raises ValueError naming the numbers unless the result is an even integer dividing `seq_len`.
+    """
+    if group_size is None:
+        ratio = DEFAULT_GROUP_SIZE_RATIO if ratio is None else check_group_size_ratio(ratio)
+        exact = ratio * seq_len
+        group_size = round(exact)
+        if abs(exact - group_size) > 1e-6 or group_size < 2 or group_size % 2:
+            raise ValueError(
+                f"S²-Attn group size ratio {ratio} gives group size {exact:g} for sequence length {seq_len}; it must "
+                "be an even integer dividing the sequence length (pad or chunk sequences to a suitable length, or set "
+                "a fixed group size)"
+            )
+    group_size = check_group_size(group_size)
+    if seq_len % group_size:
+        raise ValueError(f"sequence length {seq_len} is not divisible by S²-Attn group size {group_size}")
+    return group_size
