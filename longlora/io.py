@@ -121,8 +121,8 @@ def _first_existing_ancestor_not_a_folder(path: Path) -> Path | None:
 class StageOutput:
     """One stage's output folder (and metrics file): checked and locked before any work, published atomically.
 
-        with StageOutput("prepare_eval", "data/eval", "eval_data.out_dir", "data/metrics/eval.json",
-                         "eval_data.metrics_file") as out:
+        with StageOutput("prepare_eval", "data/eval", "prepare_eval.out_dir", "data/metrics/eval.json",
+                         "prepare_eval.metrics_file") as out:
             ...                                   # the work; nothing has been written yet
             with out.publish() as tmp:            # a fresh folder; it replaces data/eval if the block succeeds
                 ...

@@ -8,7 +8,7 @@ the Python standard library sources, three quarters of each batch synthetic reca
 that code (longlora/synthetic.py), written as a Hugging Face folder (safetensors) that later stages load like
 `meta-llama/Llama-2-7b-hf`. Its metrics say how much it uses its context: held-out loss by position, bits per byte,
 planted-value recall and passkey retrieval at 256 tokens. Expected (Python 3.11.7): held-out loss 3.14 (from 6.95),
-positions 8–32 → 128–256: 3.20 → 3.13, recall 0.22, passkey 0 %; `base_model.steps=3000` (11.6 min) forms the
+positions 8–32 → 128–256: 3.20 → 3.13, recall 0.22, passkey 0 %; `build_base_model.steps=3000` (11.6 min) forms the
 copying mechanism (gain 0.33, recall 0.69) — see README, "The embedded base model".
 A killed run resumes from its last checkpoint (an unreadable one is set aside with a warning, and the run starts
 over). When `model.name_or_path` names another model (the full-size profile), there is nothing to build: the stage
@@ -42,28 +42,28 @@ from stages.params import BaseModelParams, Params
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 50
-# Independent random streams derived from base_model.seed: training batches (one per step) and held-out probes.
+# Independent random streams derived from build_base_model.seed: training batches (one per step) and held-out probes.
 _TRAINING, _PROBES = 0, 1
 
 
 def run(params: Params) -> dict:
     """Build the tokenizer, pre-train the tiny Llama, save both, return metrics."""
     with params.output("build_base_model") as out:
-        if not same_path(params.model.name_or_path, params.base_model.out_dir):
+        if not same_path(params.model.name_or_path, params.build_base_model.out_dir):
             return _skip(params, out)
         return _build(params, out)
 
 
 def _build(params: Params, out: StageOutput) -> dict:
-    p = params.base_model
+    p = params.build_base_model
     started = time.perf_counter()
     torch.manual_seed(p.seed)
-    base_texts = [d.text for d in params.corpus.documents("base")]
+    base_texts = [d.text for d in params.embedded_corpus.documents("base")]
     tokenizer = train_bpe_tokenizer(base_texts, p.vocab_size)
     code = token_stream(tokenizer, base_texts)
-    heldout = token_stream(tokenizer, [d.text for d in params.corpus.documents("heldout")])
+    heldout = token_stream(tokenizer, [d.text for d in params.embedded_corpus.documents("heldout")])
     if len(code) < 2 * p.context_length or len(heldout) < p.context_length:
-        raise InputError(f"corpus: too little text for base_model.context_length {p.context_length}: "
+        raise InputError(f"embedded_corpus: too little text for build_base_model.context_length {p.context_length}: "
                          f"{len(code)} training and {len(heldout)} held-out tokens")
     model = LlamaForCausalLM(tiny_llama_config(
         tokenizer, p.hidden_size, p.intermediate_size, p.num_layers, p.num_heads, p.num_kv_heads, p.context_length,
@@ -97,7 +97,7 @@ def _skip(params: Params, out: StageOutput) -> dict:
     """Keep the stage's outputs well-defined (DVC expects them) without building anything."""
     note = (
         f"No embedded base model was built: model.name_or_path is {params.model.name_or_path!r}.\n"
-        f"Set it to {str(params.base_model.out_dir)!r} to build and use the tiny embedded default.\n"
+        f"Set it to {str(params.build_base_model.out_dir)!r} to build and use the tiny embedded default.\n"
     )
     with out.publish() as tmp:
         (tmp / "NOT_BUILT.txt").write_text(note, encoding="utf-8")

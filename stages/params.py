@@ -36,14 +36,9 @@ from longlora.tokenizing import BosPolicy, TokenDtype
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
-STAGE_SECTIONS = {
-    "build_base_model": "base_model",
-    "prepare_corpus": "embedded_data",
-    "prepare_pretrain": "pretrain_data",
-    "prepare_sft": "sft_data",
-    "prepare_eval": "eval_data",
-}
-"""Each stage and the params section holding its `out_dir` and `metrics_file`."""
+STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft", "prepare_eval")
+"""The stages of dvc.yaml. Each reads the params section of its own name, which holds its `out_dir` and
+`metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are shared by several stages."""
 
 
 class ParamsError(InputError):
@@ -96,7 +91,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True)
 
 
-class CorpusParams(Section):
+class EmbeddedCorpusParams(Section):
     """How the embedded corpus (the interpreter's own standard-library sources) is split between uses."""
 
     base_fraction: float = Field(0.6, gt=0, lt=1)
@@ -125,7 +120,7 @@ class BaseModelParams(Section):
 
     out_dir: OutPath = Path("data/base_model")
     """Hugging Face folder (safetensors weights, config, tokenizer) that later stages load like a hub model."""
-    metrics_file: OutPath = Path("data/metrics/base_model.json")
+    metrics_file: OutPath = Path("data/metrics/build_base_model.json")
     """DVC metrics: losses, parameter count, throughput."""
     seed: int = 0
     """Seeds tokenizer training order, weight initialisation and batch sampling."""
@@ -185,7 +180,7 @@ class ModelParams(Section):
     name_or_path: Source = "data/base_model"
     """Local Hugging Face folder or hub id (e.g. meta-llama/Llama-2-7b-hf; hub ids need the network). A path that
     looks local (absolute, relative with `./` or several parts, or whose parent folder exists) is never looked up
-    on the hub. Equal to base_model.out_dir (however spelled), build_base_model builds it."""
+    on the hub. Equal to build_base_model.out_dir (however spelled), build_base_model builds it."""
     original_context: int | None = Field(None, gt=0)
     """Context the model was pre-trained at; default: the config's max_position_embeddings."""
     target_context: int = Field(1024, gt=0)
@@ -257,7 +252,7 @@ class EmbeddedDataParams(Section):
     out_dir: OutPath = Path("data/corpus")
     """pretrain.jsonl (RedPajama format), eval/ (one long text file per document), longqa.json and
     longqa_heldout.json (LongAlpaca format)."""
-    metrics_file: OutPath = Path("data/metrics/embedded_data.json")
+    metrics_file: OutPath = Path("data/metrics/prepare_corpus.json")
     """DVC metrics: documents, tokens and question counts of each file written."""
     seed: int = 0
     """Seeds the file order of the evaluation documents and the LongQA windows and questions."""
@@ -316,7 +311,7 @@ class PretrainDataParams(Section):
     (pays off when reading and packing, not tokenization, would otherwise be the bottleneck)."""
     out_dir: OutPath = Path("data/pretrain")
     """tokens.bin (blocks × block_length), doc_starts.bin, doc_index.npy and meta.json: see docs/data.md."""
-    metrics_file: OutPath = Path("data/metrics/pretrain_data.json")
+    metrics_file: OutPath = Path("data/metrics/prepare_pretrain.json")
     """DVC metrics: documents, tokens, blocks, dropped or padded tokens, skipped records, tokens/s."""
 
 
@@ -356,7 +351,7 @@ class SftDataParams(Section):
     """Seeds the length-grouped order."""
     out_dir: OutPath = Path("data/sft")
     """Hugging Face dataset (datasets.load_from_disk) with input_ids, labels (−100 on the prompt), length."""
-    metrics_file: OutPath = Path("data/metrics/sft_data.json")
+    metrics_file: OutPath = Path("data/metrics/prepare_sft.json")
     """DVC metrics: examples kept, dropped and truncated, tokens, label tokens, padding with and without
     length grouping."""
 
@@ -388,7 +383,7 @@ class EvalDataParams(Section):
     """Text per tokenizer call (characters); bounds memory."""
     out_dir: OutPath = Path("data/eval")
     """tokens.bin (flat stream), doc_offsets.npy (documents + 1 offsets) and meta.json: see docs/data.md."""
-    metrics_file: OutPath = Path("data/metrics/eval_data.json")
+    metrics_file: OutPath = Path("data/metrics/prepare_eval.json")
     """DVC metrics: documents, tokens, documents reaching each evaluation length."""
 
     @model_validator(mode="after")
@@ -401,15 +396,15 @@ class EvalDataParams(Section):
 class Params(Section):
     """The whole params.yaml."""
 
-    corpus: CorpusParams = CorpusParams()
-    base_model: BaseModelParams = BaseModelParams()
+    embedded_corpus: EmbeddedCorpusParams = EmbeddedCorpusParams()
+    build_base_model: BaseModelParams = BaseModelParams()
     model: ModelParams = ModelParams()
     s2attn: S2AttnParams = S2AttnParams()
     lora: LoraParams = LoraParams()
-    embedded_data: EmbeddedDataParams = EmbeddedDataParams()
-    pretrain_data: PretrainDataParams = PretrainDataParams()
-    sft_data: SftDataParams = SftDataParams()
-    eval_data: EvalDataParams = EvalDataParams()
+    prepare_corpus: EmbeddedDataParams = EmbeddedDataParams()
+    prepare_pretrain: PretrainDataParams = PretrainDataParams()
+    prepare_sft: SftDataParams = SftDataParams()
+    prepare_eval: EvalDataParams = EvalDataParams()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Self:
@@ -422,41 +417,41 @@ class Params(Section):
     @model_validator(mode="after")
     def _data_fits_model(self) -> Self:
         target = self.model.target_context
-        block = self.pretrain_data.block_length
+        block = self.prepare_pretrain.block_length
         if block is not None:
             if block > target:
                 raise ValueError(
-                    f"pretrain_data.block_length {block} exceeds model.target_context {target}: "
+                    f"prepare_pretrain.block_length {block} exceeds model.target_context {target}: "
                     "the model cannot take blocks longer than the context it is extended to"
                 )
             try:
                 self.s2attn.group_size_for(block)
             except ValueError as err:
-                raise ValueError(f"pretrain_data.block_length vs s2attn: {err}") from None
-        low, high = self.embedded_data.longqa_range(target)
+                raise ValueError(f"prepare_pretrain.block_length vs s2attn: {err}") from None
+        low, high = self.prepare_corpus.longqa_range(target)
         if low > high:
-            raise ValueError(f"embedded_data: LongQA instructions of {low} to {high} tokens: the minimum exceeds the "
+            raise ValueError(f"prepare_corpus: LongQA instructions of {low} to {high} tokens: the minimum exceeds the "
                              "maximum (longqa_min_tokens, longqa_max_tokens, defaults from model.target_context)")
-        if self.sft_data.max_length is not None and self.sft_data.max_length > target:
+        if self.prepare_sft.max_length is not None and self.prepare_sft.max_length > target:
             raise ValueError(
-                f"sft_data.max_length {self.sft_data.max_length} exceeds model.target_context {target}"
+                f"prepare_sft.max_length {self.prepare_sft.max_length} exceeds model.target_context {target}"
             )
         return self
 
     def _outputs(self) -> list[tuple[str, str, Path]]:
         """(stage, key, path) of every file or folder a stage writes, in pipeline order."""
-        return [(stage, f"{section}.{key}", getattr(getattr(self, section), key))
-                for stage, section in STAGE_SECTIONS.items() for key in ("out_dir", "metrics_file")]
+        return [(stage, f"{stage}.{key}", getattr(getattr(self, stage), key))
+                for stage in STAGES for key in ("out_dir", "metrics_file")]
 
     def _local_inputs(self) -> list[tuple[set[str], str, str]]:
         """(stages reading it, key, path) of every input that is a local path rather than a hub name."""
         inputs = []
         if not is_hub_model_id(self.model.name_or_path):
-            inputs.append((set(STAGE_SECTIONS) - {"build_base_model"}, "model.name_or_path", self.model.name_or_path))
-        for stage, section in STAGE_SECTIONS.items():
-            source = getattr(getattr(self, section), "input", None)
+            inputs.append((set(STAGES) - {"build_base_model"}, "model.name_or_path", self.model.name_or_path))
+        for stage in STAGES:
+            source = getattr(getattr(self, stage), "input", None)
             if source is not None and not is_hub_name(source):
-                inputs.append(({stage}, f"{section}.input", source))
+                inputs.append(({stage}, f"{stage}.input", source))
         return inputs
 
     @model_validator(mode="after")
@@ -478,7 +473,7 @@ class Params(Section):
                 # A product of the pipeline (the default inputs are): it must not be read by the stage writing it.
                 stage, out_key, out_path = producer
                 if key == "model.name_or_path" and stage == "build_base_model" and place != resolved(out_path):
-                    raise KeyProblem(key, f"{source!r} is inside base_model.out_dir {str(out_path)!r}: name the "
+                    raise KeyProblem(key, f"{source!r} is inside build_base_model.out_dir {str(out_path)!r}: name the "
                                           "folder itself to build and use the embedded model, or another model")
                 if stage in readers:
                     raise KeyProblem(key, f"{source!r} is inside {out_key} {str(out_path)!r}: the stage would read "
@@ -493,9 +488,8 @@ class Params(Section):
 
     def output(self, stage: str) -> StageOutput:
         """The stage's output folder and metrics file, to claim before any work (`with params.output(...)`)."""
-        section = STAGE_SECTIONS[stage]
-        p = getattr(self, section)
-        return StageOutput(stage, p.out_dir, f"{section}.out_dir", p.metrics_file, f"{section}.metrics_file")
+        p = getattr(self, stage)
+        return StageOutput(stage, p.out_dir, f"{stage}.out_dir", p.metrics_file, f"{stage}.metrics_file")
 
 
 def _relation(a: Path, b: Path) -> str | None:

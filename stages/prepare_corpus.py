@@ -41,7 +41,7 @@ def run(params: Params) -> dict:
 
 
 def _run(params: Params, out: StageOutput) -> dict:
-    p = params.embedded_data
+    p = params.prepare_corpus
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
     encode = BatchEncoder(tokenizer)
@@ -55,16 +55,16 @@ def _run(params: Params, out: StageOutput) -> dict:
     metrics: dict = {}
     with out.publish() as tmp:
         metrics["pretrain_documents"], metrics["pretrain_chars"] = _write_pretrain(
-            tmp / "pretrain.jsonl", params.corpus.documents("extend"))
+            tmp / "pretrain.jsonl", params.embedded_corpus.documents("extend"))
 
-        heldout = list(params.corpus.documents("heldout"))
+        heldout = list(params.embedded_corpus.documents("heldout"))
         order = np.random.default_rng(p.seed).permutation(len(heldout))
         eval_lengths = _write_eval(tmp / "eval", [(heldout[i].name, heldout[i].text) for i in order],
                                    count_tokens, min_eval_tokens, p.eval_documents)
         if not eval_lengths:
             raise InputError(
-                f"embedded_data.eval_min_tokens: the held-out split ({len(heldout)} files) does not add up to one "
-                f"document of {min_eval_tokens} tokens; lower it or raise corpus.max_documents"
+                f"prepare_corpus.eval_min_tokens: the held-out split ({len(heldout)} files) does not add up to one "
+                f"document of {min_eval_tokens} tokens; lower it or raise embedded_corpus.max_documents"
             )
         metrics.update(eval_documents=len(eval_lengths), eval_min_tokens=min(eval_lengths),
                        eval_median_tokens=int(np.median(eval_lengths)), eval_target_tokens=min_eval_tokens)
@@ -72,16 +72,16 @@ def _run(params: Params, out: StageOutput) -> dict:
         lo, hi = p.longqa_range(target)
         for split, count, filename in (("extend", p.longqa_examples, "longqa.json"),
                                        ("heldout", p.longqa_heldout_examples, "longqa_heldout.json")):
-            files = [(d.name, d.text) for d in params.corpus.documents(split)]
+            files = [(d.name, d.text) for d in params.embedded_corpus.documents(split)]
             try:
                 examples, qa = generate_longqa(files, count_tokens, count, lo, hi, seed=p.seed,
                                                source=f"python-stdlib/{split}")
             except ValueError as err:
-                raise InputError(f"embedded_data.longqa_max_tokens: {err}") from None
+                raise InputError(f"prepare_corpus.longqa_max_tokens: {err}") from None
             if count and not examples:
                 raise InputError(
-                    f"embedded_data: no LongQA question could be made from the {split} split ({len(files)} files, "
-                    f"{lo}–{hi} tokens per instruction); raise corpus.max_documents or model.target_context"
+                    f"prepare_corpus: no LongQA question could be made from the {split} split ({len(files)} files, "
+                    f"{lo}–{hi} tokens per instruction); raise embedded_corpus.max_documents or model.target_context"
                 )
             _write_json_list(tmp / filename, examples)
             key = "longqa" if split == "extend" else "longqa_heldout"

@@ -8,7 +8,7 @@ or a hub dataset name (needs the network). Each document becomes `[BOS] tokens E
 token files LongLoRA's evaluation reads — uint16 when the vocabulary fits, else uint32 — with the offsets of every
 document, so evaluation can stay within documents or slide across them.
 Output: data/eval/ (tokens.bin, doc_offsets.npy, meta.json — read it with `longlora.packing.TokenStream`) and
-data/metrics/eval_data.json, which counts the documents that reach each evaluation length (`lengths`, default
+data/metrics/prepare_eval.json, which counts the documents that reach each evaluation length (`lengths`, default
 model.target_context / 4, / 2, × 1). Expected on the default data: every document reaches every length.
 """
 
@@ -29,9 +29,9 @@ from stages.params import Params
 
 
 def evaluation_lengths(params: Params) -> tuple[int, ...]:
-    """The context lengths evaluated: eval_data.lengths, or model.target_context / 4, / 2 and × 1."""
+    """The context lengths evaluated: prepare_eval.lengths, or model.target_context / 4, / 2 and × 1."""
     target = params.model.target_context
-    return params.eval_data.lengths or tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))
+    return params.prepare_eval.lengths or tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))
 
 
 def run(params: Params) -> dict:
@@ -41,11 +41,11 @@ def run(params: Params) -> dict:
 
 
 def _run(params: Params, out: StageOutput) -> dict:
-    p = params.eval_data
+    p = params.prepare_eval
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
-    eos_id, bos_id, _ = special_ids(tokenizer, p.bos, "eval_data.bos")
-    dtype = token_dtype(len(tokenizer), p.dtype, "eval_data.dtype")
+    eos_id, bos_id, _ = special_ids(tokenizer, p.bos, "prepare_eval.bos")
+    dtype = token_dtype(len(tokenizer), p.dtype, "prepare_eval.dtype")
     encoder = BatchEncoder(tokenizer, dtype)
     read = ReadStats()
     records = iter_texts(p.input, text_field=p.text_field, on_error=p.on_error, stats=read,
@@ -66,7 +66,7 @@ def _run(params: Params, out: StageOutput) -> dict:
             raise
         if not doc_lengths:
             writer.abort()
-            raise InputError(f"eval_data.input {p.input}: no documents: {read.why_nothing()}")
+            raise InputError(f"prepare_eval.input {p.input}: no documents: {read.why_nothing()}")
         lengths = np.concatenate(doc_lengths)
         eval_lengths = evaluation_lengths(params)
         reaching = {str(n): int((lengths >= n).sum()) for n in eval_lengths}

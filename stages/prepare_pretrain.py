@@ -11,7 +11,7 @@ togethercomputer/RedPajama-Data-1T-Sample; needs the network). Memory stays boun
 Documents are joined as `[BOS] text EOS` (`bos` param) and cut into blocks; every block's document start offsets
 are kept for document-aware attention; the final partial block is dropped or padded (`remainder`), and counted.
 Output: data/pretrain/ (tokens.bin, doc_starts.bin, doc_index.npy, meta.json — read it with
-`longlora.packing.PackedBlocks`) and data/metrics/pretrain_data.json (documents, tokens, blocks, dropped or padded
+`longlora.packing.PackedBlocks`) and data/metrics/prepare_pretrain.json (documents, tokens, blocks, dropped or padded
 tokens, skipped records, tokens/s). Expected: tokens/s ≥ 0.85 × the tokenizer's raw batch-encode rate
 (benchmarks/pack_speed.py).
 """
@@ -40,12 +40,12 @@ def run(params: Params) -> dict:
 
 
 def _run(params: Params, out: StageOutput) -> dict:
-    p = params.pretrain_data
+    p = params.prepare_pretrain
     block_len = p.block_length or params.model.target_context
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
-    eos_id, bos_id, pad_id = special_ids(tokenizer, p.bos, "pretrain_data.bos")
-    dtype = token_dtype(len(tokenizer), p.dtype, "pretrain_data.dtype")
+    eos_id, bos_id, pad_id = special_ids(tokenizer, p.bos, "prepare_pretrain.bos")
+    dtype = token_dtype(len(tokenizer), p.dtype, "prepare_pretrain.dtype")
     encoder = BatchEncoder(tokenizer, dtype)
     packer = BlockPacker(block_len, eos_id, bos_id, dtype)
     read = ReadStats()
@@ -66,11 +66,11 @@ def _run(params: Params, out: StageOutput) -> dict:
             raise
         if packer.documents == 0:
             writer.abort()
-            raise InputError(f"pretrain_data.input {p.input}: no documents to tokenize: {read.why_nothing()}")
+            raise InputError(f"prepare_pretrain.input {p.input}: no documents to tokenize: {read.why_nothing()}")
         if packer.blocks == 0:
             writer.abort()
             raise InputError(
-                f"pretrain_data.input {p.input}: {packer.tokens} tokens do not fill one block of {block_len}; "
+                f"prepare_pretrain.input {p.input}: {packer.tokens} tokens do not fill one block of {block_len}; "
                 "use more text, a shorter block_length, or remainder: pad"
             )
         seconds = time.perf_counter() - tokenize_started

@@ -9,7 +9,7 @@ template (`template` param), followed by `output` + EOS. Labels are −100 on th
 `max_length` (default model.target_context) are dropped when the prompt alone leaves no room for an answer token,
 or cut in the middle of the prompt (`truncation: truncate_middle`) — never kept with every label masked.
 Output: data/sft/ (a Hugging Face dataset, `datasets.load_from_disk`: input_ids, labels, length; in length-grouped
-batches when `group_by_length`) and data/metrics/sft_data.json (kept, dropped, truncated, tokens, padding).
+batches when `group_by_length`) and data/metrics/prepare_sft.json (kept, dropped, truncated, tokens, padding).
 Expected on the default data: all 512 examples kept, none truncated.
 """
 
@@ -51,14 +51,14 @@ def run(params: Params) -> dict:
 
 
 def _run(params: Params, out: StageOutput) -> dict:
-    p = params.sft_data
+    p = params.prepare_sft
     max_length = p.max_length or params.model.target_context
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise InputError("model.name_or_path: the tokenizer has no EOS token, which ends every answer")
     if p.template == "chat_template" and not getattr(tokenizer, "chat_template", None):
-        raise InputError("sft_data.template: chat_template, but the tokenizer has no chat template; use llama2")
+        raise InputError("prepare_sft.template: chat_template, but the tokenizer has no chat template; use llama2")
     read = ReadStats()
     problems = Problems(p.on_error, read)
     records = iter_records(p.input, on_error=p.on_error, stats=read, hub_split=p.hub_split, hub_config=p.hub_config)
@@ -89,7 +89,7 @@ def _run(params: Params, out: StageOutput) -> dict:
                         schema=SCHEMA))
         examples = counts["kept"]
         if examples == 0:
-            raise InputError(f"sft_data.input {p.input}: no example left: {_why_none(read, counts, max_length)}")
+            raise InputError(f"prepare_sft.input {p.input}: no example left: {_why_none(read, counts, max_length)}")
         order = length_grouped_order(lengths, p.group_batch_size, p.seed) if p.group_by_length else None
         _save_dataset(raw, tmp, order)
 
@@ -122,7 +122,7 @@ def _why_none(read: ReadStats, counts: dict, max_length: int) -> str:
     skipped = sum(read.skipped.values())
     also = f"; {skipped} more skipped as bad" if skipped else ""
     return (f"{counts['dropped']} dropped: prompt alone ≥ max_length {max_length} tokens{also}; use truncation: "
-            "truncate_middle or a longer sft_data.max_length")
+            "truncate_middle or a longer prepare_sft.max_length")
 
 
 def _fit_batch(batch, tokenizer, p, max_length: int, problems: Problems):

@@ -18,8 +18,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Overrides that shrink the default pipeline to seconds: merged into the project's params.yaml by `tiny_params`.
 TINY_OVERRIDES = {
-    "corpus": {"max_documents": 24},
-    "base_model": {
+    "embedded_corpus": {"max_documents": 24},
+    "build_base_model": {
         "vocab_size": 400,
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -36,9 +36,9 @@ TINY_OVERRIDES = {
     "model": {"target_context": 128},
     # The tiny tokenizer (vocab 400) spends ~190 tokens on the LongQA preamble and question alone: LongQA
     # instructions longer than the 128-token context, cut in the middle by prepare_sft, keep the pipeline whole.
-    "embedded_data": {"longqa_min_tokens": 240, "longqa_max_tokens": 400, "longqa_examples": 16,
+    "prepare_corpus": {"longqa_min_tokens": 240, "longqa_max_tokens": 400, "longqa_examples": 16,
                       "longqa_heldout_examples": 4, "eval_documents": 4},
-    "sft_data": {"truncation": "truncate_middle"},
+    "prepare_sft": {"truncation": "truncate_middle"},
 }
 
 

@@ -27,7 +27,7 @@ def test_writes_a_loadable_hf_model_that_learned(in_tmp):
     metrics = build_base_model.run(parse_params(tiny_params_dict()))
     out = in_tmp / "data/base_model"
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
-    saved = json.loads((in_tmp / "data/metrics/base_model.json").read_text())
+    saved = json.loads((in_tmp / "data/metrics/build_base_model.json").read_text())
     assert saved == metrics
     assert metrics["heldout_loss"] < metrics["initial_heldout_loss"] - 0.25
 
@@ -43,7 +43,7 @@ def test_writes_a_loadable_hf_model_that_learned(in_tmp):
 
 def test_reports_how_the_model_uses_its_context(in_tmp):
     """A context long enough for every probe: loss by position, recall, passkey; the head stays tied on disk."""
-    params = parse_params(tiny_params_dict(base_model={"context_length": 320, "batch_size": 2, "steps": 4,
+    params = parse_params(tiny_params_dict(build_base_model={"context_length": 320, "batch_size": 2, "steps": 4,
                                                        "warmup_steps": 1, "eval_blocks": 2, "passkey_trials": 1}))
     metrics = build_base_model.run(params)
     assert list(metrics["loss_by_position"]) == ["0-8", "8-32", "32-64", "64-128", "128-256"]
@@ -86,8 +86,8 @@ def test_resumes_after_a_kill_and_matches_an_uninterrupted_run(in_tmp, monkeypat
 
 
 def test_checkpoint_of_other_params_is_ignored(in_tmp, caplog):
-    other = parse_params(tiny_params_dict(base_model={"lr": 0.02}))
-    p = other.base_model
+    other = parse_params(tiny_params_dict(build_base_model={"lr": 0.02}))
+    p = other.build_base_model
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.AdamW(model.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -100,10 +100,10 @@ def test_checkpoint_of_other_params_is_ignored(in_tmp, caplog):
 
 
 def test_cli_reports_bad_params_in_one_line(in_tmp, capsys):
-    (in_tmp / "params.yaml").write_text("base_model:\n  steps: -1\n", encoding="utf-8")
+    (in_tmp / "params.yaml").write_text("build_base_model:\n  steps: -1\n", encoding="utf-8")
     assert build_base_model._cli.main("build_base_model", build_base_model.run, ["--params", "params.yaml"]) == 2
     err = capsys.readouterr().err
-    assert "params.yaml: base_model.steps: Input should be greater than 0" in err
+    assert "params.yaml: build_base_model.steps: Input should be greater than 0" in err
     assert "Traceback" not in err
     assert not (in_tmp / "data").exists()
 
@@ -112,7 +112,7 @@ def test_another_base_model_means_nothing_to_build(in_tmp):
     metrics = build_base_model.run(parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"})))
     assert metrics == {"stage": "build_base_model", "built": False, "base_model": "meta-llama/Llama-2-7b-hf"}
     assert sorted(p.name for p in (in_tmp / "data/base_model").iterdir()) == [OUTPUT_MARKER, "NOT_BUILT.txt"]
-    assert json.loads((in_tmp / "data/metrics/base_model.json").read_text()) == metrics
+    assert json.loads((in_tmp / "data/metrics/build_base_model.json").read_text()) == metrics
 
 
 QUICK = {"steps": 4, "warmup_steps": 1}
@@ -122,7 +122,8 @@ def test_its_own_output_given_as_an_absolute_path_is_built_not_deleted(in_tmp):
     absolute = str(in_tmp / "data/base_model")
     for spelling in (absolute, "./data/base_model/", "data/../data/base_model"):
         assert build_base_model.same_path(spelling, "data/base_model"), spelling
-    metrics = build_base_model.run(parse_params(tiny_params_dict(base_model=QUICK, model={"name_or_path": absolute})))
+    metrics = build_base_model.run(parse_params(tiny_params_dict(build_base_model=QUICK,
+                                                                 model={"name_or_path": absolute})))
     assert metrics["built"] is True
     assert (in_tmp / "data/base_model/model.safetensors").exists()
     assert not (in_tmp / "data/base_model/NOT_BUILT.txt").exists()
@@ -130,7 +131,7 @@ def test_its_own_output_given_as_an_absolute_path_is_built_not_deleted(in_tmp):
 
 def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(in_tmp, caplog):
     # What a kill during a copy, or a full disk, leaves: before, every rerun raised UnpicklingError.
-    p = parse_params(tiny_params_dict()).base_model
+    p = parse_params(tiny_params_dict()).build_base_model
     checkpoint = build_base_model._checkpoint_path(p)
     assert checkpoint == Path("data/.base_model.checkpoint.pt")
     checkpoint.parent.mkdir(parents=True)

@@ -99,10 +99,10 @@ def test_a_folder_with_a_file_the_stage_did_not_write_is_refused_before_any_work
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
     worked = []
-    with pytest.raises(OutputError) as err, StageOutput("stage_a", user, "eval_data.out_dir"):
+    with pytest.raises(OutputError) as err, StageOutput("stage_a", user, "prepare_eval.out_dir"):
         worked.append(True)
     message = str(err.value)
-    assert message.startswith(f"eval_data.out_dir {str(user)!r} holds files that stage stage_a did not write")
+    assert message.startswith(f"prepare_eval.out_dir {str(user)!r} holds files that stage stage_a did not write")
     assert "thesis.tex" in message and isinstance(err.value, InputError)
     assert not worked
     assert (user / "thesis.tex").read_text() == "years of work"

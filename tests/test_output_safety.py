@@ -12,7 +12,7 @@ import yaml
 
 from longlora.io import OUTPUT_MARKER, OutputBusyError, OutputError
 from stages import _cli, build_base_model, prepare_eval, prepare_pretrain
-from stages.params import STAGE_SECTIONS, parse_params
+from stages.params import STAGES, parse_params
 from tests.conftest import tiny_params_dict
 
 DOCS = ["def f():\n    return 1\n" * 40, "class A:\n    x = 2\n" * 60]
@@ -50,19 +50,18 @@ def _docs(folder: Path, texts=DOCS) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("stage", list(STAGE_SECTIONS))
+@pytest.mark.parametrize("stage", STAGES)
 def test_out_dir_holding_an_unrelated_file_is_refused_and_the_file_stays(project, tiny_tokenizer_dir, stage, capsys):
-    section = STAGE_SECTIONS[stage]
     user = project / "my_results"
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
-    overrides = {section: {"out_dir": "my_results"}, "model": {"name_or_path": str(tiny_tokenizer_dir)}}
+    overrides = {stage: {"out_dir": "my_results"}, "model": {"name_or_path": str(tiny_tokenizer_dir)}}
     if stage == "build_base_model":
         overrides["model"] = {"name_or_path": "my_results"}
     before = _snapshot(project)
     code, err = _cli_run(stage, tiny_params_dict(**overrides), capsys)
     assert code == 2
-    assert err.strip() == (f"stages.{stage}: error: {section}.out_dir 'my_results' holds files that stage {stage} "
+    assert err.strip() == (f"stages.{stage}: error: {stage}.out_dir 'my_results' holds files that stage {stage} "
                            f"did not write (thesis.tex; no {OUTPUT_MARKER}); name another folder, or move them "
                            "away; nothing was written or deleted")
     assert _snapshot(project) == {**before, "params.yaml": (project / "params.yaml").read_bytes()}
@@ -73,9 +72,9 @@ def test_out_dir_holding_an_unrelated_file_is_refused_and_the_file_stays(project
 def test_the_project_root_and_above_are_refused(project, capsys, out_dir):
     out_dir = str(project) if out_dir == "PROJECT" else out_dir
     before = _snapshot(project)
-    code, err = _cli_run("prepare_eval", tiny_params_dict(eval_data={"out_dir": out_dir}), capsys)
+    code, err = _cli_run("prepare_eval", tiny_params_dict(prepare_eval={"out_dir": out_dir}), capsys)
     assert code == 2 and "Traceback" not in err
-    assert "eval_data.out_dir: " in err and ("working directory" in err or "home folder" in err)
+    assert "prepare_eval.out_dir: " in err and ("working directory" in err or "home folder" in err)
     assert _snapshot(project) == {**before, "params.yaml": (project / "params.yaml").read_bytes()}
 
 
@@ -85,22 +84,23 @@ def test_an_out_dir_containing_the_other_outputs_is_refused(project, capsys):
     (project / "data/corpus").mkdir()
     (project / "data/corpus/pretrain.jsonl").write_text('{"text": "x"}\n')
     before = _snapshot(project)
-    code, err = _cli_run("prepare_eval", tiny_params_dict(eval_data={"out_dir": "data"}), capsys)
+    code, err = _cli_run("prepare_eval", tiny_params_dict(prepare_eval={"out_dir": "data"}), capsys)
     assert code == 2
-    assert "params.yaml: eval_data.out_dir: 'data' contains base_model.out_dir 'data/base_model'" in err
+    assert "params.yaml: prepare_eval.out_dir: 'data' contains build_base_model.out_dir 'data/base_model'" in err
     assert _snapshot(project) == {**before, "params.yaml": (project / "params.yaml").read_bytes()}
 
 
 def test_pretrain_out_dir_on_the_base_model_is_refused(project, tiny_tokenizer_dir, capsys):
-    code, err = _cli_run("prepare_pretrain", tiny_params_dict(pretrain_data={"out_dir": "data/base_model"}), capsys)
-    assert code == 2 and "pretrain_data.out_dir: 'data/base_model' is the same place as base_model.out_dir" in err
-    # Params cannot see it when base_model.out_dir moved since the model was built: the marker does.
-    build_base_model.run(parse_params(tiny_params_dict(base_model={"out_dir": "models/base"},
+    code, err = _cli_run("prepare_pretrain", tiny_params_dict(prepare_pretrain={"out_dir": "data/base_model"}), capsys)
+    assert code == 2
+    assert "prepare_pretrain.out_dir: 'data/base_model' is the same place as build_base_model.out_dir" in err
+    # Params cannot see it when build_base_model.out_dir moved since the model was built: the marker does.
+    build_base_model.run(parse_params(tiny_params_dict(build_base_model={"out_dir": "models/base"},
                                                        model={"name_or_path": "meta-llama/Llama-2-7b-hf"})))
     built = _snapshot(project / "models/base")
-    with pytest.raises(OutputError, match=r"pretrain_data\.out_dir 'models/base' is the output of stage "
+    with pytest.raises(OutputError, match=r"prepare_pretrain\.out_dir 'models/base' is the output of stage "
                                           r"'build_base_model', not of prepare_pretrain"):
-        prepare_pretrain.run(parse_params(tiny_params_dict(pretrain_data={"out_dir": "models/base"},
+        prepare_pretrain.run(parse_params(tiny_params_dict(prepare_pretrain={"out_dir": "models/base"},
                                                            model={"name_or_path": str(tiny_tokenizer_dir)})))
     assert _snapshot(project / "models/base") == built
 
@@ -108,10 +108,10 @@ def test_pretrain_out_dir_on_the_base_model_is_refused(project, tiny_tokenizer_d
 def test_an_out_dir_holding_another_stages_input_is_refused(project, tiny_tokenizer_dir):
     docs = _docs(project / "corpora/pg19")
     params = parse_params(tiny_params_dict(model={"name_or_path": str(tiny_tokenizer_dir)},
-                                           eval_data={"input": docs}, sft_data={"out_dir": "corpora"}))
+                                           prepare_eval={"input": docs}, prepare_sft={"out_dir": "corpora"}))
     from stages import prepare_sft
 
-    with pytest.raises(OutputError, match=r"sft_data\.out_dir 'corpora' holds files that stage prepare_sft did not "
+    with pytest.raises(OutputError, match=r"prepare_sft\.out_dir 'corpora' holds files that stage prepare_sft did not "
                                           r"write \(pg19/doc0\.txt, pg19/doc1\.txt;"):
         prepare_sft.run(params)
     assert sorted(p.name for p in (project / "corpora/pg19").iterdir()) == ["doc0.txt", "doc1.txt"]
@@ -122,21 +122,21 @@ def test_metrics_file_on_a_users_file_or_an_input_is_refused(project, tiny_token
     (project / "package.json").write_text('{"name": "my-app"}')
     code, err = _cli_run("prepare_eval", tiny_params_dict(
         model={"name_or_path": str(tiny_tokenizer_dir)},
-        eval_data={"input": docs, "metrics_file": "package.json"}), capsys)
-    assert code == 2 and "eval_data.metrics_file 'package.json' exists and is not a metrics file" in err
+        prepare_eval={"input": docs, "metrics_file": "package.json"}), capsys)
+    assert code == 2 and "prepare_eval.metrics_file 'package.json' exists and is not a metrics file" in err
     assert (project / "package.json").read_text() == '{"name": "my-app"}'
     assert not (project / "data/eval").exists(), "refused before any work"
     code, err = _cli_run("prepare_eval", tiny_params_dict(
         model={"name_or_path": str(tiny_tokenizer_dir)},
-        eval_data={"input": f"{docs}/doc0.txt", "metrics_file": f"{docs}/doc0.txt"}), capsys)
-    assert code == 2 and "eval_data.metrics_file: " in err and "is the same place as eval_data.input" in err
+        prepare_eval={"input": f"{docs}/doc0.txt", "metrics_file": f"{docs}/doc0.txt"}), capsys)
+    assert code == 2 and "prepare_eval.metrics_file: " in err and "is the same place as prepare_eval.input" in err
     assert (project / "docs/doc0.txt").read_text() == DOCS[0]
 
 
 def test_a_rerun_replaces_its_own_output_and_nothing_else(project, tiny_tokenizer_dir):
     def params(texts):
         return parse_params(tiny_params_dict(model={"name_or_path": str(tiny_tokenizer_dir)},
-                                             eval_data={"input": _docs(project / f"docs{len(texts)}", texts)}))
+                                             prepare_eval={"input": _docs(project / f"docs{len(texts)}", texts)}))
 
     assert prepare_eval.run(params(DOCS))["documents"] == 2
     out = project / "data/eval"
@@ -149,17 +149,17 @@ def test_a_rerun_replaces_its_own_output_and_nothing_else(project, tiny_tokenize
         prepare_eval.run(params(DOCS))
     assert (out / "my_plot.png").read_bytes() == b"png"
     assert json.loads((out / "meta.json").read_text())["documents"] == 1
-    assert json.loads((project / "data/metrics/eval_data.json").read_text())["stage"] == "prepare_eval"
+    assert json.loads((project / "data/metrics/prepare_eval.json").read_text())["stage"] == "prepare_eval"
 
 
 def test_a_second_run_of_a_stage_on_the_same_output_fails_at_once(project, tiny_tokenizer_dir, capsys):
     raw = tiny_params_dict(model={"name_or_path": str(tiny_tokenizer_dir)},
-                           eval_data={"input": _docs(project / "docs")})
+                           prepare_eval={"input": _docs(project / "docs")})
     with parse_params(raw).output("prepare_eval"):  # the first run, still writing
         with pytest.raises(OutputBusyError, match="another run of stage prepare_eval is writing it"):
             prepare_eval.run(parse_params(raw))
         code, err = _cli_run("prepare_eval", raw, capsys)
-        assert code == 2 and "eval_data.out_dir 'data/eval': another run of stage prepare_eval is writing it" in err
+        assert code == 2 and "prepare_eval.out_dir 'data/eval': another run of stage prepare_eval is writing it" in err
         assert not (project / "data/eval").exists()
     assert prepare_eval.run(parse_params(raw))["documents"] == 2
 
@@ -173,7 +173,7 @@ def test_a_killed_runs_temporary_folders_are_removed_by_the_next_run(project, ti
     other.mkdir()
     (other / "mine.txt").write_text("mine")
     prepare_eval.run(parse_params(tiny_params_dict(model={"name_or_path": str(tiny_tokenizer_dir)},
-                                                   eval_data={"input": _docs(project / "docs")})))
+                                                   prepare_eval={"input": _docs(project / "docs")})))
     assert sorted(p.name for p in (project / "data").iterdir()) == [".eval.tmp-notes", ".gitignore", "eval",
                                                                      "metrics"]
     assert (other / "mine.txt").read_text() == "mine"

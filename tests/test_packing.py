@@ -163,8 +163,8 @@ def test_reader_refuses_unfinished_or_foreign_folders(tmp_path):
 def test_token_dtype_follows_the_vocabulary():
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     assert token_dtype(400, "uint32") == np.uint32
-    with pytest.raises(InputError, match=r"pretrain_data\.dtype: uint16 cannot hold the ids of a 70000-token"):
-        token_dtype(70000, "uint16", "pretrain_data.dtype")
+    with pytest.raises(InputError, match=r"prepare_pretrain\.dtype: uint16 cannot hold the ids of a 70000-token"):
+        token_dtype(70000, "uint16", "prepare_pretrain.dtype")
     with pytest.raises(InputError, match="not a token dtype"):
         token_dtype(400, "int8")
 

@@ -19,13 +19,13 @@ def test_project_params_are_valid():
 
 
 def test_unknown_key_is_rejected_with_its_path():
-    with pytest.raises(ParamsError, match=r"params\.yaml: base_model\.stepz: Extra inputs are not permitted"):
-        parse_params(tiny_params_dict(base_model={"stepz": 3}))
+    with pytest.raises(ParamsError, match=r"params\.yaml: build_base_model\.stepz: Extra inputs are not permitted"):
+        parse_params(tiny_params_dict(build_base_model={"stepz": 3}))
 
 
 def test_wrong_type_names_the_key():
-    with pytest.raises(ParamsError, match=r"base_model\.steps: .*integer.*'many'"):
-        parse_params(tiny_params_dict(base_model={"steps": "many"}))
+    with pytest.raises(ParamsError, match=r"build_base_model\.steps: .*integer.*'many'"):
+        parse_params(tiny_params_dict(build_base_model={"steps": "many"}))
 
 
 def test_target_not_divisible_by_group_size():
@@ -73,7 +73,7 @@ def test_loading_params_imports_neither_torch_nor_transformers():
 
 def test_heads_must_divide_hidden_size():
     with pytest.raises(ParamsError, match="hidden_size 30 is not divisible by num_heads 4"):
-        parse_params(tiny_params_dict(base_model={"hidden_size": 30}))
+        parse_params(tiny_params_dict(build_base_model={"hidden_size": 30}))
 
 
 def test_target_shorter_than_original():
@@ -121,7 +121,7 @@ def test_full_size_profile_is_valid_and_in_step_with_params_yaml():
 
 def test_duplicate_key_is_an_error_with_both_lines(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("base_model:\n  steps: 400\n  lr: 0.004\n  steps: 40\nmodel: {}\n", encoding="utf-8")
+    path.write_text("build_base_model:\n  steps: 400\n  lr: 0.004\n  steps: 40\nmodel: {}\n", encoding="utf-8")
     with pytest.raises(ParamsError, match=r"params\.yaml:4:3: invalid YAML: duplicate key 'steps' \(first at line 2\)"):
         load_params(path)
     path.write_text("model: {}\nbase_model: {}\nmodel: {target_context: 2048}\n", encoding="utf-8")
@@ -133,15 +133,15 @@ def test_duplicate_key_is_an_error_with_both_lines(tmp_path):
 
 
 @pytest.mark.parametrize(("section", "key", "value", "reason"), [
-    ("pretrain_data", "input", "", "empty path"),
-    ("eval_data", "input", "  ", "empty path"),
+    ("prepare_pretrain", "input", "", "empty path"),
+    ("prepare_eval", "input", "  ", "empty path"),
     ("model", "name_or_path", "", "empty path"),
-    ("eval_data", "out_dir", "", "empty path"),
-    ("sft_data", "metrics_file", "", "empty path"),
-    ("eval_data", "out_dir", ".", "'.' is the working directory"),
-    ("eval_data", "out_dir", "./", "'.' is the working directory"),
-    ("pretrain_data", "out_dir", "..", "'..' is a folder above the working directory"),
-    ("base_model", "out_dir", "data/..", "'data/..' is the working directory"),
+    ("prepare_eval", "out_dir", "", "empty path"),
+    ("prepare_sft", "metrics_file", "", "empty path"),
+    ("prepare_eval", "out_dir", ".", "'.' is the working directory"),
+    ("prepare_eval", "out_dir", "./", "'.' is the working directory"),
+    ("prepare_pretrain", "out_dir", "..", "'..' is a folder above the working directory"),
+    ("build_base_model", "out_dir", "data/..", "'data/..' is the working directory"),
 ])
 def test_empty_and_protected_paths_are_rejected_at_their_key(section, key, value, reason):
     with pytest.raises(ParamsError) as err:
@@ -151,42 +151,45 @@ def test_empty_and_protected_paths_are_rejected_at_their_key(section, key, value
 
 def test_home_is_expanded_and_never_an_output(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    params = parse_params(tiny_params_dict(eval_data={"out_dir": "~/runs/eval", "input": "~/pg19"}))
-    assert params.eval_data.out_dir == tmp_path / "runs/eval" and params.eval_data.input == str(tmp_path / "pg19")
-    with pytest.raises(ParamsError, match=r"params\.yaml: eval_data\.out_dir: '.*' is the home folder"):
-        parse_params(tiny_params_dict(eval_data={"out_dir": "~"}))
+    params = parse_params(tiny_params_dict(prepare_eval={"out_dir": "~/runs/eval", "input": "~/pg19"}))
+    assert params.prepare_eval.out_dir == tmp_path / "runs/eval" and params.prepare_eval.input == str(tmp_path / "pg19")
+    with pytest.raises(ParamsError, match=r"params\.yaml: prepare_eval\.out_dir: '.*' is the home folder"):
+        parse_params(tiny_params_dict(prepare_eval={"out_dir": "~"}))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     # the probe: every other output and data/.gitignore were deleted
-    ({"eval_data": {"out_dir": "data"}},
-     "eval_data.out_dir: 'data' contains base_model.out_dir 'data/base_model': every stage output needs a place"),
-    ({"pretrain_data": {"out_dir": "data/base_model"}},
-     "pretrain_data.out_dir: 'data/base_model' is the same place as base_model.out_dir 'data/base_model'"),
-    ({"sft_data": {"out_dir": "./data//pretrain/"}},
-     "sft_data.out_dir: 'data/pretrain' is the same place as pretrain_data.out_dir 'data/pretrain'"),
-    ({"eval_data": {"out_dir": "data/corpus/eval_tokens"}},
-     "eval_data.out_dir: 'data/corpus/eval_tokens' is inside embedded_data.out_dir 'data/corpus'"),
-    ({"pretrain_data": {"metrics_file": "data/pretrain/metrics.json"}},
-     "pretrain_data.metrics_file: 'data/pretrain/metrics.json' is inside pretrain_data.out_dir 'data/pretrain'"),
-    ({"sft_data": {"metrics_file": "data/metrics/pretrain_data.json"}},
-     "sft_data.metrics_file: 'data/metrics/pretrain_data.json' is the same place as pretrain_data.metrics_file"),
+    ({"prepare_eval": {"out_dir": "data"}},
+     "prepare_eval.out_dir: 'data' contains build_base_model.out_dir 'data/base_model': every stage output needs a "
+     "place"),
+    ({"prepare_pretrain": {"out_dir": "data/base_model"}},
+     "prepare_pretrain.out_dir: 'data/base_model' is the same place as build_base_model.out_dir 'data/base_model'"),
+    ({"prepare_sft": {"out_dir": "./data//pretrain/"}},
+     "prepare_sft.out_dir: 'data/pretrain' is the same place as prepare_pretrain.out_dir 'data/pretrain'"),
+    ({"prepare_eval": {"out_dir": "data/corpus/eval_tokens"}},
+     "prepare_eval.out_dir: 'data/corpus/eval_tokens' is inside prepare_corpus.out_dir 'data/corpus'"),
+    ({"prepare_pretrain": {"metrics_file": "data/pretrain/metrics.json"}},
+     "prepare_pretrain.metrics_file: 'data/pretrain/metrics.json' is inside prepare_pretrain.out_dir 'data/pretrain'"),
+    ({"prepare_sft": {"metrics_file": "data/metrics/prepare_pretrain.json"}},
+     "prepare_sft.metrics_file: 'data/metrics/prepare_pretrain.json' is the same place as "
+     "prepare_pretrain.metrics_file"),
     # inputs: never written, never written around, never read from a stage's own output
-    ({"pretrain_data": {"input": "raw/redpajama.jsonl", "metrics_file": "raw/redpajama.jsonl"}},
-     "pretrain_data.metrics_file: 'raw/redpajama.jsonl' is the same place as pretrain_data.input"),
-    ({"eval_data": {"input": "raw/pg19/test", "out_dir": "raw"}},
-     "eval_data.input: 'raw/pg19/test' is inside eval_data.out_dir 'raw': the stage would read from the folder it "
-     "replaces"),
-    ({"eval_data": {"input": "raw/pg19/test"}, "sft_data": {"out_dir": "raw/pg19/test/sft"}},
-     "sft_data.out_dir: 'raw/pg19/test/sft' is inside eval_data.input 'raw/pg19/test'"),
-    ({"eval_data": {"input": "data/eval/old_docs"}},
-     "eval_data.input: 'data/eval/old_docs' is inside eval_data.out_dir 'data/eval': the stage would read from"),
+    ({"prepare_pretrain": {"input": "raw/redpajama.jsonl", "metrics_file": "raw/redpajama.jsonl"}},
+     "prepare_pretrain.metrics_file: 'raw/redpajama.jsonl' is the same place as prepare_pretrain.input"),
+    ({"prepare_eval": {"input": "raw/pg19/test", "out_dir": "raw"}},
+     "prepare_eval.input: 'raw/pg19/test' is inside prepare_eval.out_dir 'raw': the stage would read from the "
+     "folder it replaces"),
+    ({"prepare_eval": {"input": "raw/pg19/test"}, "prepare_sft": {"out_dir": "raw/pg19/test/sft"}},
+     "prepare_sft.out_dir: 'raw/pg19/test/sft' is inside prepare_eval.input 'raw/pg19/test'"),
+    ({"prepare_eval": {"input": "data/eval/old_docs"}},
+     "prepare_eval.input: 'data/eval/old_docs' is inside prepare_eval.out_dir 'data/eval': the stage would read from"),
     ({"model": {"name_or_path": "data/base_model/checkpoint-100"}},
-     "model.name_or_path: 'data/base_model/checkpoint-100' is inside base_model.out_dir 'data/base_model'"),
-    ({"model": {"name_or_path": "/models/llama"}, "sft_data": {"out_dir": "/models"}},
-     "model.name_or_path: '/models/llama' is inside sft_data.out_dir '/models': the stage would read from the folder"),
-    ({"model": {"name_or_path": "/models/llama"}, "base_model": {"out_dir": "/models"}},
-     "model.name_or_path: '/models/llama' is inside base_model.out_dir '/models': name the folder itself"),
+     "model.name_or_path: 'data/base_model/checkpoint-100' is inside build_base_model.out_dir 'data/base_model'"),
+    ({"model": {"name_or_path": "/models/llama"}, "prepare_sft": {"out_dir": "/models"}},
+     "model.name_or_path: '/models/llama' is inside prepare_sft.out_dir '/models': the stage would read from the "
+     "folder"),
+    ({"model": {"name_or_path": "/models/llama"}, "build_base_model": {"out_dir": "/models"}},
+     "model.name_or_path: '/models/llama' is inside build_base_model.out_dir '/models': name the folder itself"),
 ])
 def test_outputs_that_would_replace_each_other_or_an_input_are_rejected(overrides, message):
     with pytest.raises(ParamsError) as err:
@@ -195,9 +198,9 @@ def test_outputs_that_would_replace_each_other_or_an_input_are_rejected(override
 
 
 def test_the_default_chain_and_hub_names_are_fine(tmp_path):
-    parse_params(tiny_params_dict())  # inputs inside embedded_data.out_dir are its products, read by other stages
+    parse_params(tiny_params_dict())  # inputs inside prepare_corpus.out_dir are its products, read by other stages
     same = parse_params(tiny_params_dict(model={"name_or_path": str(ROOT / "data/base_model")}))
     assert same.model.name_or_path == str(ROOT / "data/base_model")
     hub = parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"},
-                                        pretrain_data={"input": "togethercomputer/RedPajama-Data-1T-Sample"}))
-    assert hub.pretrain_data.input == "togethercomputer/RedPajama-Data-1T-Sample"
+                                        prepare_pretrain={"input": "togethercomputer/RedPajama-Data-1T-Sample"}))
+    assert hub.prepare_pretrain.input == "togethercomputer/RedPajama-Data-1T-Sample"

@@ -83,16 +83,16 @@ def test_dvc_repro_runs_the_pipeline_in_a_fresh_repo(tmp_path):
         assert (repo / out).exists(), f"dvc repro did not produce {out}"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(stage_order(ROOT / "dvc.yaml"))
-    assert lock["stages"]["build_base_model"]["params"]["params.yaml"]["base_model"]["steps"] == 12
+    assert lock["stages"]["build_base_model"]["params"]["params.yaml"]["build_base_model"]["steps"] == 12
 
     assert "Data and pipelines are up to date" in _run([*dvc, "status"], repo, env)
     changed = _run([*dvc, "repro", "--dry", "build_base_model"], repo, env)
     assert "didn't change, skipping" in changed
 
     # An experiment with one parameter changed reruns what depends on it and records the new value.
-    _run([*dvc, "exp", "run", "-S", "base_model.steps=6"], repo, env)
+    _run([*dvc, "exp", "run", "-S", "build_base_model.steps=6"], repo, env)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["build_base_model"]["params"]["params.yaml"]["base_model"]["steps"] == 6
+    assert lock["stages"]["build_base_model"]["params"]["params.yaml"]["build_base_model"]["steps"] == 6
 
 
 @pytest.fixture(scope="session")
@@ -137,10 +137,11 @@ def test_prefect_flow_checks_every_output_before_the_first_stage(prefect_harness
 
     monkeypatch.chdir(tmp_path)
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(eval_data={"out_dir": "results"})))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(prepare_eval={"out_dir": "results"})))
     (tmp_path / "results").mkdir()
     (tmp_path / "results/keep.txt").write_text("mine")
-    with pytest.raises(OutputError, match=r"eval_data\.out_dir 'results' holds files that stage prepare_eval did not"):
+    with pytest.raises(OutputError,
+                       match=r"prepare_eval\.out_dir 'results' holds files that stage prepare_eval did not"):
         longlora_flow(params_file="params.yaml")
     assert not (tmp_path / "data").exists(), "the last stage's output is checked before the first stage runs"
     assert (tmp_path / "results/keep.txt").read_text() == "mine"

@@ -73,7 +73,7 @@ def _assert_nothing_finished(root: Path, out: str):
 def test_pretrain_blocks_are_the_eos_joined_stream_with_document_boundaries(
         in_tmp, tiny_tokenizer, tiny_tokenizer_dir, texts, remainder, bos, block_length):
     _write_jsonl(in_tmp / "in/pretrain.jsonl", [{"text": t, "meta": {"i": i}} for i, t in enumerate(texts)])
-    params = _params(tiny_tokenizer_dir, pretrain_data={
+    params = _params(tiny_tokenizer_dir, prepare_pretrain={
         "input": "in/pretrain.jsonl", "remainder": remainder, "bos": bos, "block_length": block_length,
         "batch_chars": 5000})  # many batches: blocks and boundaries must carry across them
     metrics = prepare_pretrain.run(params)
@@ -96,7 +96,7 @@ def test_pretrain_blocks_are_the_eos_joined_stream_with_document_boundaries(
     recorded = [(i, int(s)) for i in range(n) for s in blocks.doc_starts(i)]
     assert recorded == [(int(s) // length, int(s) % length) for s in starts if s < n * length]
 
-    saved = json.loads((in_tmp / "data/metrics/pretrain_data.json").read_text())
+    saved = json.loads((in_tmp / "data/metrics/prepare_pretrain.json").read_text())
     assert saved == metrics
     assert metrics["documents"] == len(texts) and metrics["tokens"] == len(stream) and metrics["blocks"] == n
     assert metrics["tokens_per_second"] > 0 and metrics["skipped_records"] == 0
@@ -117,7 +117,7 @@ def test_pretrain_reads_every_format_and_process_count_to_the_same_blocks(in_tmp
     for name, extra in {"jsonl": {"input": "plain.jsonl"}, "folder": {"input": "folder"},
                         "two processes": {"input": "plain.jsonl", "num_proc": 2, "batch_chars": 20000}}.items():
         out = f"out/{name}"
-        metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={
+        metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={
             **extra, "out_dir": out, "metrics_file": f"{out}.json"}))
         outputs[name] = ((in_tmp / out / "tokens.bin").read_bytes(), (in_tmp / out / "doc_starts.bin").read_bytes())
         assert metrics["documents"] == len(texts)
@@ -126,7 +126,8 @@ def test_pretrain_reads_every_format_and_process_count_to_the_same_blocks(in_tmp
 
 def test_pretrain_max_documents(in_tmp, tiny_tokenizer_dir, texts):
     _write_jsonl(in_tmp / "in.jsonl", [{"text": t} for t in texts])
-    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl", "max_documents": 3}))
+    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir,
+                                           prepare_pretrain={"input": "in.jsonl", "max_documents": 3}))
     assert metrics["documents"] == 3
 
 
@@ -140,23 +141,24 @@ def test_pretrain_bad_line_stops_with_file_line_or_is_skipped(
         in_tmp, tiny_tokenizer_dir, texts, bad_line, reason, message):
     _write_jsonl(in_tmp / "in.jsonl", [{"text": texts[0]}, {"text": texts[1]}, bad_line, {"text": texts[2]}])
     with pytest.raises(InputError, match=message):
-        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl"}))
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": "in.jsonl"}))
     _assert_nothing_finished(in_tmp, "data/pretrain")
-    assert not (in_tmp / "data/metrics/pretrain_data.json").exists()
+    assert not (in_tmp / "data/metrics/prepare_pretrain.json").exists()
 
-    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl", "on_error": "skip"}))
+    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir,
+                                           prepare_pretrain={"input": "in.jsonl", "on_error": "skip"}))
     assert metrics["documents"] == 3 and metrics["skipped_records"] == 1
     assert metrics["skipped_by_reason"] == {reason: 1}
-    assert json.loads((in_tmp / "data/metrics/pretrain_data.json").read_text())["skipped_records"] == 1
+    assert json.loads((in_tmp / "data/metrics/prepare_pretrain.json").read_text())["skipped_records"] == 1
 
 
 def test_pretrain_failure_keeps_the_previous_finished_output(in_tmp, tiny_tokenizer_dir, texts):
     _write_jsonl(in_tmp / "in.jsonl", [{"text": t} for t in texts])
-    prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl"}))
+    prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": "in.jsonl"}))
     before = (in_tmp / "data/pretrain/tokens.bin").read_bytes()
     _write_jsonl(in_tmp / "in.jsonl", [{"text": texts[0]}, b"{oops"])
     with pytest.raises(InputError, match=r"in\.jsonl:2:2: malformed JSON"):
-        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl"}))
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": "in.jsonl"}))
     assert (in_tmp / "data/pretrain/tokens.bin").read_bytes() == before
     assert [p.name for p in (in_tmp / "data").iterdir() if p.name.startswith(".")] == []
 
@@ -164,23 +166,24 @@ def test_pretrain_failure_keeps_the_previous_finished_output(in_tmp, tiny_tokeni
 def test_pretrain_empty_input_folder(in_tmp, tiny_tokenizer_dir):
     (in_tmp / "empty").mkdir()
     with pytest.raises(InputError, match="empty: the folder contains no input files"):
-        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "empty"}))
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": "empty"}))
     _assert_nothing_finished(in_tmp, "data/pretrain")
 
 
 def test_pretrain_too_little_text_for_one_block(in_tmp, tiny_tokenizer_dir):
     _write_jsonl(in_tmp / "in.jsonl", [{"text": "x = 1"}])
     with pytest.raises(InputError, match=r"tokens do not fill one block of 128; .*remainder: pad"):
-        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl"}))
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": "in.jsonl"}))
     _assert_nothing_finished(in_tmp, "data/pretrain")
-    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl", "remainder": "pad"}))
+    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir,
+                                           prepare_pretrain={"input": "in.jsonl", "remainder": "pad"}))
     assert metrics["blocks"] == 1 and metrics["padded_tokens"] > 100
 
 
 def test_pretrain_all_records_skipped(in_tmp, tiny_tokenizer_dir):
     _write_jsonl(in_tmp / "in.jsonl", [b"not json", {"text": " "}])
     with pytest.raises(InputError, match="no documents to tokenize"):
-        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "in.jsonl", "on_error": "skip"}))
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": "in.jsonl", "on_error": "skip"}))
     _assert_nothing_finished(in_tmp, "data/pretrain")
 
 
@@ -202,7 +205,7 @@ def test_vocabulary_too_large_for_the_chosen_dtype(in_tmp, tiny_tokenizer, tiny_
                                                     stage):
     _write_jsonl(in_tmp / "in.jsonl", [{"text": t} for t in texts[:2]])
     monkeypatch.setattr(stage, "load_tokenizer", lambda *a, **k: _BigVocabulary(tiny_tokenizer))
-    section = "pretrain_data" if stage is prepare_pretrain else "eval_data"
+    section = "prepare_pretrain" if stage is prepare_pretrain else "prepare_eval"
     with pytest.raises(InputError, match=rf"{section}\.dtype: uint16 cannot hold the ids of a 70000-token"):
         stage.run(_params(tiny_tokenizer_dir, **{section: {"input": "in.jsonl", "dtype": "uint16"}}))
     _assert_nothing_finished(in_tmp, "data/pretrain" if stage is prepare_pretrain else "data/eval")
@@ -212,17 +215,17 @@ def test_vocabulary_too_large_for_the_chosen_dtype(in_tmp, tiny_tokenizer, tiny_
 
 
 def test_block_length_the_model_cannot_take(tiny_tokenizer_dir):
-    with pytest.raises(ParamsError, match="pretrain_data.block_length 256 exceeds model.target_context 128"):
-        _params(tiny_tokenizer_dir, pretrain_data={"block_length": 256})
+    with pytest.raises(ParamsError, match="prepare_pretrain.block_length 256 exceeds model.target_context 128"):
+        _params(tiny_tokenizer_dir, prepare_pretrain={"block_length": 256})
     with pytest.raises(ParamsError, match="block_length vs s2attn: .*96 is not divisible by .*group size 64"):
-        _params(tiny_tokenizer_dir, pretrain_data={"block_length": 96}, s2attn={"group_size": 64})
-    with pytest.raises(ParamsError, match="sft_data.max_length 4096 exceeds model.target_context 128"):
-        _params(tiny_tokenizer_dir, sft_data={"max_length": 4096})
+        _params(tiny_tokenizer_dir, prepare_pretrain={"block_length": 96}, s2attn={"group_size": 64})
+    with pytest.raises(ParamsError, match="prepare_sft.max_length 4096 exceeds model.target_context 128"):
+        _params(tiny_tokenizer_dir, prepare_sft={"max_length": 4096})
 
 
 def test_cli_reports_bad_input_in_one_line(in_tmp, tiny_tokenizer_dir, texts, capsys):
     _write_jsonl(in_tmp / "in.jsonl", [{"text": texts[0]}, {"text": texts[1]}, b'{"text": 1'])
-    raw = tiny_params_dict(model={"name_or_path": str(tiny_tokenizer_dir)}, pretrain_data={"input": "in.jsonl"})
+    raw = tiny_params_dict(model={"name_or_path": str(tiny_tokenizer_dir)}, prepare_pretrain={"input": "in.jsonl"})
     (in_tmp / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     assert _cli.main("prepare_pretrain", prepare_pretrain.run, ["--params", "params.yaml"]) == 2
     err = capsys.readouterr().err
@@ -234,14 +237,14 @@ def test_hub_name_without_network_is_a_clear_error(in_tmp, tiny_tokenizer_dir, m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="togethercomputer/RedPajama-Data-1T-Sample: not a local file or folder, "
                                          "and hub access is off"):
-        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={
             "input": "togethercomputer/RedPajama-Data-1T-Sample"}))
     _assert_nothing_finished(in_tmp, "data/pretrain")
 
 
 @pytest.mark.skipif(not SHARED_TEXT.exists(), reason="shared sample text not on this machine")
 def test_pretrain_plain_text_file(in_tmp, tiny_tokenizer, tiny_tokenizer_dir):
-    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": str(SHARED_TEXT.resolve())}))
+    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": str(SHARED_TEXT.resolve())}))
     assert metrics["documents"] == 1 and metrics["blocks"] == metrics["tokens"] // 128
 
 
@@ -262,17 +265,17 @@ def _expected_prompt_ids(tokenizer, record, system_prompt):
 
 def test_sft_labels_are_masked_exactly_on_the_prompt(in_tmp, tiny_tokenizer, tiny_tokenizer_dir):
     (in_tmp / "longalpaca.json").write_text(json.dumps(LONGALPACA), encoding="utf-8")
-    params = _params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json", "truncation": "drop",
+    params = _params(tiny_tokenizer_dir, prepare_sft={"input": "longalpaca.json", "truncation": "drop",
                                                    "system_prompt": "Be brief."})
     metrics = prepare_sft.run(params)
     assert metrics["examples"] == 3 and metrics["dropped_prompt_too_long"] == 1
-    assert json.loads((in_tmp / "data/metrics/sft_data.json").read_text()) == metrics
+    assert json.loads((in_tmp / "data/metrics/prepare_sft.json").read_text()) == metrics
 
     dataset = datasets.load_from_disk(str(in_tmp / "data/sft"))
     assert dataset.column_names == ["input_ids", "labels", "length"] and len(dataset) == 3
     kept = [r for r in LONGALPACA if "Too long" not in r["output"]]
     for row, record in zip(dataset, kept, strict=True):
-        prompt = _expected_prompt_ids(tiny_tokenizer, record, params.sft_data.system_prompt)
+        prompt = _expected_prompt_ids(tiny_tokenizer, record, params.prepare_sft.system_prompt)
         answer = tiny_tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
         assert row["input_ids"] == prompt + answer and row["length"] == len(prompt) + len(answer)
         assert row["labels"] == [IGNORE_INDEX] * len(prompt) + answer
@@ -282,7 +285,7 @@ def test_sft_labels_are_masked_exactly_on_the_prompt(in_tmp, tiny_tokenizer, tin
 
 def test_sft_truncate_middle_keeps_over_long_examples_with_answer_labels(in_tmp, tiny_tokenizer_dir):
     (in_tmp / "longalpaca.json").write_text(json.dumps(LONGALPACA), encoding="utf-8")
-    metrics = prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json",
+    metrics = prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": "longalpaca.json",
                                                                     "truncation": "truncate_middle",
                                                                     "system_prompt": "Be brief."}))
     assert metrics["examples"] == 4 and metrics["prompt_truncated"] == 1 and metrics["dropped_prompt_too_long"] == 0
@@ -297,8 +300,8 @@ def test_sft_length_grouped_batches(in_tmp, tiny_tokenizer_dir):
     records = [{"instruction": "Repeat: " + "la " * int(n), "output": "la " * int(n % 5 + 1)} for n in sizes]
     (in_tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     common = {"input": "in.jsonl", "group_batch_size": 4}
-    plain = prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={**common, "out_dir": "plain"}))
-    grouped = prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={**common, "group_by_length": True}))
+    plain = prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={**common, "out_dir": "plain"}))
+    grouped = prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={**common, "group_by_length": True}))
     assert grouped["padding_fraction"] < plain["padding_fraction"] == plain["padding_fraction_ungrouped"]
     a = datasets.load_from_disk(str(in_tmp / "plain"))
     b = datasets.load_from_disk(str(in_tmp / "data/sft"))
@@ -310,9 +313,9 @@ def test_sft_bad_record_stops_with_its_item_or_is_skipped(in_tmp, tiny_tokenizer
     records = [LONGALPACA[3], {"instruction": "no answer here"}, LONGALPACA[1]]
     (in_tmp / "longalpaca.json").write_text(json.dumps(records), encoding="utf-8")
     with pytest.raises(InputError, match=r"longalpaca\.json: item 2: no 'output' field"):
-        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json"}))
+        prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": "longalpaca.json"}))
     _assert_nothing_finished(in_tmp, "data/sft")
-    metrics = prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json", "on_error": "skip"}))
+    metrics = prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": "longalpaca.json", "on_error": "skip"}))
     assert metrics["examples"] == 2 and metrics["skipped_by_reason"] == {"bad_record": 1}
 
 
@@ -320,7 +323,7 @@ def test_sft_every_example_dropped_is_an_error(in_tmp, tiny_tokenizer_dir):
     (in_tmp / "longalpaca.json").write_text(json.dumps([LONGALPACA[2]]), encoding="utf-8")
     with pytest.raises(InputError, match="no example left: 1 dropped: prompt alone ≥ max_length 128 tokens; "
                                          "use truncation: truncate_middle"):
-        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json", "truncation": "drop"}))
+        prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": "longalpaca.json", "truncation": "drop"}))
     _assert_nothing_finished(in_tmp, "data/sft")
 
 
@@ -334,15 +337,15 @@ def test_sft_every_example_dropped_is_an_error(in_tmp, tiny_tokenizer_dir):
 def test_sft_nothing_read_says_what_happened(in_tmp, tiny_tokenizer_dir, name, content, on_error, message):
     (in_tmp / name).write_text(content, encoding="utf-8")
     with pytest.raises(InputError, match=message) as err:
-        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": name, "on_error": on_error}))
+        prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": name, "on_error": on_error}))
     assert "truncate" not in str(err.value) and "max_length" not in str(err.value)
     _assert_nothing_finished(in_tmp, "data/sft")
 
 
 def test_sft_chat_template_needs_one(in_tmp, tiny_tokenizer_dir):
     (in_tmp / "longalpaca.json").write_text(json.dumps(LONGALPACA[:1]), encoding="utf-8")
-    with pytest.raises(InputError, match="sft_data.template: chat_template, but the tokenizer has no chat template"):
-        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "longalpaca.json",
+    with pytest.raises(InputError, match="prepare_sft.template: chat_template, but the tokenizer has no chat template"):
+        prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": "longalpaca.json",
                                                               "template": "chat_template"}))
 
 
@@ -353,7 +356,8 @@ def test_eval_stream_holds_every_document_with_offsets(in_tmp, tiny_tokenizer, t
     folder.mkdir()
     for i, text in enumerate(texts[:6]):
         (folder / f"doc{i}.txt").write_text(text, encoding="utf-8")
-    metrics = prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs", "lengths": [100, 1000, 5000]}))
+    metrics = prepare_eval.run(_params(tiny_tokenizer_dir,
+                                       prepare_eval={"input": "docs", "lengths": [100, 1000, 5000]}))
 
     stream = TokenStream(in_tmp / "data/eval")
     ids = tiny_tokenizer(texts[:6], add_special_tokens=False)["input_ids"]
@@ -364,12 +368,12 @@ def test_eval_stream_holds_every_document_with_offsets(in_tmp, tiny_tokenizer, t
     assert metrics["documents_reaching"] == {str(n): sum(x >= n for x in lengths) for n in (100, 1000, 5000)}
     assert metrics["tokens"] == sum(lengths) == len(stream.tokens)
     assert stream.meta["documents_reaching"] == metrics["documents_reaching"]
-    assert json.loads((in_tmp / "data/metrics/eval_data.json").read_text()) == metrics
+    assert json.loads((in_tmp / "data/metrics/prepare_eval.json").read_text()) == metrics
 
 
 def test_eval_default_lengths_and_uint32(in_tmp, tiny_tokenizer_dir, texts):
     _write_jsonl(in_tmp / "docs.jsonl", [{"text": t} for t in texts[:3]] + [b"{bad"])
-    metrics = prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs.jsonl", "dtype": "uint32",
+    metrics = prepare_eval.run(_params(tiny_tokenizer_dir, prepare_eval={"input": "docs.jsonl", "dtype": "uint32",
                                                                       "on_error": "skip"}))
     assert list(metrics["documents_reaching"]) == ["32", "64", "128"]  # target_context 128 / 4, / 2, × 1
     assert metrics["dtype"] == "uint32" and metrics["skipped_by_reason"] == {"malformed_json": 1}
@@ -379,10 +383,10 @@ def test_eval_default_lengths_and_uint32(in_tmp, tiny_tokenizer_dir, texts):
 def test_eval_bad_inputs(in_tmp, tiny_tokenizer_dir):
     (in_tmp / "docs").mkdir()
     with pytest.raises(InputError, match="docs: the folder contains no input files"):
-        prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs"}))
+        prepare_eval.run(_params(tiny_tokenizer_dir, prepare_eval={"input": "docs"}))
     (in_tmp / "docs/a.txt").write_bytes(b"fine\n\xff\xfe")
     with pytest.raises(InputError, match=r"a\.txt:2: not valid UTF-8"):
-        prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs"}))
+        prepare_eval.run(_params(tiny_tokenizer_dir, prepare_eval={"input": "docs"}))
     _assert_nothing_finished(in_tmp, "data/eval")
 
 
@@ -458,16 +462,16 @@ def test_prepare_corpus_writes_the_embedded_inputs(in_tmp, tiny_tokenizer, tiny_
     params = _params(tiny_tokenizer_dir)
     metrics = prepare_corpus.run(params)
     corpus = in_tmp / "data/corpus"
-    assert json.loads((in_tmp / "data/metrics/embedded_data.json").read_text()) == metrics
+    assert json.loads((in_tmp / "data/metrics/prepare_corpus.json").read_text()) == metrics
 
     records = [json.loads(line) for line in (corpus / "pretrain.jsonl").read_text("utf-8").splitlines()]
-    extend = list(stdlib_documents("extend", max_documents=params.corpus.max_documents))
+    extend = list(stdlib_documents("extend", max_documents=params.embedded_corpus.max_documents))
     assert [r["text"] for r in records] == [d.text for d in extend]
     assert all(r["meta"]["split"] == "extend" and r["meta"]["source"] == "python-stdlib" for r in records)
 
     docs = sorted((corpus / "eval").glob("doc_*.txt"))
-    assert len(docs) == metrics["eval_documents"] == params.embedded_data.eval_documents
-    heldout = {d.name for d in stdlib_documents("heldout", max_documents=params.corpus.max_documents)}
+    assert len(docs) == metrics["eval_documents"] == params.prepare_corpus.eval_documents
+    heldout = {d.name for d in stdlib_documents("heldout", max_documents=params.embedded_corpus.max_documents)}
     for doc in docs:
         text = doc.read_text("utf-8")
         assert len(tiny_tokenizer(text)["input_ids"]) >= 2 * params.model.target_context
@@ -485,8 +489,8 @@ def test_prepare_corpus_writes_the_embedded_inputs(in_tmp, tiny_tokenizer, tiny_
 
 
 def test_prepare_corpus_question_that_does_not_fit(in_tmp, tiny_tokenizer_dir):
-    with pytest.raises(InputError, match=r"embedded_data\.longqa_max_tokens: max_tokens 100 leaves no room"):
-        prepare_corpus.run(_params(tiny_tokenizer_dir, embedded_data={"longqa_min_tokens": 50,
+    with pytest.raises(InputError, match=r"prepare_corpus\.longqa_max_tokens: max_tokens 100 leaves no room"):
+        prepare_corpus.run(_params(tiny_tokenizer_dir, prepare_corpus={"longqa_min_tokens": 50,
                                                                       "longqa_max_tokens": 100}))
     _assert_nothing_finished(in_tmp, "data/corpus")
 
@@ -498,12 +502,13 @@ def test_pretrain_truncated_zst_stops_even_with_skip(in_tmp, tiny_tokenizer_dir,
     data = zstandard.ZstdCompressor().compress(b"".join(json.dumps(r).encode() + b"\n" for r in records))
     (in_tmp / "rp.jsonl.zst").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(InputError, match=r"rp\.jsonl\.zst: cannot read: the file is truncated"):
-        prepare_pretrain.run(_params(tiny_tokenizer_dir, pretrain_data={"input": "rp.jsonl.zst", "on_error": "skip"}))
+        prepare_pretrain.run(_params(tiny_tokenizer_dir,
+                                     prepare_pretrain={"input": "rp.jsonl.zst", "on_error": "skip"}))
     _assert_nothing_finished(in_tmp, "data/pretrain")
-    assert not (in_tmp / "data/metrics/pretrain_data.json").exists()
+    assert not (in_tmp / "data/metrics/prepare_pretrain.json").exists()
 
 
-@pytest.mark.parametrize(("stage", "section"), [(prepare_pretrain, "pretrain_data"), (prepare_eval, "eval_data")])
+@pytest.mark.parametrize(("stage", "section"), [(prepare_pretrain, "prepare_pretrain"), (prepare_eval, "prepare_eval")])
 def test_nothing_read_says_what_happened(in_tmp, tiny_tokenizer_dir, stage, section):
     (in_tmp / "empty.jsonl").write_bytes(b"")
     with pytest.raises(InputError, match=r"empty\.jsonl: no documents.*: the input holds no records \(1 file read"):
@@ -537,7 +542,7 @@ def test_a_local_looking_model_path_that_does_not_exist_fails_at_once(in_tmp, mo
     with pytest.raises(InputError, match=r"model\.name_or_path '.*': no such folder \(a local path, so the hub was "
                                          r"not asked\)"):
         prepare_pretrain.run(parse_params(tiny_params_dict(model={"name_or_path": name},
-                                                           pretrain_data={"input": "in.jsonl"})))
+                                                           prepare_pretrain={"input": "in.jsonl"})))
     assert _NoHub.calls == []
 
 
@@ -548,28 +553,28 @@ def test_a_model_folder_without_a_tokenizer_says_so(in_tmp):
     with pytest.raises(InputError, match=r"model\.name_or_path 'model': the folder has no tokenizer \(none of "
                                          r"tokenizer\.json"):
         prepare_pretrain.run(parse_params(tiny_params_dict(model={"name_or_path": "model"},
-                                                           pretrain_data={"input": "in.jsonl"})))
+                                                           prepare_pretrain={"input": "in.jsonl"})))
     (in_tmp / "model/config.json").unlink()
     (in_tmp / "model/NOT_BUILT.txt").write_text("No embedded base model was built")
     with pytest.raises(InputError, match="holds only NOT_BUILT.txt: build_base_model did not build a model there"):
         prepare_eval.run(parse_params(tiny_params_dict(model={"name_or_path": "model"},
-                                                       eval_data={"input": "in.jsonl"})))
+                                                       prepare_eval={"input": "in.jsonl"})))
     (in_tmp / "weights.bin").write_bytes(b"")
     with pytest.raises(InputError, match=r"model\.name_or_path 'weights\.bin': is a file"):
         prepare_eval.run(parse_params(tiny_params_dict(model={"name_or_path": "weights.bin"},
-                                                       eval_data={"input": "in.jsonl"})))
+                                                       prepare_eval={"input": "in.jsonl"})))
 
 
 def test_sft_json_holding_one_object_is_refused(in_tmp, tiny_tokenizer_dir):
     (in_tmp / "one.json").write_text(json.dumps(LONGALPACA[0]), encoding="utf-8")
     with pytest.raises(InputError, match=r"one\.json: a JSON object, not an array of records"):
-        prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "one.json", "on_error": "skip"}))
+        prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": "one.json", "on_error": "skip"}))
     (in_tmp / "one.json").write_text(json.dumps([LONGALPACA[0]]), encoding="utf-8")
-    assert prepare_sft.run(_params(tiny_tokenizer_dir, sft_data={"input": "one.json"}))["examples"] == 1
+    assert prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": "one.json"}))["examples"] == 1
 
 
 def test_eval_text_field_does_not_apply_to_txt_files(in_tmp, tiny_tokenizer_dir, texts):
     (in_tmp / "docs").mkdir()
     (in_tmp / "docs/a.txt").write_text(texts[0], encoding="utf-8")
-    metrics = prepare_eval.run(_params(tiny_tokenizer_dir, eval_data={"input": "docs", "text_field": "content"}))
+    metrics = prepare_eval.run(_params(tiny_tokenizer_dir, prepare_eval={"input": "docs", "text_field": "content"}))
     assert metrics["documents"] == 1 and metrics["skipped_records"] == 0
