@@ -126,12 +126,14 @@ class StageOutput:
             ...                                   # the work; nothing has been written yet
             with out.publish() as tmp:            # a fresh folder; it replaces data/eval if the block succeeds
                 ...
-            metrics = out.write_metrics(metrics)  # adds "stage", the metrics file's own marker
+            metrics = out.write_metrics(metrics)  # adds "stage", the metrics file's own marker, and "params"
     """
 
     def __init__(self, owner: str, path: str | Path, param: str, metrics_file: str | Path | None = None,
-                 metrics_param: str = "metrics_file"):
+                 metrics_param: str = "metrics_file", params: dict | None = None):
         self.owner = owner
+        self.params = params
+        """The stage's effective parameters (derived defaults filled in), reported beside its metrics."""
         self.path = Path(path).expanduser()
         self.param = param
         self.metrics_file = Path(metrics_file).expanduser() if metrics_file is not None else None
@@ -320,13 +322,16 @@ class StageOutput:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def write_metrics(self, metrics: dict) -> dict:
-        """Write the metrics file (with `"stage"`, its marker) atomically; return what was written."""
+        """Write the metrics file (with `"stage"`, its marker, and `"params"` when given) atomically; return what
+        was written."""
         if self.metrics_file is None:
             raise ValueError(f"stage {self.owner}: no metrics file was named")
         if self._lock is None:
             raise RuntimeError("use StageOutput as a context manager: the output is claimed in __enter__")
         self._check_metrics_file()
         written = {"stage": self.owner, **metrics}
+        if self.params is not None:
+            written["params"] = self.params
         write_json(self.metrics_file, written)
         return written
 

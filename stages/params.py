@@ -271,11 +271,6 @@ class EmbeddedDataParams(Section):
     """Longest LongQA instruction in tokens; None: 85 % of model.target_context, which leaves room for the prompt
     template and the answer, so that prepare_sft's default `drop` policy keeps every example."""
 
-    def longqa_range(self, target_context: int) -> tuple[int, int]:
-        """(min, max) instruction tokens of the LongQA examples."""
-        return (self.longqa_min_tokens or target_context // 2,
-                self.longqa_max_tokens or int(0.85 * target_context))
-
 
 class PretrainDataParams(Section):
     """Stage `prepare_pretrain`: RedPajama-format text → fixed blocks of tokens with document boundaries."""
@@ -407,6 +402,26 @@ class Params(Section):
     prepare_eval: EvalDataParams = EvalDataParams()
 
     @model_validator(mode="after")
+    def _derive_defaults(self) -> Self:
+        """Fill in every default that derives from another value, here and nowhere else: stages read the effective
+        value, and their metrics report it (`params` in each metrics file). Runs before the checks below."""
+        target = self.model.target_context
+        derived = {
+            "prepare_corpus": {"eval_min_tokens": 2 * target, "longqa_min_tokens": target // 2,
+                               "longqa_max_tokens": int(0.85 * target)},
+            "prepare_pretrain": {"block_length": target},
+            "prepare_sft": {"max_length": target},
+            "prepare_eval": {"lengths": tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))},
+        }
+        for name, defaults in derived.items():
+            section = getattr(self, name)
+            unset = {key: value for key, value in defaults.items() if getattr(section, key) is None}
+            if unset:
+                # Frozen for the stages that read it; this validator is still building the object.
+                object.__setattr__(self, name, section.model_copy(update=unset))
+        return self
+
+    @model_validator(mode="after")
     def _cross_section(self) -> Self:
         try:
             self.s2attn.group_size_for(self.model.target_context)
@@ -418,21 +433,20 @@ class Params(Section):
     def _data_fits_model(self) -> Self:
         target = self.model.target_context
         block = self.prepare_pretrain.block_length
-        if block is not None:
-            if block > target:
-                raise ValueError(
-                    f"prepare_pretrain.block_length {block} exceeds model.target_context {target}: "
-                    "the model cannot take blocks longer than the context it is extended to"
-                )
-            try:
-                self.s2attn.group_size_for(block)
-            except ValueError as err:
-                raise ValueError(f"prepare_pretrain.block_length vs s2attn: {err}") from None
-        low, high = self.prepare_corpus.longqa_range(target)
+        if block > target:
+            raise ValueError(
+                f"prepare_pretrain.block_length {block} exceeds model.target_context {target}: "
+                "the model cannot take blocks longer than the context it is extended to"
+            )
+        try:
+            self.s2attn.group_size_for(block)
+        except ValueError as err:
+            raise ValueError(f"prepare_pretrain.block_length vs s2attn: {err}") from None
+        low, high = self.prepare_corpus.longqa_min_tokens, self.prepare_corpus.longqa_max_tokens
         if low > high:
             raise ValueError(f"prepare_corpus: LongQA instructions of {low} to {high} tokens: the minimum exceeds the "
                              "maximum (longqa_min_tokens, longqa_max_tokens, defaults from model.target_context)")
-        if self.prepare_sft.max_length is not None and self.prepare_sft.max_length > target:
+        if self.prepare_sft.max_length > target:
             raise ValueError(
                 f"prepare_sft.max_length {self.prepare_sft.max_length} exceeds model.target_context {target}"
             )
@@ -489,7 +503,8 @@ class Params(Section):
     def output(self, stage: str) -> StageOutput:
         """The stage's output folder and metrics file, to claim before any work (`with params.output(...)`)."""
         p = getattr(self, stage)
-        return StageOutput(stage, p.out_dir, f"{stage}.out_dir", p.metrics_file, f"{stage}.metrics_file")
+        return StageOutput(stage, p.out_dir, f"{stage}.out_dir", p.metrics_file, f"{stage}.metrics_file",
+                           params=p.model_dump(mode="json"))
 
 
 def _relation(a: Path, b: Path) -> str | None:

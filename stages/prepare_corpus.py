@@ -50,8 +50,6 @@ def _run(params: Params, out: StageOutput) -> dict:
         with rust_parallelism():
             return encode(texts)[0].tolist()
 
-    target = params.model.target_context
-    min_eval_tokens = p.eval_min_tokens or 2 * target
     metrics: dict = {}
     with out.publish() as tmp:
         metrics["pretrain_documents"], metrics["pretrain_chars"] = _write_pretrain(
@@ -60,28 +58,29 @@ def _run(params: Params, out: StageOutput) -> dict:
         heldout = list(params.embedded_corpus.documents("heldout"))
         order = np.random.default_rng(p.seed).permutation(len(heldout))
         eval_lengths = _write_eval(tmp / "eval", [(heldout[i].name, heldout[i].text) for i in order],
-                                   count_tokens, min_eval_tokens, p.eval_documents)
+                                   count_tokens, p.eval_min_tokens, p.eval_documents)
         if not eval_lengths:
             raise InputError(
                 f"prepare_corpus.eval_min_tokens: the held-out split ({len(heldout)} files) does not add up to one "
-                f"document of {min_eval_tokens} tokens; lower it or raise embedded_corpus.max_documents"
+                f"document of {p.eval_min_tokens} tokens; lower it or raise embedded_corpus.max_documents"
             )
-        metrics.update(eval_documents=len(eval_lengths), eval_min_tokens=min(eval_lengths),
-                       eval_median_tokens=int(np.median(eval_lengths)), eval_target_tokens=min_eval_tokens)
+        metrics.update(eval_documents=len(eval_lengths), eval_shortest_tokens=min(eval_lengths),
+                       eval_median_tokens=int(np.median(eval_lengths)))
 
-        lo, hi = p.longqa_range(target)
         for split, count, filename in (("extend", p.longqa_examples, "longqa.json"),
                                        ("heldout", p.longqa_heldout_examples, "longqa_heldout.json")):
             files = [(d.name, d.text) for d in params.embedded_corpus.documents(split)]
             try:
-                examples, qa = generate_longqa(files, count_tokens, count, lo, hi, seed=p.seed,
+                examples, qa = generate_longqa(files, count_tokens, count, p.longqa_min_tokens,
+                                               p.longqa_max_tokens, seed=p.seed,
                                                source=f"python-stdlib/{split}")
             except ValueError as err:
                 raise InputError(f"prepare_corpus.longqa_max_tokens: {err}") from None
             if count and not examples:
                 raise InputError(
                     f"prepare_corpus: no LongQA question could be made from the {split} split ({len(files)} files, "
-                    f"{lo}–{hi} tokens per instruction); raise embedded_corpus.max_documents or model.target_context"
+                    f"{p.longqa_min_tokens}–{p.longqa_max_tokens} tokens per instruction); raise "
+                    "embedded_corpus.max_documents or model.target_context"
                 )
             _write_json_list(tmp / filename, examples)
             key = "longqa" if split == "extend" else "longqa_heldout"

@@ -28,12 +28,6 @@ from stages import _cli
 from stages.params import Params
 
 
-def evaluation_lengths(params: Params) -> tuple[int, ...]:
-    """The context lengths evaluated: prepare_eval.lengths, or model.target_context / 4, / 2 and × 1."""
-    target = params.model.target_context
-    return params.prepare_eval.lengths or tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))
-
-
 def run(params: Params) -> dict:
     """Tokenize the documents into one stream, record offsets and length coverage; return metrics."""
     with params.output("prepare_eval") as out:  # checked and locked before any work
@@ -68,10 +62,9 @@ def _run(params: Params, out: StageOutput) -> dict:
             writer.abort()
             raise InputError(f"prepare_eval.input {p.input}: no documents: {read.why_nothing()}")
         lengths = np.concatenate(doc_lengths)
-        eval_lengths = evaluation_lengths(params)
-        reaching = {str(n): int((lengths >= n).sum()) for n in eval_lengths}
+        reaching = {str(n): int((lengths >= n).sum()) for n in p.lengths}
         writer.close({"tokenizer": params.model.name_or_path, "vocab_size": len(tokenizer), "eos_id": eos_id,
-                      "bos_id": bos_id, "evaluation_lengths": list(eval_lengths), "documents_reaching": reaching})
+                      "bos_id": bos_id, "evaluation_lengths": list(p.lengths), "documents_reaching": reaching})
 
     metrics = {
         "documents": len(lengths),

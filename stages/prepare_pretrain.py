@@ -41,13 +41,12 @@ def run(params: Params) -> dict:
 
 def _run(params: Params, out: StageOutput) -> dict:
     p = params.prepare_pretrain
-    block_len = p.block_length or params.model.target_context
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
     eos_id, bos_id, pad_id = special_ids(tokenizer, p.bos, "prepare_pretrain.bos")
     dtype = token_dtype(len(tokenizer), p.dtype, "prepare_pretrain.dtype")
     encoder = BatchEncoder(tokenizer, dtype)
-    packer = BlockPacker(block_len, eos_id, bos_id, dtype)
+    packer = BlockPacker(p.block_length, eos_id, bos_id, dtype)
     read = ReadStats()
     records = iter_texts(p.input, text_field=p.text_field, on_error=p.on_error, stats=read,
                          hub_split=p.hub_split, hub_config=p.hub_config)
@@ -56,7 +55,7 @@ def _run(params: Params, out: StageOutput) -> dict:
 
     tokenize_started = time.perf_counter()
     with out.publish() as tmp:
-        writer = PackedBlocksWriter(tmp, block_len, dtype)
+        writer = PackedBlocksWriter(tmp, p.block_length, dtype)
         try:
             for lengths, flat in encode_batches(batches, encoder, p.num_proc):
                 writer.write(packer.add(lengths, flat))
@@ -70,7 +69,7 @@ def _run(params: Params, out: StageOutput) -> dict:
         if packer.blocks == 0:
             writer.abort()
             raise InputError(
-                f"prepare_pretrain.input {p.input}: {packer.tokens} tokens do not fill one block of {block_len}; "
+                f"prepare_pretrain.input {p.input}: {packer.tokens} tokens do not fill one block of {p.block_length}; "
                 "use more text, a shorter block_length, or remainder: pad"
             )
         seconds = time.perf_counter() - tokenize_started
@@ -85,16 +84,14 @@ def _run(params: Params, out: StageOutput) -> dict:
         "documents": packer.documents,
         "tokens": packer.tokens,
         "blocks": packer.blocks,
-        "block_length": block_len,
         "dtype": dtype.name,
-        "remainder": p.remainder,
         "dropped_tokens": packer.dropped_tokens,
         "padded_tokens": packer.padded_tokens,
         **read.as_dict(),
         "tokens_per_second": round(packer.tokens / max(seconds, 1e-9)),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    log.info("%d documents → %d blocks of %d tokens (%s tokens/s)", packer.documents, packer.blocks, block_len,
+    log.info("%d documents → %d blocks of %d tokens (%s tokens/s)", packer.documents, packer.blocks, p.block_length,
              f"{metrics['tokens_per_second']:,}")
     return out.write_metrics(metrics)
 

@@ -52,7 +52,6 @@ def run(params: Params) -> dict:
 
 def _run(params: Params, out: StageOutput) -> dict:
     p = params.prepare_sft
-    max_length = p.max_length or params.model.target_context
     started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
     if tokenizer.eos_token_id is None:
@@ -72,7 +71,7 @@ def _run(params: Params, out: StageOutput) -> dict:
         with pa.OSFile(str(raw), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as arrow:
             while batch := list(itertools.islice(records, BATCH_RECORDS)):
                 ids, labels = [], []
-                for fitted in _fit_batch(batch, tokenizer, p, max_length, problems):
+                for fitted in _fit_batch(batch, tokenizer, p, problems):
                     if fitted.input_ids is None:
                         counts["dropped"] += 1
                         continue
@@ -89,7 +88,7 @@ def _run(params: Params, out: StageOutput) -> dict:
                         schema=SCHEMA))
         examples = counts["kept"]
         if examples == 0:
-            raise InputError(f"prepare_sft.input {p.input}: no example left: {_why_none(read, counts, max_length)}")
+            raise InputError(f"prepare_sft.input {p.input}: no example left: {_why_none(read, counts, p.max_length)}")
         order = length_grouped_order(lengths, p.group_batch_size, p.seed) if p.group_by_length else None
         _save_dataset(raw, tmp, order)
 
@@ -99,15 +98,12 @@ def _run(params: Params, out: StageOutput) -> dict:
         "dropped_prompt_too_long": counts["dropped"],
         "answer_truncated": counts["answer_truncated"],
         "prompt_truncated": counts["prompt_truncated"],
-        "max_length": max_length,
-        "template": p.template,
         "tokens": int(sum(lengths)),
         "label_tokens": label_tokens,
         "longest": int(max(lengths)),
         "mean_length": round(float(np.mean(lengths)), 1),
         "padding_fraction": round(padding_fraction(written, p.group_batch_size), 4),
         "padding_fraction_ungrouped": round(padding_fraction(lengths, p.group_batch_size), 4),
-        "group_by_length": p.group_by_length,
         **read.as_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -125,7 +121,7 @@ def _why_none(read: ReadStats, counts: dict, max_length: int) -> str:
             "truncate_middle or a longer prepare_sft.max_length")
 
 
-def _fit_batch(batch, tokenizer, p, max_length: int, problems: Problems):
+def _fit_batch(batch, tokenizer, p, problems: Problems):
     valid = []
     for record in batch:
         try:
@@ -144,7 +140,7 @@ def _fit_batch(batch, tokenizer, p, max_length: int, problems: Problems):
         answer_ids = tokenizer(list(answers), add_special_tokens=False)
     eos = tokenizer.eos_token_id
     for prompt, answer in zip(prompt_ids["input_ids"], answer_ids["input_ids"], strict=True):
-        yield fit_example(prompt, [*answer, eos], max_length, p.truncation)
+        yield fit_example(prompt, [*answer, eos], p.max_length, p.truncation)
 
 
 def _list_array(rows: list[np.ndarray]) -> pa.ListArray:

@@ -109,8 +109,10 @@ def test_cli_reports_bad_params_in_one_line(in_tmp, capsys):
 
 
 def test_another_base_model_means_nothing_to_build(in_tmp):
-    metrics = build_base_model.run(parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"})))
-    assert metrics == {"stage": "build_base_model", "built": False, "base_model": "meta-llama/Llama-2-7b-hf"}
+    params = parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"}))
+    metrics = build_base_model.run(params)
+    assert metrics == {"stage": "build_base_model", "built": False, "base_model": "meta-llama/Llama-2-7b-hf",
+                       "params": params.build_base_model.model_dump(mode="json")}
     assert sorted(p.name for p in (in_tmp / "data/base_model").iterdir()) == [OUTPUT_MARKER, "NOT_BUILT.txt"]
     assert json.loads((in_tmp / "data/metrics/build_base_model.json").read_text()) == metrics
 

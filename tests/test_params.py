@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from stages.params import ParamsError, load_params, parse_params
 from tests.conftest import ROOT, tiny_params_dict
@@ -16,6 +17,22 @@ def test_project_params_are_valid():
     assert params.lora.r == 8 and params.lora.alpha == 16
     assert params.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert params.s2attn.group_size_for(params.model.target_context) == params.model.target_context // 4
+
+
+def test_derived_defaults_are_resolved_once_from_the_target_context():
+    params = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert raw["model"]["target_context"] == 1024 and raw["prepare_pretrain"]["block_length"] is None
+    corpus = params.prepare_corpus
+    assert (corpus.eval_min_tokens, corpus.longqa_min_tokens, corpus.longqa_max_tokens) == (2048, 512, 870)
+    assert params.prepare_pretrain.block_length == 1024
+    assert params.prepare_sft.max_length == 1024
+    assert params.prepare_eval.lengths == (256, 512, 1024)
+    explicit = parse_params(tiny_params_dict(prepare_pretrain={"block_length": 64}, prepare_eval={"lengths": [100]},
+                                             prepare_corpus={"eval_min_tokens": 300}))
+    assert explicit.prepare_pretrain.block_length == 64 and explicit.prepare_eval.lengths == (100,)
+    assert explicit.prepare_corpus.eval_min_tokens == 300
+    assert explicit.prepare_sft.max_length == explicit.model.target_context == 128
 
 
 def test_unknown_key_is_rejected_with_its_path():
@@ -105,8 +122,6 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
 
 
 def test_full_size_profile_is_valid_and_in_step_with_params_yaml():
-    import yaml
-
     full_raw = yaml.safe_load((ROOT / "configs/llama2-7b-32k.yaml").read_text())
     default_raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert _keys(full_raw) == _keys(default_raw), "configs/llama2-7b-32k.yaml drifted from params.yaml"
