@@ -3,7 +3,9 @@ both run every stage of dvc.yaml on tiny parameters and write the artifacts."""
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.longlora_flow import stage_order
+from pipelines.longlora_flow import _paths, _under, stage_order
+from stages.params import STAGES, load_params
 from tests.conftest import ROOT, tiny_params_dict
 
 PROJECT_FILES = ["dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
@@ -47,6 +50,65 @@ def test_stage_order_rejects_foreign_commands(tmp_path):
 
 def test_project_stage_order_starts_with_the_base_model():
     assert stage_order(ROOT / "dvc.yaml")[0] == "build_base_model"
+
+
+def _module_file(name: str) -> Path | None:
+    for path in (ROOT / f"{name.replace('.', '/')}.py", ROOT / name.replace(".", "/") / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def _project_imports(module: str) -> set[str]:
+    """Files of this project that `module` imports, directly or through another (function-level imports too)."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or path in seen or name.split(".")[0] not in ("longlora", "stages"):
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return {path.relative_to(ROOT).as_posix() for path in seen if path.name != "__init__.py"}
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def test_every_stage_declares_the_code_params_and_data_it_reads():
+    """dvc.yaml's deps and params are what each stage really reads, so that `dvc repro` reruns exactly when needed."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_params(ROOT / "params.yaml")
+    assert stage_order(ROOT / "dvc.yaml") == list(STAGES), "the Prefect flow and params.py must know the same stages"
+    produced = [out for stage in spec.values() for out in _paths(stage.get("outs"))]
+    for name, stage in spec.items():
+        deps, declared = _paths(stage["deps"]), stage["params"]
+        assert deps[:3] == [f"stages/{name}.py", "stages/_cli.py", "stages/params.py"], name
+        missing = sorted(_project_imports(f"stages.{name}") - set(deps))
+        assert not missing, f"{name} imports {missing}: list them in its deps"
+        for dep in deps:
+            assert (ROOT / dep).exists() or any(_under(dep, out) for out in produced), f"{name}: no such dep {dep}"
+        for key in declared:
+            assert _has_key(raw, key), f"{name} declares params {key!r}, which params.yaml does not have"
+        # Every section a stage's code reads (`params.<section>.<key>`) is declared, whole or key by key.
+        source = (ROOT / f"stages/{name}.py").read_text(encoding="utf-8")
+        read = set(re.findall(r"\bparams\.(\w+)\.(\w+)", source)) | {(name, "")}
+        for section, key in read:
+            assert section in declared or f"{section}.{key}" in declared, f"{name} reads {section}.{key}"
+        own = getattr(params, name)
+        assert _paths(stage["outs"]) == [str(own.out_dir)]
+        assert _paths(stage["metrics"]) == [str(own.metrics_file)]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -88,6 +150,15 @@ def test_dvc_repro_runs_the_pipeline_in_a_fresh_repo(tmp_path):
     assert "Data and pipelines are up to date" in _run([*dvc, "status"], repo, env)
     changed = _run([*dvc, "repro", "--dry", "build_base_model"], repo, env)
     assert "didn't change, skipping" in changed
+    # build_base_model builds only when model.name_or_path is its own output: switching models makes it stale.
+    params_text = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params_text.replace("name_or_path: data/base_model",
+                                                          "name_or_path: meta-llama/Llama-2-7b-hf"))
+    assert "model.name_or_path" in _run([*dvc, "status", "build_base_model"], repo, env)
+    (repo / "params.yaml").write_text(params_text)
+    # Every stage's metrics report the parameters it ran with, derived defaults resolved.
+    shown = _run([*dvc, "metrics", "show", "--json"], repo, env)
+    assert '"block_length": 128' in shown  # prepare_pretrain.block_length: null, model.target_context 128
 
     # An experiment with one parameter changed reruns what depends on it and records the new value.
     _run([*dvc, "exp", "run", "-S", "build_base_model.steps=6"], repo, env)
