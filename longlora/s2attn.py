@@ -163,7 +163,7 @@ class _Merge(torch.autograd.Function):
 
 
 def _kv_halves(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, slice, slice]:
-    """Key/value (possibly head-repeated) and the kv head slices serving query heads [0, h/2) and [h/2, h)."""
+    """Key/value (possibly head-repeated) and the kv head slices serving query heads [0, h//2) and [h//2, h)."""
     heads_kv = key.shape[1]
     half, n_rep = heads // 2, heads // heads_kv
     if heads_kv == 1:
@@ -172,8 +172,9 @@ def _kv_halves(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torc
     if half % n_rep == 0:
         # The half boundary falls between kv heads: each half keeps a uniform GQA ratio on its own slice.
         return key, value, slice(0, half // n_rep), slice(half // n_rep, heads_kv)
-    # A kv head straddles the boundary (e.g. 6 heads, 3 kv heads): no slice gives a uniform ratio, so repeat. Index in
-    # the (b, n, h, d) layout so the grouped views of the copy stay views.
+    # A kv head straddles the boundary (e.g. 6 heads, 3 kv heads, or any grouped-query model with an odd number of
+    # heads: 9 and 3, 15 and 5): no slice gives a uniform ratio, so each query head gets its own copy of its kv head.
+    # Index in the (b, n, h, d) layout so the grouped views of the copy stay views.
     index = torch.arange(heads, device=key.device) // n_rep
     key = key.transpose(1, 2).index_select(2, index).transpose(1, 2)
     value = value.transpose(1, 2).index_select(2, index).transpose(1, 2)
@@ -192,8 +193,6 @@ def _validate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group
             f"S²-Attn needs key/value of batch {b} and sequence length {n} like the query (no KV cache), got key "
             f"{tuple(key.shape)}, value {tuple(value.shape)}"
         )
-    if heads % 2:
-        raise ValueError(f"S²-Attn splits heads in two halves: number of attention heads {heads} must be even")
     heads_kv = key.shape[1]
     if heads_kv == 0 or heads % heads_kv:
         raise ValueError(f"key/value heads {heads_kv} do not divide attention heads {heads}")
@@ -213,10 +212,10 @@ def shifted_sparse_attention(
 ) -> torch.Tensor:
     """S²-Attn with the layout of ``F.scaled_dot_product_attention(query, key, value, is_causal=True)``.
 
-    query (b, h, n, d), key/value (b, h_kv, n, d) with h_kv dividing h; returns (b, h, n, d). Heads ``[0, h/2)``
-    attend causally within groups ``[kG, (k+1)G)``, heads ``[h/2, h)`` within ``[0, G/2), [G/2, 3G/2), …,
-    [n−G/2, n)``. Raises ValueError when n is not a multiple of ``group_size``, ``group_size`` is odd, h is odd or
-    h_kv does not divide h.
+    query (b, h, n, d), key/value (b, h_kv, n, d) with h_kv dividing h; returns (b, h, n, d). Heads ``[0, h//2)``
+    attend causally within groups ``[kG, (k+1)G)``, heads ``[h//2, h)`` within ``[0, G/2), [G/2, 3G/2), …,
+    [n−G/2, n)`` (with an odd h the shifted half has one head more, as in the reference's ``num_heads // 2`` split).
+    Raises ValueError when n is not a multiple of ``group_size``, ``group_size`` is odd or h_kv does not divide h.
     """
     _validate(query, key, value, group_size)
     b, heads, n, _ = query.shape
@@ -225,29 +224,36 @@ def shifted_sparse_attention(
     def attend(q, k, v):
         return _causal_attention(q, k, v, scale, dropout_p)
 
-    # Regions in (b, h, n, d): the unshifted half whole, and the shifted half as [0, G/2), [G/2, n − G/2) (the
-    # n/G − 1 full shifted groups; empty when G == n) and [n − G/2, n).
-    def regions(first: slice, second: slice) -> list[tuple[slice, slice]]:
-        parts = [(first, slice(None)), (second, slice(0, shift)), (second, slice(n - shift, n))]
-        return parts + [(second, slice(shift, n - shift))] if n > group_size else parts
+    def regions(unshifted: slice, shifted: slice) -> dict[str, tuple[slice, slice]]:
+        """(head slice, seq slice) of each part in (b, h, n, d): the unshifted heads whole (none when h == 1), and
+        the shifted heads' edge half-groups [0, G/2) and [n − G/2, n) and their n/G − 1 full groups in between."""
+        parts = {"unshifted": (unshifted, slice(None))} if half else {}
+        parts |= {"head": (shifted, slice(0, shift)), "tail": (shifted, slice(n - shift, n))}
+        if n > group_size:
+            parts["middle"] = (shifted, slice(shift, n - shift))
+        return parts
 
-    key, value, kv_first, kv_second = _kv_halves(key, value, heads)
-    overlapping = kv_first == kv_second
-    q0, q_head, q_tail, *q_mid = _Split.apply(query, regions(slice(0, half), slice(half, heads)), False)
-    k0, k_head, k_tail, *k_mid = _Split.apply(key, regions(kv_first, kv_second), overlapping)
-    v0, v_head, v_tail, *v_mid = _Split.apply(value, regions(kv_first, kv_second), overlapping)
+    key, value, kv_unshifted, kv_shifted = _kv_halves(key, value, heads)
+    q_regions = regions(slice(0, half), slice(half, heads))
+    kv_regions = regions(kv_unshifted, kv_shifted)
+    overlapping = kv_unshifted == kv_shifted
+    q, k, v = (
+        dict(zip(parts, _Split.apply(x, list(parts.values()), overlap), strict=True))
+        for x, parts, overlap in ((query, q_regions, False), (key, kv_regions, overlapping),
+                                  (value, kv_regions, overlapping))
+    )
 
-    out0 = _ungroup(attend(_group(q0, group_size), _group(k0, group_size), _group(v0, group_size)), b)
+    out = {}
+    for part in ("unshifted", "middle"):
+        if part in q:
+            out[part] = _ungroup(attend(*(_group(x[part], group_size) for x in (q, k, v))), b)
     # Both edge half-groups as one batch of 2b segments of length G/2.
-    edges = [torch.cat(pair, dim=0) for pair in ((q_head, q_tail), (k_head, k_tail), (v_head, v_tail))]
-    out_edges = _ungroup(attend(*edges), 2 * b)
-    pieces = [out0, out_edges[:b], out_edges[b:]]
-    if q_mid:
-        pieces.append(_ungroup(attend(*(_group(x[0], group_size) for x in (q_mid, k_mid, v_mid))), b))
+    edges = _ungroup(attend(*(torch.cat((x["head"], x["tail"]), dim=0) for x in (q, k, v))), 2 * b)
+    out["head"], out["tail"] = edges[:b], edges[b:]
 
     # Output in (b, n, h, d) memory so the caller's transpose(1, 2).contiguous() is free.
-    out_regions = [(seq, heads) for heads, seq in regions(slice(0, half), slice(half, heads))]
-    return _Merge.apply((b, n, heads, value.shape[-1]), out_regions, *pieces).transpose(1, 2)
+    out_regions = [(seq, head_slice) for head_slice, seq in q_regions.values()]
+    return _Merge.apply((b, n, heads, value.shape[-1]), out_regions, *(out[part] for part in q_regions)).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -370,6 +376,12 @@ def _dense_attention(module, query, key, value, attention_mask, dropout, scaling
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
+_UNSUPPORTED_SCORE_TERMS = {
+    "softcap": "attention logit soft-capping (Gemma 2's attn_logit_softcapping)",
+    "s_aux": "attention sinks (gpt-oss)",
+}
+
+
 def s2attn_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -391,6 +403,12 @@ def s2attn_attention_forward(
         is_causal = getattr(module, "is_causal", True)
     if not is_causal:
         raise ValueError(f"S²-Attn supports causal self-attention only; {type(module).__name__} is not causal")
+    # Terms that change the attention scores themselves: neither the S² kernels nor SDPA (the dense path) apply
+    # them, and leaving one out would train and evaluate a different model without a word.
+    for name, what in _UNSUPPORTED_SCORE_TERMS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"S²-Attn does not implement {what}: {type(module).__name__} passes "
+                             f"{name}={kwargs[name]!r}; disable it in the model config or train with sdpa or eager")
     four_d = attention_mask is not None and attention_mask.dim() == 4
     if not module.training or query.shape[2] != key.shape[2] or four_d:
         if module.training and four_d:

@@ -62,6 +62,13 @@ SHAPES = [  # batch, heads, kv heads, seq, group
     (2, 6, 3, 32, 8),  # a kv head straddles the halves: repeat fallback
     (2, 12, 3, 16, 4),  # repeat fallback with n_rep 4
     (1, 2, 2, 8, 2),  # smallest group
+    # Odd head counts: heads [0, h//2) unshifted, [h//2, h) shifted (one more), as the reference splits them.
+    (2, 9, 3, 32, 8),  # grouped-query with an odd count never aligns with the halves: kv expanded per query head
+    (2, 15, 5, 32, 8),
+    (2, 3, 1, 32, 8),  # multi-query: 1 unshifted and 2 shifted heads share the kv head
+    (2, 9, 9, 32, 8),
+    (2, 5, 5, 16, 16),  # group == seq
+    (1, 1, 1, 16, 4),  # a single head: no unshifted half
 ]
 
 
@@ -102,12 +109,12 @@ def test_float32_matches_reference():
     torch.testing.assert_close(shifted_sparse_attention(q, k, v, 16), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_no_token_sees_a_later_token(seed):
+@pytest.mark.parametrize(("seed", "heads", "heads_kv"), [(0, 8, 4), (1, 8, 4), (2, 9, 3), (3, 15, 5)])
+def test_no_token_sees_a_later_token(seed, heads, heads_kv):
     """Perturbing key/value at position t (the last one, then random ones) changes no output before t."""
     gen = torch.Generator().manual_seed(seed)
     n, group_size = 32, 8
-    q, k, v = (x.detach() for x in make_qkv(2, 8, 4, n, seed=seed))
+    q, k, v = (x.detach() for x in make_qkv(2, heads, heads_kv, n, seed=seed))
     out = shifted_sparse_attention(q, k, v, group_size)
     positions = [n - 1, *torch.randint(1, n - 1, (3,), generator=gen).tolist()]
     for t in positions:
@@ -152,7 +159,9 @@ def test_dropout_is_applied():
     assert not torch.allclose(dropped, plain)
 
 
-def test_flash_attn_path_uses_bshd_views(monkeypatch):
+@pytest.mark.parametrize(("heads", "heads_kv", "kv_heads_per_call"),
+                         [(8, 2, {1}), (9, 3, {4, 5}), (3, 1, {1}), (9, 9, {4, 5})])
+def test_flash_attn_path_uses_bshd_views(monkeypatch, heads, heads_kv, kv_heads_per_call):
     """flash-attn is not installable here: a stand-in with its signature checks what the path hands over."""
     calls = []
 
@@ -166,11 +175,15 @@ def test_flash_attn_path_uses_bshd_views(monkeypatch):
 
     monkeypatch.setattr(s2, "_use_flash_attn", lambda q: True)
     monkeypatch.setattr(s2, "_flash_attn_func", lambda: fake_flash_attn_func)
-    q, k, v = make_qkv(2, 8, 2, 32, seed=5)
+    q, k, v = make_qkv(2, heads, heads_kv, 32, seed=5)
     out = shifted_sparse_attention(q, k, v, 8, scale=0.3)
     torch.testing.assert_close(out, reference(q, k, v, 8, scale=0.3), rtol=1e-10, atol=1e-10)
-    assert (8, 8, 4, 8) in [c[0] for c in calls]  # 2 batches × 4 groups, (B, S=G, H=heads/2, D)
-    assert all(c[1][2] == 1 and c[3] == 0.3 for c in calls)  # one kv head per half, scale passed
+    # 2 batches × 4 groups of the unshifted heads [0, h//2): (B, S=G, H=h//2, D)
+    assert (8, 8, heads // 2, 8) in [c[0] for c in calls]
+    # Each call gets the kv heads its query heads use: shared (multi-query), a slice per half, or one per query head
+    # when a kv head straddles the halves, as every grouped-query model with an odd number of heads has.
+    assert {c[1][2] for c in calls} == kv_heads_per_call
+    assert all(c[3] == 0.3 for c in calls)
 
 
 @pytest.mark.parametrize(
@@ -178,7 +191,7 @@ def test_flash_attn_path_uses_bshd_views(monkeypatch):
     [
         ((1, 4, 24, 8), (1, 4, 24, 8), 16, ["24", "16"]),  # seq not divisible
         ((1, 4, 30, 8), (1, 4, 30, 8), 5, ["5"]),  # odd group
-        ((1, 3, 16, 8), (1, 3, 16, 8), 4, ["3"]),  # odd heads
+        ((1, 9, 16, 8), (1, 2, 16, 8), 4, ["2", "9"]),  # kv heads do not divide an odd head count
         ((1, 8, 16, 8), (1, 3, 16, 8), 4, ["3", "8"]),  # kv heads do not divide heads
         ((1, 4, 16, 8), (1, 4, 12, 8), 4, ["16"]),  # key length differs (KV cache)
     ],
@@ -194,9 +207,10 @@ def test_invalid_shapes_raise_with_the_numbers(shape_q, shape_kv, group_size, nu
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_kernels_match_reference(dtype):
+@pytest.mark.parametrize(("heads", "heads_kv"), [(8, 2), (9, 3)])
+def test_cuda_kernels_match_reference(dtype, heads, heads_kv):
     """On CUDA the groups go through flash-attn when installed, else SDPA's fused kernels: same semantics."""
-    q, k, v = make_qkv(2, 8, 2, 256, d=64, dtype=torch.float64)
+    q, k, v = make_qkv(2, heads, heads_kv, 256, d=64, dtype=torch.float64)
     expected = reference(q, k, v, 64)
     got = shifted_sparse_attention(*(x.detach().to("cuda", dtype).requires_grad_() for x in (q, k, v)), 64)
     torch.testing.assert_close(got.double().cpu(), expected, atol=2e-2, rtol=2e-2)

@@ -1,50 +1,83 @@
-"""Model-level tests of the "s2attn" transformers backend on tiny Llama, Mistral and Qwen2 models."""
+"""Model-level tests of the "s2attn" transformers backend on tiny Llama, Mistral, Qwen2, Qwen3, Gemma and Phi-3 models.
+
+The families differ where it matters to an attention backend: Qwen3 normalises queries and keys per head, Gemma
+scales queries by its own rule and ties its embeddings, Phi-3 projects q, k and v with one fused matrix, Mistral and
+Qwen2 pass a sliding window. All of them reach S²-Attn through transformers' attention interface alone.
+"""
 
 import warnings
 
 import pytest
 import torch
+import transformers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import longlora.s2attn as s2
+from tests.test_s2attn import reference
 
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
 }
 VOCAB = 128
+HEAD_DIM = 16
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-def tiny(arch, attn="s2attn", group_size=8, seed=0, **overrides):
+def tiny(arch, attn="s2attn", group_size=8, seed=0, heads=4, kv_heads=2, **overrides):
     config_cls, model_cls = ARCHS[arch]
     fields = dict(
-        hidden_size=64,
+        hidden_size=heads * HEAD_DIM,
+        head_dim=HEAD_DIM,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         vocab_size=VOCAB,
         max_position_embeddings=256,
         pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config = config_cls(**{**fields, **overrides})
     if attn == "s2attn":
         s2.configure_s2attn(config, group_size=group_size)
     else:
+        config.s2attn_group_size = group_size  # read by the reference backend below
         config._attn_implementation = attn
     torch.manual_seed(seed)
     return model_cls(config)
+
+
+def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Dense attention with an explicit S² mask per head (tests/test_s2attn.py's float64 reference), as a backend."""
+    assert attention_mask is None and dropout == 0.0  # what the comparison below feeds it
+    group_size = s2.s2attn_group_size(module.config, query.shape[2])
+    return reference(query, key, value, group_size, scale=scaling).transpose(1, 2).contiguous(), None
+
+
+transformers.AttentionInterface.register("s2_reference", _reference_attention)
 
 
 def twin(model, arch, attn="sdpa", **overrides):
@@ -70,6 +103,46 @@ def count_s2_calls(monkeypatch):
 
     monkeypatch.setattr(s2, "shifted_sparse_attention", counting)
     return calls
+
+
+HEAD_SHAPES = [(4, 2), (9, 3)]  # (attention heads, key/value heads): even, and odd with grouped-query attention
+ODD_HEADS = [(15, 5), (3, 1), (9, 9), (5, 1)]  # more odd counts: grouped-query, multi-query, multi-head
+
+
+@pytest.mark.parametrize(("arch", "heads", "kv_heads"),
+                         [(arch, h, kv) for arch in ARCHS for h, kv in HEAD_SHAPES]
+                         + [("llama", h, kv) for h, kv in ODD_HEADS])
+def test_training_forward_and_gradients_equal_the_reference(arch, heads, kv_heads):
+    """The whole model in float64, S²-Attn against a dense backend masked head by head: logits and every gradient.
+    With an odd count, heads [0, h//2) are unshifted and [h//2, h) shifted."""
+    model = tiny(arch, heads=heads, kv_heads=kv_heads).double().train()
+    expected = tiny(arch, attn="s2_reference", heads=heads, kv_heads=kv_heads).double().train()
+    expected.load_state_dict(model.state_dict())
+    dense = tiny(arch, attn="sdpa", heads=heads, kv_heads=kv_heads).double().train()
+    dense.load_state_dict(model.state_dict())
+    ids = tokens(2, 32)
+    out, want = model(ids, labels=ids), expected(ids, labels=ids)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-9, atol=1e-9)
+    # Not vacuous: at 32 tokens in groups of 8, S² attends differently from dense attention.
+    assert (out.logits - dense(ids).logits).abs().max() > 1e-3
+    out.loss.backward()
+    want.loss.backward()
+    grads = dict(expected.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_attention_score_terms_s2_cannot_apply_are_refused():
+    """Gemma 2 soft-caps its attention logits: S² (and SDPA) would silently leave that out."""
+    config = Gemma2Config(hidden_size=64, head_dim=16, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0,
+                          attn_logit_softcapping=50.0)
+    s2.configure_s2attn(config, group_size=8)
+    model = Gemma2ForCausalLM(config).train()
+    with pytest.raises(ValueError, match=r"soft-capping .*: Gemma2Attention passes softcap=50\.0"):
+        model(tokens(1, 32), use_cache=False)
+    config.attn_logit_softcapping = None
+    assert Gemma2ForCausalLM(config).train()(tokens(1, 32), use_cache=False).logits.shape == (1, 32, VOCAB)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -106,9 +179,9 @@ def test_s2_is_active_in_training_and_dense_in_eval(arch, count_s2_calls):
     assert len(count_s2_calls) == 2  # eval never ran S²
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_right_padded_rows_equal_rows_alone(arch):
-    model = tiny(arch).train()
+@pytest.mark.parametrize(("arch", "heads", "kv_heads"), [(arch, 4, 2) for arch in ARCHS] + [("llama", 9, 3)])
+def test_right_padded_rows_equal_rows_alone(arch, heads, kv_heads):
+    model = tiny(arch, heads=heads, kv_heads=kv_heads).train()
     lengths = [64, 32, 16]  # multiples of the group size 8
     rows = [tokens(1, length, seed=i)[0] for i, length in enumerate(lengths)]
     ids = torch.zeros(3, 64, dtype=torch.long)
