@@ -4,6 +4,12 @@ Without the embeddings and norms LoRA does not learn long context (paper, table 
 against 8.12 with them). They are trained through PEFT's own `modules_to_save`, so they are written inside the
 standard adapter folder and a plain `PeftModel.from_pretrained` restores them: no `trainable_params.bin`, no
 `zero_to_fp32` step, and `merge_and_unload` folds everything into a plain model for serving stacks.
+
+Tied input/output embeddings (`tie_word_embeddings`, common in small models): a `modules_to_save` copy of the input
+embedding alone would train the input side only, while the output head kept the frozen original, and merging would
+untie them. PEFT's `ensure_weight_tying` wraps the output head around the very same trainable copy, so the adapter
+model, the reloaded adapter and the merged model all use the trained matrix on both sides, and the merged model
+stays tied.
 """
 
 from __future__ import annotations
@@ -45,6 +51,12 @@ def _check_targets(model: torch.nn.Module, target_modules: Sequence[str]) -> Non
         )
 
 
+def embeddings_tied(model: torch.nn.Module) -> bool:
+    """Whether the output head uses the input embedding's own weight (what `tie_word_embeddings` produces)."""
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
 def apply_lora_plus(
     model: torch.nn.Module,
     r: int = 8,
@@ -54,7 +66,10 @@ def apply_lora_plus(
     train_embeddings: bool = True,
     train_norms: bool = True,
 ) -> PeftModel:
-    """Wrap `model` with LoRA on `target_modules` and make embeddings and norms trainable (paper defaults)."""
+    """Wrap `model` with LoRA on `target_modules` and make embeddings and norms trainable (paper defaults).
+
+    With tied embeddings the output head trains with the input embedding, as one matrix (see the module docstring).
+    """
     _check_targets(model, target_modules)
     modules_to_save = []
     if train_embeddings:
@@ -67,6 +82,8 @@ def apply_lora_plus(
         lora_dropout=dropout,
         target_modules=list(target_modules),
         modules_to_save=modules_to_save or None,
+        # Only when tied: on an untied model PEFT would warn that there is nothing to tie.
+        ensure_weight_tying=train_embeddings and embeddings_tied(model),
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
