@@ -90,7 +90,7 @@ def stage(tokenizer_dir: str, jsonl: Path, out: Path, num_proc: int) -> dict:
     params = parse_params({
         "model": {"name_or_path": tokenizer_dir, "target_context": BLOCK},
         "prepare_pretrain": {"input": str(jsonl), "out_dir": str(out / "blocks"), "metrics_file": str(out / "m.json"),
-                          "num_proc": num_proc, "batch_chars": BATCH_CHARS},
+                             "num_proc": num_proc, "batch_chars": BATCH_CHARS},
     })
     return prepare_pretrain.run(params)
 

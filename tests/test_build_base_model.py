@@ -44,7 +44,8 @@ def test_writes_a_loadable_hf_model_that_learned(in_tmp):
 def test_reports_how_the_model_uses_its_context(in_tmp):
     """A context long enough for every probe: loss by position, recall, passkey; the head stays tied on disk."""
     params = parse_params(tiny_params_dict(build_base_model={"context_length": 320, "batch_size": 2, "steps": 4,
-                                                       "warmup_steps": 1, "eval_blocks": 2, "passkey_trials": 1}))
+                                                             "warmup_steps": 1, "eval_blocks": 2,
+                                                             "passkey_trials": 1}))
     metrics = build_base_model.run(params)
     assert list(metrics["loss_by_position"]) == ["0-8", "8-32", "32-64", "64-128", "128-256"]
     assert metrics["context_gain"] == pytest.approx(

@@ -268,7 +268,7 @@ def _expected_prompt_ids(tokenizer, record, system_prompt):
 def test_sft_labels_are_masked_exactly_on_the_prompt(in_tmp, tiny_tokenizer, tiny_tokenizer_dir):
     (in_tmp / "longalpaca.json").write_text(json.dumps(LONGALPACA), encoding="utf-8")
     params = _params(tiny_tokenizer_dir, prepare_sft={"input": "longalpaca.json", "truncation": "drop",
-                                                   "system_prompt": "Be brief."})
+                                                      "system_prompt": "Be brief."})
     metrics = prepare_sft.run(params)
     assert metrics["examples"] == 3 and metrics["dropped_prompt_too_long"] == 1
     assert metrics["params"]["max_length"] == params.model.target_context  # the default, resolved
@@ -289,8 +289,8 @@ def test_sft_labels_are_masked_exactly_on_the_prompt(in_tmp, tiny_tokenizer, tin
 def test_sft_truncate_middle_keeps_over_long_examples_with_answer_labels(in_tmp, tiny_tokenizer_dir):
     (in_tmp / "longalpaca.json").write_text(json.dumps(LONGALPACA), encoding="utf-8")
     metrics = prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": "longalpaca.json",
-                                                                    "truncation": "truncate_middle",
-                                                                    "system_prompt": "Be brief."}))
+                                                                       "truncation": "truncate_middle",
+                                                                       "system_prompt": "Be brief."}))
     assert metrics["examples"] == 4 and metrics["prompt_truncated"] == 1 and metrics["dropped_prompt_too_long"] == 0
     dataset = datasets.load_from_disk(str(in_tmp / "data/sft"))
     for row in dataset:
@@ -349,7 +349,7 @@ def test_sft_chat_template_needs_one(in_tmp, tiny_tokenizer_dir):
     (in_tmp / "longalpaca.json").write_text(json.dumps(LONGALPACA[:1]), encoding="utf-8")
     with pytest.raises(InputError, match="prepare_sft.template: chat_template, but the tokenizer has no chat template"):
         prepare_sft.run(_params(tiny_tokenizer_dir, prepare_sft={"input": "longalpaca.json",
-                                                              "template": "chat_template"}))
+                                                                 "template": "chat_template"}))
 
 
 # --- prepare_eval -------------------------------------------------------------------------------------------------
@@ -377,7 +377,7 @@ def test_eval_stream_holds_every_document_with_offsets(in_tmp, tiny_tokenizer, t
 def test_eval_default_lengths_and_uint32(in_tmp, tiny_tokenizer_dir, texts):
     _write_jsonl(in_tmp / "docs.jsonl", [{"text": t} for t in texts[:3]] + [b"{bad"])
     metrics = prepare_eval.run(_params(tiny_tokenizer_dir, prepare_eval={"input": "docs.jsonl", "dtype": "uint32",
-                                                                      "on_error": "skip"}))
+                                                                         "on_error": "skip"}))
     assert list(metrics["documents_reaching"]) == ["32", "64", "128"]  # target_context 128 / 4, / 2, × 1
     assert metrics["params"]["lengths"] == [32, 64, 128] and metrics["params"]["dtype"] == "uint32"
     assert metrics["dtype"] == "uint32" and metrics["skipped_by_reason"] == {"malformed_json": 1}
@@ -495,7 +495,7 @@ def test_prepare_corpus_writes_the_embedded_inputs(in_tmp, tiny_tokenizer, tiny_
 def test_prepare_corpus_question_that_does_not_fit(in_tmp, tiny_tokenizer_dir):
     with pytest.raises(InputError, match=r"prepare_corpus\.longqa_max_tokens: max_tokens 100 leaves no room"):
         prepare_corpus.run(_params(tiny_tokenizer_dir, prepare_corpus={"longqa_min_tokens": 50,
-                                                                      "longqa_max_tokens": 100}))
+                                                                       "longqa_max_tokens": 100}))
     _assert_nothing_finished(in_tmp, "data/corpus")
 
 
