@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longlora.passkey import PASSKEY_DEPTHS, passkey_accuracy  # noqa: E402
 from longlora.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy  # noqa: E402
-from longlora.synthetic import SyntheticSequences  # noqa: E402
+from longlora.synthetic import WORDS, SyntheticSequences, corpus_words  # noqa: E402
 from longlora.tiny import tiny_llama_config  # noqa: E402
 from stages.build_base_model import token_stream, train_step  # noqa: E402
 
@@ -43,7 +43,7 @@ def prep(args) -> None:
         print(split, len(stream), "tokens", file=sys.stderr)
 
 
-def evaluate(model, tokenizer, heldout_blocks, recall_eval, copy_eval, passkey_trials) -> dict:
+def evaluate(model, tokenizer, heldout_blocks, recall_eval, copy_eval, passkey_trials, haystack_eval=None) -> dict:
     per_pos = loss_by_position(model, heldout_blocks)
     buckets = {name: round(value, 4) for name, value in bucket_means(per_pos).items()}
     result = {
@@ -54,6 +54,8 @@ def evaluate(model, tokenizer, heldout_blocks, recall_eval, copy_eval, passkey_t
         "recall_acc": round(masked_accuracy(model, *recall_eval), 3),
         "copy_acc": round(masked_accuracy(model, *copy_eval), 3),
     }
+    if haystack_eval is not None:
+        result["haystack_acc"] = round(masked_accuracy(model, *haystack_eval), 3)
     if passkey_trials:
         result["passkey_256"] = passkey_accuracy(model, tokenizer, 256, PASSKEY_DEPTHS, passkey_trials)
     return result
@@ -73,11 +75,13 @@ def train(args) -> None:
     blocks = torch.from_numpy(base[: n_blocks * L].reshape(n_blocks, L).astype(np.int64))
     held = torch.from_numpy(heldout[: (len(heldout) // L) * L].reshape(-1, L).astype(np.int64))
     held = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(1))[: args.eval_blocks]].to(device)
-    synth = SyntheticSequences(tokenizer, base, L, prose_share=args.prose_share)
-    short_synth = SyntheticSequences(tokenizer, base, args.short_len, prose_share=args.prose_share)
+    words = corpus_words(tokenizer.decode(base.tolist())) if args.corpus_words else WORDS
+    synth = SyntheticSequences(tokenizer, base, L, prose_share=args.prose_share, words=words)
+    short_synth = SyntheticSequences(tokenizer, base, args.short_len, prose_share=args.prose_share, words=words)
     probes = SyntheticSequences(tokenizer, heldout, L)
     recall_eval = [torch.from_numpy(a).to(device) for a in probes.batch(64, 1.0, np.random.default_rng(12345))]
     copy_eval = [torch.from_numpy(a).to(device) for a in probes.batch(64, 0.0, np.random.default_rng(12346))]
+    haystack_eval = [torch.from_numpy(a).to(device) for a in probes.batch(64, 0.0, np.random.default_rng(12347), 1.0)]
 
     config = tiny_llama_config(tokenizer, args.hidden, args.ff, args.layers, args.heads, args.kv or args.heads, L,
                                tie_word_embeddings=args.tie)
@@ -113,19 +117,21 @@ def train(args) -> None:
         rng = np.random.default_rng([args.seed, 0, step])
         batch = blocks[torch.randint(len(blocks), (args.batch - n_syn,), generator=gen)]
         if n_syn:
-            batch = torch.cat([batch, torch.from_numpy(synth.batch(n_syn, args.recall_share, rng)[0])])
+            rows = synth.batch(n_syn, args.recall_share, rng, args.haystack_share)[0]
+            batch = torch.cat([batch, torch.from_numpy(rows)])
         if step < args.short_steps:  # short windows first: attention is less diluted while heads form
             per = L // args.short_len
             code = batch[: args.batch - n_syn].reshape(-1, args.short_len)
             batch = code
             if n_syn:
-                batch = torch.cat([code, torch.from_numpy(short_synth.batch(n_syn * per, args.recall_share, rng)[0])])
+                rows = short_synth.batch(n_syn * per, args.recall_share, rng, args.haystack_share)[0]
+                batch = torch.cat([code, torch.from_numpy(rows)])
         loss = train_step(model, batch.to(device), optimizer, schedule)
         if (step + 1) % args.log_every == 0:
             seconds = round(time.perf_counter() - started, 1)
             entry = {"step": step + 1, "loss": round(loss.item(), 4), "seconds": seconds}
             if args.eval_every and (step + 1) % args.eval_every == 0:
-                entry.update(evaluate(model, tokenizer, held, recall_eval, copy_eval, 0))
+                entry.update(evaluate(model, tokenizer, held, recall_eval, copy_eval, 0, haystack_eval))
             log.append(entry)
             print(json.dumps(entry), file=sys.stderr, flush=True)
         if args.seconds and time.perf_counter() - started > args.seconds:
@@ -134,7 +140,7 @@ def train(args) -> None:
     result = {
         "args": vars(args), "parameters": params, "steps_done": step + 1, "train_seconds": round(train_seconds, 1),
         "tokens_per_second": round((step + 1) * args.batch * L / train_seconds, 1),
-        **evaluate(model, tokenizer, held, recall_eval, copy_eval, args.passkey_trials), "log": log,
+        **evaluate(model, tokenizer, held, recall_eval, copy_eval, args.passkey_trials, haystack_eval), "log": log,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "log"}))
     if args.out:
@@ -207,6 +213,8 @@ def main() -> None:
     t.add_argument("--syn-start", type=float, default=0.0)
     t.add_argument("--syn-end", type=float, default=0.0)
     t.add_argument("--syn-ramp", type=float, default=1.0)
+    t.add_argument("--haystack-share", type=float, default=0.0)
+    t.add_argument("--corpus-words", action="store_true", help="names drawn from the corpus's words, not WORDS")
     t.add_argument("--recall-share", type=float, default=0.5)
     t.add_argument("--eval-blocks", type=int, default=64)
     t.add_argument("--passkey-trials", type=int, default=4)

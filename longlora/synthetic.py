@@ -10,6 +10,9 @@ that mechanism pay off within each 256-token window, in two generic forms built 
   of the facts is stated as a comment in prose instead (`# The retry limit is 4411.`, restated later), so that
   recall does not hinge on code syntax.
 - copy: a span of real code that reappears later in the window.
+- haystack: one fact stated in prose (`The retry limit is 4411.`) hidden in a few other short statements repeated to
+  fill the window (`The queue is full. The mode is 7.`), and stated again at the end. Every distractor ends in the
+  same words as the fact, so only matching the whole name, several tokens back, predicts the value.
 
 Nothing here uses the passkey evaluation's wording (no filler sentences, no "pass key"), so passkey retrieval
 measures whether the mechanism generalises, not whether a format was memorised.
@@ -17,7 +20,13 @@ measures whether the mechanism generalises, not whether a format was memorised.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from collections.abc import Sequence
+
 import numpy as np
+
+from longlora import passkey
 
 # Identifier parts for the planted names; deliberately without "pass" or "key".
 WORDS = (
@@ -36,11 +45,24 @@ RECALL_FORMS = ("{name} = {value}", "assert {name} == {value}", "print({name})  
 PROSE_DEFINITION = "# The {words} is {value}."
 PROSE_FORMS = ("# The {words} is {value}.", "# Note that the {words} is {value}.", "# (the {words} is {value})")
 """The same facts as comments in prose, so that recall does not hinge on code syntax."""
+HAYSTACK_FACT = "The {words} is {value}."
+HAYSTACK_RECALL = ("The {words} is {value}.", "So the {words} is {value}.", "Recall that the {words} is {value}.",
+                   "Again, the {words} is {value}.")
+"""How a haystack's fact is stated again at the end of the window."""
 
 
-def _name(rng: np.random.Generator) -> str:
-    parts = rng.choice(len(WORDS), size=int(rng.integers(2, 4)), replace=False)
-    name = "_".join(WORDS[i] for i in parts)
+def corpus_words(text: str, min_count: int = 3) -> tuple[str, ...]:
+    """Lower-case words of 3–12 letters used at least `min_count` times in `text`, minus every word of the passkey
+    prompt: an open set of names, so that recall cannot be learnt as a lookup of a few dozen memorised names."""
+    banned = {w.lower() for part in (passkey.TASK, passkey.FILLER, passkey.KEY_LINE, passkey.QUESTION)
+              for w in re.findall(r"[A-Za-z]+", part)}
+    counts = Counter(re.findall(r"\b[a-z]{3,12}\b", text))
+    return tuple(sorted(w for w, c in counts.items() if c >= min_count and w not in banned))
+
+
+def _name(rng: np.random.Generator, words: Sequence[str] = WORDS) -> str:
+    parts = rng.choice(len(words), size=int(rng.integers(2, 4)), replace=False)
+    name = "_".join(words[i] for i in parts)
     return name.upper() if rng.random() < 0.25 else name
 
 
@@ -64,7 +86,8 @@ class SyntheticSequences:
     draws exactly the batches an uninterrupted one would.
     """
 
-    def __init__(self, tokenizer, code: np.ndarray, length: int, prose_share: float = 0.0):
+    def __init__(self, tokenizer, code: np.ndarray, length: int, prose_share: float = 0.0,
+                 words: Sequence[str] = WORDS):
         if len(code) < 2 * length:
             raise ValueError(f"synthetic sequences of {length} tokens need at least {2 * length} tokens of code, "
                              f"got {len(code)}")
@@ -72,6 +95,7 @@ class SyntheticSequences:
         self.code = code
         self.length = length
         self.prose_share = prose_share
+        self.words = tuple(words)
 
     def _encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
@@ -82,7 +106,8 @@ class SyntheticSequences:
 
     def recall(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Assignments spread over the window, then some of them recalled near its end; (ids, recalled-value mask)."""
-        facts = [(_name(rng), _value(rng), rng.random() < self.prose_share) for _ in range(int(rng.integers(2, 6)))]
+        facts = [(_name(rng, self.words), _value(rng), rng.random() < self.prose_share)
+                 for _ in range(int(rng.integers(2, 6)))]
         definitions = [self._encode("\n" + (PROSE_DEFINITION.format(words=_words(name), value=value) if prose
                                             else f"{name} = {value}") + "\n") for name, value, prose in facts]
         asked = rng.choice(len(facts), size=int(rng.integers(1, len(facts) + 1)), replace=False)
@@ -128,7 +153,55 @@ class SyntheticSequences:
         mask[self.length - span + 1:] = True
         return ids, mask
 
-    def batch(self, n: int, recall_share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """`n` sequences, each a recall with probability `recall_share`, else a copy; (ids, masks)."""
-        drawn = [self.recall(rng) if rng.random() < recall_share else self.copy(rng) for _ in range(n)]
+    def _sentence(self, rng: np.random.Generator) -> str:
+        """A plain sentence of three to six random words."""
+        return " ".join(self.words[i] for i in rng.integers(len(self.words), size=int(rng.integers(3, 7)))
+                        ).capitalize() + "."
+
+    def haystack(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A prose fact among repeated look-alike statements, restated at the end; (ids, recalled-value mask)."""
+        words = _words(_name(rng, self.words))
+        value = _value(rng)
+        distractors = [HAYSTACK_FACT.format(
+            words=_words(_name(rng, self.words)) if rng.random() < 0.5 else self.words[i],
+            value=_value(rng) if rng.random() < 0.5 else self.words[j])
+            for i, j in rng.integers(len(self.words), size=(int(rng.integers(1, 5)), 2))]
+        # and a few plain sentences, so that not every sentence of the haystack is a fact
+        for _ in range(int(rng.integers(0, 3))):
+            distractors.insert(int(rng.integers(len(distractors) + 1)), self._sentence(rng))
+        # The fact and its restatement each start a line, alone or next to another sentence: where a statement sits
+        # on its line must not decide whether it is a fact to look up or filler to continue.
+        fact_line = [HAYSTACK_FACT.format(words=words, value=value)]
+        if rng.random() < 0.5:
+            fact_line.append(self._sentence(rng))
+        fact = self._encode("\n" + " ".join(fact_line) + "\n")
+        prefix, _, suffix = HAYSTACK_RECALL[int(rng.integers(len(HAYSTACK_RECALL)))].partition(" {value}")
+        lead = "\n" + (self._sentence(rng) + " " if rng.random() < 0.5 else "")
+        tail = [self._encode(lead + prefix.format(words=words)), self._encode(f" {value}"), self._encode(suffix)]
+        room = self.length - len(fact) - sum(len(t) for t in tail)
+        filler = self._encode(" ".join(distractors) + " ")
+        while len(distractors) > 1 and 2 * len(filler) > room:  # the statements must repeat at least twice
+            distractors.pop()
+            filler = self._encode(" ".join(distractors) + " ")
+        if 2 * len(filler) > room:
+            return self.recall(rng)
+        hay = np.resize(filler, room)  # the statements repeated, cut wherever the room ends
+        # The fact goes in at a word boundary (a token that starts with a space), anywhere in the haystack.
+        starts = np.flatnonzero(np.char.startswith(np.asarray(self.tokenizer.convert_ids_to_tokens(hay.tolist())),
+                                                   "Ġ"))
+        cut = int(starts[rng.integers(len(starts))]) if len(starts) else 0
+        ids = np.concatenate([hay[:cut], fact, hay[cut:], *tail])
+        mask = np.concatenate([np.zeros(len(ids) - len(tail[1]) - len(tail[2]), dtype=bool),
+                               np.ones(len(tail[1]), dtype=bool), np.zeros(len(tail[2]), dtype=bool)])
+        return ids, mask
+
+    def batch(self, n: int, recall_share: float, rng: np.random.Generator,
+              haystack_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """`n` sequences: a haystack with probability `haystack_share`, else a recall with probability
+        `recall_share`, else a copy; (ids, masks)."""
+        def draw():
+            if rng.random() < haystack_share:
+                return self.haystack(rng)
+            return self.recall(rng) if rng.random() < recall_share else self.copy(rng)
+        drawn = [draw() for _ in range(n)]
         return np.stack([ids for ids, _ in drawn]), np.stack([mask for _, mask in drawn])

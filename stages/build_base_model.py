@@ -34,7 +34,7 @@ from longlora.io import StageOutput, same_path
 from longlora.packing import cut_blocks, join_documents
 from longlora.passkey import PASSKEY_DEPTHS, passkey_accuracy
 from longlora.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy
-from longlora.synthetic import SyntheticSequences
+from longlora.synthetic import SyntheticSequences, corpus_words
 from longlora.tiny import tiny_llama_config, train_bpe_tokenizer
 from stages import _cli
 from stages.params import BaseModelParams, Params
@@ -71,7 +71,10 @@ def _build(params: Params, out: StageOutput) -> dict:
     ))
     heldout_blocks = _spread_blocks(heldout, p.context_length, p.eval_blocks)
     initial_loss = float(loss_by_position(model, heldout_blocks).mean())
-    synthetic = SyntheticSequences(tokenizer, code, p.context_length, prose_share=p.prose_share)
+    # Names for the planted facts come from the corpus's own words (minus the passkey prompt's): an open set, so
+    # that looking a name up cannot be learnt by heart.
+    synthetic = SyntheticSequences(tokenizer, code, p.context_length, prose_share=p.prose_share,
+                                   words=corpus_words("\n".join(base_texts)))
     final_train_loss = _pretrain(model, code, synthetic, p, _checkpoint_path(p))
     context = _context_use(model, tokenizer, heldout, heldout_blocks, p)
 
@@ -127,7 +130,7 @@ def _batch(step: int, code_blocks: np.ndarray, synthetic: SyntheticSequences, p:
     n_synthetic = round(p.synthetic_share * p.batch_size)
     rows = code_blocks[rng.integers(len(code_blocks), size=p.batch_size - n_synthetic)].astype(np.int64)
     if n_synthetic:
-        rows = np.concatenate([rows, synthetic.batch(n_synthetic, p.recall_share, rng)[0]])
+        rows = np.concatenate([rows, synthetic.batch(n_synthetic, p.recall_share, rng, p.haystack_share)[0]])
     return torch.from_numpy(rows)
 
 

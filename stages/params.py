@@ -141,7 +141,8 @@ class BaseModelParams(Section):
     """The short pre-training context that later stages extend; becomes max_position_embeddings."""
     batch_size: int = Field(8, gt=0)
     steps: int = Field(1600, gt=0)
-    """1600 fits the 6-minute budget on 2 cores; about 2500–3000 form the copying mechanism (README)."""
+    """1600 fits the 6-minute budget on 2 cores; about 2000 form the copying mechanism, and 2400 (about 10 minutes)
+    give a model that retrieves passkeys (README)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (AdamW, β = (0.9, 0.95), weight decay 0.1)."""
     warmup_steps: int = Field(50, ge=0)
@@ -150,8 +151,11 @@ class BaseModelParams(Section):
     synthetic_share: float = Field(0.75, ge=0, lt=1)
     """Share of each batch that is synthetic recall or copy sequences around real code (longlora/synthetic.py);
     the rest is plain code. Without them the model does not learn to use its context in a CPU budget."""
+    haystack_share: float = Field(0.25, ge=0, le=1)
+    """Share of the synthetic sequences that hide one prose fact among repeated look-alike statements and ask for
+    it at the end (`SyntheticSequences.haystack`); of the rest, recall_share are key–value recall."""
     recall_share: float = Field(0.5, ge=0, le=1)
-    """Share of the synthetic sequences that are key–value recall; the rest repeat a span of code."""
+    """Share of the other synthetic sequences that are key–value recall; the rest repeat a span of code."""
     prose_share: float = Field(0.5, ge=0, le=1)
     """Share of the recalled facts stated as a comment in prose (`# The retry limit is 4411.`) instead of code."""
     eval_blocks: int = Field(64, gt=0)
