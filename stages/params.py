@@ -17,11 +17,10 @@ from typing import Annotated, Self
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from longlora.choices import BosPolicy, OnError, Remainder, Template, TokenDtype, Truncation
 from longlora.corpus import Document, Split, stdlib_documents
-from longlora.data import OnError, is_hub_name
 from longlora.errors import InputError
 from longlora.io import StageOutput, protected_place, resolved
-from longlora.packing import Remainder
 from longlora.recipe import (
     DEFAULT_GROUP_SIZE_RATIO,
     PAPER_TARGET_MODULES,
@@ -30,9 +29,7 @@ from longlora.recipe import (
     check_group_size_ratio,
     group_size_for,
 )
-from longlora.sft_data import Template, Truncation
-from longlora.sources import is_hub_model_id
-from longlora.tokenizing import BosPolicy, TokenDtype
+from longlora.sources import is_hub_model_id, is_hub_name
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 

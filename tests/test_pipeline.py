@@ -77,6 +77,14 @@ def _project_imports(module: str) -> set[str]:
     return {path.relative_to(ROOT).as_posix() for path in seen if path.name != "__init__.py"}
 
 
+def test_params_validation_pulls_in_no_stage_machinery():
+    """Every stage depends on what stages/params.py imports: the readers, packers, tokenizers and the method's
+    torch code must not be among them, or an edit to one reruns every stage (the 6.5-minute base model too)."""
+    light = {"stages/params.py", "longlora/choices.py", "longlora/corpus.py", "longlora/errors.py", "longlora/io.py",
+             "longlora/recipe.py", "longlora/sources.py"}
+    assert _project_imports("stages.params") == light
+
+
 def _has_key(tree: dict, dotted: str) -> bool:
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
@@ -95,8 +103,11 @@ def test_every_stage_declares_the_code_params_and_data_it_reads():
     for name, stage in spec.items():
         deps, declared = _paths(stage["deps"]), stage["params"]
         assert deps[:3] == [f"stages/{name}.py", "stages/_cli.py", "stages/params.py"], name
-        missing = sorted(_project_imports(f"stages.{name}") - set(deps))
+        imported = _project_imports(f"stages.{name}")
+        missing = sorted(imported - set(deps))
         assert not missing, f"{name} imports {missing}: list them in its deps"
+        extra = sorted({dep for dep in deps if dep.endswith(".py")} - imported)
+        assert not extra, f"{name} does not import {extra}: an edit there must not rerun it"
         for dep in deps:
             assert (ROOT / dep).exists() or any(_under(dep, out) for out in produced), f"{name}: no such dep {dep}"
         for key in declared:
