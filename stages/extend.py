@@ -23,6 +23,7 @@ On 2 CPU cores the default params (the embedded base model, 256 → 1024 tokens)
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -214,6 +215,11 @@ def _resume_point(p: ExtendParams, run_dir: Path, shaping: dict) -> Path | None:
     if p.resume == "never":
         return None
     if p.resume == "auto":
+        others = sorted(d.name for d in p.checkpoint_dir.glob("*/") if d.is_dir() and d != run_dir) \
+            if p.checkpoint_dir.is_dir() else []
+        if others:
+            log.info("%s also holds checkpoints of other configurations (%s): delete those you no longer need",
+                     p.checkpoint_dir, ", ".join(others))
         return _latest_checkpoint(run_dir)
     checkpoint = Path(p.resume)
     if not _CHECKPOINT.match(checkpoint.name) or not (checkpoint / "trainer_state.json").is_file():
@@ -377,17 +383,16 @@ def _save(trainer, model, tokenizer, config, original_context: int, params: Para
     from longlora.extension import describe, plain_config
 
     p = params.extend
-    saved_config = plain_config(_copy(config))
-    model = trainer.accelerator.unwrap_model(model)
     if p.method == "full":
         model.config = plain_config(model.config)
-        model.save_pretrained(folder)
-        model.generation_config.save_pretrained(folder)
     else:
         # PEFT writes base_model_name_or_path from the config it sees: the base as named in params.
         model.peft_config["default"].base_model_name_or_path = params.model.name_or_path
-        model.save_pretrained(folder)
-        saved_config.save_pretrained(folder)
+    # The Trainer's save gathers ZeRO-3-partitioned weights; its pickled TrainingArguments are not part of a model.
+    trainer.save_model(str(folder))
+    (folder / "training_args.bin").unlink(missing_ok=True)
+    if p.method != "full":
+        plain_config(copy.deepcopy(config)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     describe(folder, {
         "base_model": params.model.name_or_path,
@@ -401,12 +406,6 @@ def _save(trainer, model, tokenizer, config, original_context: int, params: Para
         "params": {"model": params.model.model_dump(mode="json"), "s2attn": params.s2attn.model_dump(mode="json"),
                    "lora": params.lora.model_dump(mode="json"), "extend": p.model_dump(mode="json")},
     })
-
-
-def _copy(config):
-    import copy
-
-    return copy.deepcopy(config)
 
 
 if __name__ == "__main__":
