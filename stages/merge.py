@@ -6,7 +6,8 @@ One instance per training stage whose output it merges (dvc.yaml's `foreach`: `m
 that stage lands), each writing where its `merge.<stage>` params say. The folder the training stage wrote describes
 itself (extension.json: base model, RoPE scaling), so the merge needs nothing else: the extended model is rebuilt
 with `longlora.extension.load_extended` (fp32), the adapter folded in (`merge_and_unload`: LoRA, embeddings, norms;
-tied embeddings stay one matrix) and the result saved with safetensors, the tokenizer and a generation config. Its
+tied embeddings stay one matrix) and the result saved with safetensors, the tokenizer, a generation config and the
+source's extension.json (base model, RoPE scaling, the training run's params; `merged_from` added). Its
 config carries the composed RoPE scaling and the new `max_position_embeddings` and names no S²-Attn attribute or
 backend: plain `AutoModelForCausalLM.from_pretrained(folder)` loads it, in a process that never imports this project.
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from longlora.errors import InputError
-from longlora.extension import is_adapter, load_extended, plain_config, read_description
+from longlora.extension import describe, is_adapter, load_extended, plain_config, read_description
 from longlora.io import StageOutput
 from stages import _cli
 from stages.params import MERGE_SOURCES, Params
@@ -62,6 +63,8 @@ def _merge(params: Params, source: str, out: StageOutput) -> dict:
         tokenizer.save_pretrained(tmp)
         generation = model.generation_config if model.generation_config is not None else GenerationConfig()
         generation.save_pretrained(tmp)
+        # Where it came from travels with it: the base model, the RoPE scaling, the training run's params.
+        describe(tmp, {**{k: v for k, v in description.items() if k != "format"}, "merged_from": str(folder)})
     config = model.config
     metrics = {
         "source": source,

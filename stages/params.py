@@ -574,11 +574,6 @@ class Params(Section):
         if low > high:
             raise ValueError(f"prepare_corpus: LongQA instructions of {low} to {high} tokens: the minimum exceeds the "
                              "maximum (longqa_min_tokens, longqa_max_tokens, defaults from model.target_context)")
-        if resolved(self.extend.data) == resolved(self.prepare_pretrain.out_dir) and block != target:
-            raise ValueError(
-                f"prepare_pretrain.block_length {block} differs from model.target_context {target}, and extend trains "
-                "on those blocks: extension trains at the target context"
-            )
         if self.prepare_sft.max_length > target:
             raise ValueError(
                 f"prepare_sft.max_length {self.prepare_sft.max_length} exceeds model.target_context {target}"

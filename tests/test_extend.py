@@ -136,6 +136,8 @@ def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_int
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
         p.name for p in merged.iterdir()}
     assert "s2attn" not in (merged / "config.json").read_text()
+    provenance = json.loads((merged / EXTENSION_FILE).read_text())
+    assert provenance["base_model"] == "data/base_model" and provenance["merged_from"] == "data/extend"
     with safe_open(merged / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in list(f.keys())  # tied: one matrix
     # Loaded by a process that never imports this project, on an input longer than the original context.

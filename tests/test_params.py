@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -29,18 +30,16 @@ def test_derived_defaults_are_resolved_once_from_the_target_context():
     assert params.prepare_sft.max_length == 1024
     assert params.prepare_eval.lengths == (256, 512, 1024)
     explicit = parse_params(tiny_params_dict(prepare_pretrain={"block_length": 64}, prepare_eval={"lengths": [100]},
-                                             prepare_corpus={"eval_min_tokens": 300}, extend={"data": "blocks/128"}))
+                                             prepare_corpus={"eval_min_tokens": 300}))
     assert explicit.prepare_pretrain.block_length == 64 and explicit.prepare_eval.lengths == (100,)
     assert explicit.prepare_corpus.eval_min_tokens == 300
     assert explicit.prepare_sft.max_length == explicit.model.target_context == 128
 
 
-def test_extend_trains_on_prepare_pretrains_blocks_at_the_target_context():
+def test_extend_trains_on_prepare_pretrains_blocks_by_default():
     params = load_params(ROOT / "params.yaml")
     assert params.extend.data == params.prepare_pretrain.out_dir
-    with pytest.raises(ParamsError, match="prepare_pretrain.block_length 64 differs from model.target_context 128, "
-                                          "and extend trains on those blocks"):
-        parse_params(tiny_params_dict(prepare_pretrain={"block_length": 64}))
+    assert parse_params(tiny_params_dict(extend={"data": "blocks/128"})).extend.data == Path("blocks/128")
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
