@@ -102,6 +102,8 @@ def _run(params: Params, out: StageOutput | None) -> dict:
     # The Trainer's own count for this session (a resumed run counts from where it resumed).
     speed = next((e["train_tokens_per_second"] for e in reversed(history) if "train_tokens_per_second" in e), None)
     if out is None:
+        # Under ZeRO-3 gathering the weights to save is collective: every process takes part, the main one writes.
+        trainer.save_model(str(run_dir))
         return {}
     with out.publish() as tmp:
         _save(trainer, model, tokenizer, config, original_context, params, tmp)
