@@ -23,24 +23,19 @@ import io
 import json
 import logging
 import os
-import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, NamedTuple, get_args
+from typing import IO, NamedTuple, get_args
 
+from longlora.choices import OnError
 from longlora.errors import InputError
+from longlora.sources import JSONL_SUFFIXES, SUFFIXES, is_hub_name
 
 log = logging.getLogger(__name__)
 
-OnError = Literal["raise", "skip"]
-"""A bad record stops the stage (raise) or is skipped and counted (skip)."""
-
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
-SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet", ".txt")
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PARQUET_BATCH_ROWS = 1024
 _LOGGED_SKIPS = 5  # per reason: enough to see the pattern without flooding the log
 
@@ -97,12 +92,6 @@ class Problems:
         self.stats.skipped[reason] += 1
         if self.stats.skipped[reason] <= _LOGGED_SKIPS:
             log.warning("skipped: %s", message)
-
-
-def is_hub_name(source: str | Path) -> bool:
-    """True when `source` is not a local path and is shaped like a hub dataset id (`owner/name`)."""
-    text = str(source)
-    return not Path(text).exists() and bool(_HUB_NAME.match(text)) and not text.lower().endswith(SUFFIXES)
 
 
 def iter_records(

@@ -20,18 +20,14 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from longlora.choices import Remainder
 from longlora.io import write_json
 
 BLOCKS_FORMAT = "longlora-blocks-v1"
 STREAM_FORMAT = "longlora-stream-v1"
-
-Remainder = Literal["drop", "pad"]
-"""What happens to the last tokens that do not fill a block: dropped, or padded to a full block."""
-
 
 def join_encoded(
     lengths: np.ndarray, flat: np.ndarray, eos_id: int, bos_id: int | None = None

@@ -56,3 +56,20 @@ def group_size_for(seq_len: int, group_size: int | None = None, ratio: float | N
     if seq_len % group_size:
         raise ValueError(f"sequence length {seq_len} is not divisible by S²-Attn group size {group_size}")
     return group_size
+
+
+Method = Literal["lora_plus", "lora", "full"]
+"""What `extend` trains: LoRA+ (LoRA plus embeddings and norms, the paper's method), LoRA alone (adapter only, the
+ablation that fails to extend context), or every weight (full fine-tuning, the paper's upper reference)."""
+
+Attention = Literal["s2", "dense"]
+"""Attention while training: shifted sparse attention (the paper's S²-Attn) or dense causal attention (comparison)."""
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+"""Training precision: auto is bf16 on a GPU that has it and fp32 on a CPU (CPU bf16 autocast is slow and lossy)."""
+
+LrSchedule = Literal["constant_with_warmup", "constant", "linear", "cosine"]
+"""Learning-rate schedules by their transformers names; the paper's is constant_with_warmup."""
+
+MergeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""Dtype of the merged model's weights: auto keeps the base model's own (its config's dtype), else as named."""

@@ -18,16 +18,14 @@ from typing import Literal
 
 import numpy as np
 
+from longlora.choices import Template, Truncation
+
 IGNORE_INDEX = -100
 
 # The paper code's Llama-2 templates (supervised-fine-tune.py): no system prompt without `input`, and the
 # system-prompt variant (with the input on its own line) when the example has one.
 LLAMA2_PROMPT = "[INST]{instruction}[/INST]"
 LLAMA2_PROMPT_WITH_INPUT = "[INST] <<SYS>>\n{system_prompt}\n<</SYS>> \n\n {instruction} \n{input} [/INST]"
-
-Template = Literal["llama2", "chat_template"]
-Truncation = Literal["drop", "truncate_middle"]
-
 
 @dataclass(frozen=True)
 class Instruction:

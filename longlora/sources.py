@@ -1,4 +1,4 @@
-"""Where a model comes from: a local folder or a Hugging Face hub id, decided before anything is downloaded.
+"""Where a model or a data set comes from: a local path or a Hugging Face hub id, decided before anything is downloaded.
 
 A name that looks local is never sent to the hub: a mistyped path then fails at once with "no such folder", not
 after a minute of hub retries ending in "couldn't connect" or "Repo id must be in the form …".
@@ -12,6 +12,10 @@ from pathlib import Path
 from longlora.errors import InputError
 
 _HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
+SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet", ".txt")
+"""The local file types a data input can be (longlora/data.py reads each)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model")
 """Any one of these makes a folder something AutoTokenizer can load from."""
@@ -49,3 +53,9 @@ def check_model_source(name: str, param: str = "model.name_or_path", need_config
                          f"…){note}; expected a Hugging Face model folder")
     if need_config and not (path / "config.json").exists():
         raise InputError(f"{param} {name!r}: the folder has no config.json; expected a Hugging Face model folder")
+
+
+def is_hub_name(source: str | Path) -> bool:
+    """True when a data input `source` is not a local path and is shaped like a hub dataset id (`owner/name`)."""
+    text = str(source)
+    return not Path(text).exists() and bool(_HUB_DATASET_ID.match(text)) and not text.lower().endswith(SUFFIXES)

@@ -20,10 +20,11 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 
+from longlora.choices import BosPolicy, TokenDtype
 from longlora.errors import InputError
 from longlora.sources import check_model_source
 
@@ -31,11 +32,6 @@ Encoded = tuple[np.ndarray, np.ndarray]
 """(lengths int64 of each document, flat ids of all documents in order)."""
 
 UINT16_VOCAB = 1 << 16
-
-TokenDtype = Literal["auto", "uint16", "uint32"]
-"""Dtype of written token ids: auto picks uint16 when the vocabulary fits (ids < 65536), else uint32."""
-BosPolicy = Literal["document", "none"]
-"""`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`."""
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -4,8 +4,10 @@
     .venv/bin/python -m pipelines.longlora_flow --stages build_base_model
 
 With PREFECT_API_URL set, the run shows in that Prefect server's UI; without it, Prefect starts a temporary local
-server for the run. The stage list and order come from dvc.yaml, so the DAG is written down once. Each task calls
-the stage's `run(params)` — the same function `dvc repro` runs — and returns its small metrics dict. Prefect's
+server for the run. The stage list and order come from dvc.yaml, so the DAG is written down once (a `foreach`
+stage such as `merge` becomes one task per instance, `merge@extend`, as DVC names them). Each task calls the stage's
+`run(params)` (an instance: `run(params, key)`) — the same function `dvc repro` runs — and returns its small metrics
+dict. Prefect's
 result caching is off on purpose: it hashes arguments, not file contents, so it would serve stale results; `dvc
 repro` is the tool that decides what is stale.
 """
@@ -24,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from stages.params import DEFAULT_PARAMS_FILE, load_params
 
 DVC_FILE = Path("dvc.yaml")
-_STAGE_CMD = re.compile(r"^python -m stages\.(\w+)\b")
+_TEMPLATE = re.compile(r"\$\{(key|item(?:\.\w+)?)\}")
 
 
 def _under(path: str, out: str) -> bool:
@@ -36,14 +38,48 @@ def _paths(entries: list) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or []]
 
 
+def _fill(value, key: str, item):
+    """`value` with `${key}`, `${item}` and `${item.<field>}` replaced, as DVC's foreach does."""
+    if isinstance(value, dict):
+        return {_fill(k, key, item): _fill(v, key, item) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, key, item) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(match: re.Match) -> str:
+        name = match.group(1)
+        if name == "key":
+            return key
+        return str(item if name == "item" else item[name.split(".", 1)[1]])
+
+    return _TEMPLATE.sub(lookup, value)
+
+
+def expand_stages(spec: dict) -> dict[str, dict]:
+    """dvc.yaml's stages with every `foreach` expanded into its instances (`name@key`), in file order."""
+    expanded: dict[str, dict] = {}
+    for name, stage in (spec.get("stages") or {}).items():
+        if "foreach" not in stage:
+            expanded[name] = stage
+            continue
+        items = stage["foreach"]
+        pairs = items.items() if isinstance(items, dict) else ((str(i), i) for i in items)
+        for key, item in pairs:
+            expanded[f"{name}@{key}"] = _fill(stage["do"], str(key), item)
+    return expanded
+
+
 def stage_order(dvc_file: Path = DVC_FILE) -> list[str]:
     """Stage names of dvc.yaml in dependency order (file order among independent stages)."""
     spec = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
-    stages = spec.get("stages") or {}
+    stages = expand_stages(spec)
     for name, stage in stages.items():
-        match = _STAGE_CMD.match(str(stage.get("cmd", "")))
-        if not match or match.group(1) != name:
-            raise ValueError(f"{dvc_file}: stage {name!r} must run `python -m stages.{name}`, got {stage.get('cmd')!r}")
+        module, _, key = name.partition("@")
+        expected = f"python -m stages.{module}" + (f" {key}" if key else "")
+        words = str(stage.get("cmd", "")).split()
+        if words[:len(expected.split())] != expected.split():
+            raise ValueError(f"{dvc_file}: stage {name!r} must run `{expected}`, got {stage.get('cmd')!r}")
     outs = {n: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for n, s in stages.items()}
     deps = {name: _paths(stage.get("deps")) for name, stage in stages.items()}
     needs = {name: {o for o in stages for out in outs[o] for dep in deps[name] if _under(dep, out)} for name in stages}
@@ -59,9 +95,12 @@ def stage_order(dvc_file: Path = DVC_FILE) -> list[str]:
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
 def run_stage(stage: str, params_file: str) -> dict:
-    """Run one stage's `run(params)`; returns its metrics (small, JSON-able: safe to persist)."""
-    module = importlib.import_module(f"stages.{stage}")
-    metrics = module.run(load_params(params_file))
+    """Run one stage's `run(params)` (an instance `name@key`: `run(params, key)`); returns its metrics (small,
+    JSON-able: safe to persist)."""
+    name, _, key = stage.partition("@")
+    module = importlib.import_module(f"stages.{name}")
+    params = load_params(params_file)
+    metrics = module.run(params, key) if key else module.run(params)
     get_run_logger().info("%s: %s", stage, metrics)
     return metrics
 

@@ -17,28 +17,41 @@ from typing import Annotated, Self
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from longlora.choices import BosPolicy, OnError, Remainder, Template, TokenDtype, Truncation
 from longlora.corpus import Document, Split, stdlib_documents
-from longlora.data import OnError, is_hub_name
 from longlora.errors import InputError
 from longlora.io import StageOutput, protected_place, resolved
-from longlora.packing import Remainder
 from longlora.recipe import (
     DEFAULT_GROUP_SIZE_RATIO,
     PAPER_TARGET_MODULES,
+    Attention,
+    LrSchedule,
+    MergeDtype,
+    Method,
+    Precision,
     RopeType,
     check_group_size,
     check_group_size_ratio,
     group_size_for,
 )
-from longlora.sft_data import Template, Truncation
-from longlora.sources import is_hub_model_id
-from longlora.tokenizing import BosPolicy, TokenDtype
+from longlora.sources import is_hub_model_id, is_hub_name
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
-STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft", "prepare_eval")
-"""The stages of dvc.yaml. Each reads the params section of its own name, which holds its `out_dir` and
-`metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are shared by several stages."""
+MERGE_SOURCES = ("extend",)
+"""The training stages whose output `merge` folds into a plain model: one dvc.yaml instance each (`merge@extend`),
+one `merge.<stage>` subsection each for its out_dir and metrics_file."""
+
+STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft", "prepare_eval", "extend",
+          *(f"merge@{source}" for source in MERGE_SOURCES))
+"""The stages of dvc.yaml. Each reads the params section of its own name (`merge@extend`: `merge.extend`), which
+holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are shared by several
+stages."""
+
+
+def stage_key(stage: str) -> str:
+    """The params key of a stage's own section: `extend` -> `extend`, `merge@extend` -> `merge.extend`."""
+    return stage.replace("@", ".")
 
 
 class ParamsError(InputError):
@@ -83,6 +96,8 @@ def _output(value: object) -> object:
 
 Source = Annotated[str, BeforeValidator(_source)]
 """A local file or folder, or a Hugging Face hub name."""
+InPath = Annotated[Path, BeforeValidator(_source)]
+"""A local file or folder a stage reads."""
 OutPath = Annotated[Path, BeforeValidator(_output)]
 """A file or folder a stage writes (and replaces on the next run)."""
 
@@ -392,6 +407,116 @@ class EvalDataParams(Section):
         return self
 
 
+class ExtendParams(Section):
+    """Stage `extend`: long-context extension. The base model is loaded with its RoPE interpolated to
+    model.target_context, trained with S²-Attn on prepare_pretrain's packed blocks (HF Trainer), and written as a
+    self-describing PEFT adapter folder (`method: full`: a full model folder). Field defaults are the paper's recipe
+    (LongLoRA fine-tune.py, 7B → 32k on 8 GPUs); params.yaml sets the tiny CPU default."""
+
+    data: InPath | None = None
+    """Packed blocks to train on (prepare_pretrain's format, read memory-mapped with PackedBlocks); None:
+    prepare_pretrain.out_dir. Their block length must be model.target_context."""
+    method: Method = "lora_plus"
+    """lora_plus: LoRA plus trainable embeddings and norms (paper); lora: the adapter alone (ablation); full: every
+    weight (the paper's full fine-tuning reference; writes a full model folder)."""
+    attention: Attention = "s2"
+    """s2: shifted sparse attention while training (evaluation is always dense); dense: causal attention (baseline)."""
+    max_steps: int = Field(1000, gt=0)
+    """Optimizer steps (paper: 1000 at a global batch of 64)."""
+    global_batch_size: int = Field(64, gt=0)
+    """Sequences per optimizer step over all processes = per_device_batch_size × gradient accumulation × world size;
+    the accumulation is derived from it once the world size is known (paper: 64 = 1 × 8 × 8 GPUs)."""
+    per_device_batch_size: int = Field(1, gt=0)
+    """Sequences per forward pass on each process."""
+    lr: float = Field(2e-5, gt=0)
+    """Peak learning rate (paper: 2e-5; 1e-5 for 70B)."""
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    """0.95 as in the paper (the reference scripts silently used the default 0.999)."""
+    adam_epsilon: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    """Paper: 0."""
+    lr_schedule: LrSchedule = "constant_with_warmup"
+    """Paper: constant after a linear warm-up (also under ZeRO-3: the shipped DeepSpeed configs leave the schedule to
+    the Trainer, unlike the reference's ZeRO-3 config, which replaced it with a decaying one)."""
+    warmup_steps: int = Field(20, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this norm (the Trainer's default, which the paper's runs used)."""
+    precision: Precision = "auto"
+    """auto: bf16 mixed precision on a GPU that supports it, fp32 on a CPU."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (paper: on; what lets 7B train at 32k)."""
+    deepspeed: InPath | None = None
+    """DeepSpeed config (JSON), e.g. configs/ds_zero2.json or configs/ds_zero3.json; its "auto" values are filled from
+    these params by the Trainer. None: no DeepSpeed."""
+    seed: int = 0
+    """Seeds LoRA initialisation, the data order and dropout."""
+    log_every: int = Field(10, gt=0)
+    """Log loss, learning rate and tokens/s (dvclive, console) every this many steps."""
+    checkpoint_every: int = Field(100, gt=0)
+    """Save a resumable checkpoint (weights, optimizer, scheduler, RNG and data position) every this many steps."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """Keep at most this many recent checkpoints of a run; older ones are removed as new ones are written."""
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint this same configuration left in checkpoint_dir (a killed or failed
+    run), else start; never: start over; or the path of one checkpoint folder (`…/checkpoint-<step>`), which must
+    come from this same configuration."""
+    checkpoint_dir: OutPath = Path("data/checkpoints/extend")
+    """Checkpoints, one subfolder per configuration (a hash of everything that shapes training), outside the
+    DVC-cached output so that they survive `dvc repro` (persist: true). A run's own subfolder is removed when it
+    completes."""
+    out_dir: OutPath = Path("data/extend")
+    """PEFT adapter folder (adapter_config.json, adapter_model.safetensors) with the extended config.json, the
+    tokenizer, extension.json (base model, RoPE scaling, S² group size, these params) and the dvclive logs; a full
+    model folder for method full."""
+    metrics_file: OutPath = Path("data/metrics/extend.json")
+    """DVC metrics: first and final loss, tokens/s, peak memory, trainable parameters per group, seconds."""
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty: use auto, never, or the path of a checkpoint folder")
+        return value if value in ("auto", "never") else str(Path(value).expanduser())
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> Self:
+        if self.global_batch_size % self.per_device_batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
+                             f"{self.per_device_batch_size}")
+        return self
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Gradient accumulation steps that make global_batch_size with `world_size` processes."""
+        per_step = self.per_device_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise InputError(
+                f"extend.global_batch_size {self.global_batch_size} is not divisible by per_device_batch_size "
+                f"{self.per_device_batch_size} × {world_size} processes = {per_step}; change one of them")
+        return self.global_batch_size // per_step
+
+
+class MergeOutput(Section):
+    """Where one `merge` instance writes."""
+
+    out_dir: OutPath
+    """Hugging Face model folder (safetensors, config with the composed RoPE scaling, tokenizer, generation config)
+    that plain `AutoModelForCausalLM.from_pretrained` loads."""
+    metrics_file: OutPath
+    """DVC metrics: parameters, context length, RoPE scaling, tied embeddings, seconds."""
+
+
+class MergeParams(Section):
+    """Stage `merge`: a training stage's output (adapter + its base, or a full model) → one plain Hugging Face model
+    folder. One instance per training stage (dvc.yaml `merge@<stage>`), each with its own subsection here."""
+
+    dtype: MergeDtype = "auto"
+    """Weights dtype of the merged folder; auto keeps the base model's own dtype (merging itself runs in fp32)."""
+    extend: MergeOutput = MergeOutput(out_dir=Path("data/extended_model"),
+                                      metrics_file=Path("data/metrics/merge_extend.json"))
+    """merge@extend: the extended model, base of the sft stage."""
+
+
 class Params(Section):
     """The whole params.yaml."""
 
@@ -404,6 +529,8 @@ class Params(Section):
     prepare_pretrain: PretrainDataParams = PretrainDataParams()
     prepare_sft: SftDataParams = SftDataParams()
     prepare_eval: EvalDataParams = EvalDataParams()
+    extend: ExtendParams = ExtendParams()
+    merge: MergeParams = MergeParams()
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Self:
@@ -416,6 +543,7 @@ class Params(Section):
             "prepare_pretrain": {"block_length": target},
             "prepare_sft": {"max_length": target},
             "prepare_eval": {"lengths": tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))},
+            "extend": {"data": self.prepare_pretrain.out_dir},
         }
         for name, defaults in derived.items():
             section = getattr(self, name)
@@ -456,10 +584,18 @@ class Params(Section):
             )
         return self
 
+    def section(self, stage: str) -> Section:
+        """The stage's own section (`merge@extend`: `merge.extend`)."""
+        section = self
+        for part in stage_key(stage).split("."):
+            section = getattr(section, part)
+        return section
+
     def _outputs(self) -> list[tuple[str, str, Path]]:
         """(stage, key, path) of every file or folder a stage writes, in pipeline order."""
-        return [(stage, f"{stage}.{key}", getattr(getattr(self, stage), key))
-                for stage in STAGES for key in ("out_dir", "metrics_file")]
+        return [(stage, f"{stage_key(stage)}.{key}", getattr(self.section(stage), key))
+                for stage in STAGES for key in ("out_dir", "metrics_file", "checkpoint_dir")
+                if hasattr(self.section(stage), key)]
 
     def _local_inputs(self) -> list[tuple[set[str], str, str]]:
         """(stages reading it, key, path) of every input that is a local path rather than a hub name."""
@@ -467,9 +603,14 @@ class Params(Section):
         if not is_hub_model_id(self.model.name_or_path):
             inputs.append((set(STAGES) - {"build_base_model"}, "model.name_or_path", self.model.name_or_path))
         for stage in STAGES:
-            source = getattr(getattr(self, stage), "input", None)
+            source = getattr(self.section(stage), "input", None)
             if source is not None and not is_hub_name(source):
                 inputs.append(({stage}, f"{stage}.input", source))
+        inputs.append(({"extend"}, "extend.data", str(self.extend.data)))
+        if self.extend.deepspeed is not None:
+            inputs.append(({"extend"}, "extend.deepspeed", str(self.extend.deepspeed)))
+        for source in MERGE_SOURCES:
+            inputs.append(({f"merge@{source}"}, f"{source}.out_dir", str(self.section(source).out_dir)))
         return inputs
 
     @model_validator(mode="after")
@@ -506,9 +647,13 @@ class Params(Section):
 
     def output(self, stage: str) -> StageOutput:
         """The stage's output folder and metrics file, to claim before any work (`with params.output(...)`)."""
-        p = getattr(self, stage)
-        return StageOutput(stage, p.out_dir, f"{stage}.out_dir", p.metrics_file, f"{stage}.metrics_file",
-                           params=p.model_dump(mode="json"))
+        p, key = self.section(stage), stage_key(stage)
+        reported = p.model_dump(mode="json")
+        if "@" in stage:  # an instance: its own subsection and the settings its instances share
+            shared = getattr(self, stage.split("@")[0]).model_dump(mode="json", exclude=set(MERGE_SOURCES))
+            reported = {**shared, **reported}
+        return StageOutput(stage, p.out_dir, f"{key}.out_dir", p.metrics_file, f"{key}.metrics_file",
+                           params=reported)
 
 
 def _relation(a: Path, b: Path) -> str | None:

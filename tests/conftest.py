@@ -39,6 +39,8 @@ TINY_OVERRIDES = {
     "prepare_corpus": {"longqa_min_tokens": 240, "longqa_max_tokens": 400, "longqa_examples": 16,
                       "longqa_heldout_examples": 4, "eval_documents": 4},
     "prepare_sft": {"truncation": "truncate_middle"},
+    "extend": {"max_steps": 6, "global_batch_size": 4, "per_device_batch_size": 2, "lr": 0.003, "warmup_steps": 1,
+               "log_every": 1, "checkpoint_every": 2},
 }
 
 

@@ -12,8 +12,9 @@ import pytest
 import zstandard
 
 from longlora import data
-from longlora.data import ReadStats, batched_texts, is_hub_name, iter_records, iter_texts
+from longlora.data import ReadStats, batched_texts, iter_records, iter_texts
 from longlora.errors import InputError
+from longlora.sources import is_hub_name
 
 RECORDS = [{"text": f"document {i}\nwith ünïcode ✓ and \"quotes\"", "meta": {"i": i}} for i in range(5)]
 

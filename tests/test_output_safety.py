@@ -12,7 +12,7 @@ import yaml
 
 from longlora.io import OUTPUT_MARKER, OutputBusyError, OutputError
 from stages import _cli, build_base_model, prepare_eval, prepare_pretrain
-from stages.params import STAGES, parse_params
+from stages.params import STAGES, parse_params, stage_key
 from tests.conftest import tiny_params_dict
 
 DOCS = ["def f():\n    return 1\n" * 40, "class A:\n    x = 2\n" * 60]
@@ -38,8 +38,10 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 def _cli_run(stage: str, raw: dict, capsys) -> tuple[int, str]:
     Path("params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
-    module = importlib.import_module(f"stages.{stage}")
-    code = _cli.main(stage, module.run, ["--params", "params.yaml"])
+    name, _, key = stage.partition("@")  # an instance of a foreach stage (merge@extend): run(params, key)
+    module = importlib.import_module(f"stages.{name}")
+    run = (lambda params: module.run(params, key)) if key else module.run
+    code = _cli.main(stage, run, ["--params", "params.yaml"])
     return code, capsys.readouterr().err
 
 
@@ -55,14 +57,16 @@ def test_out_dir_holding_an_unrelated_file_is_refused_and_the_file_stays(project
     user = project / "my_results"
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
-    overrides = {stage: {"out_dir": "my_results"}, "model": {"name_or_path": str(tiny_tokenizer_dir)}}
+    section, _, instance = stage.partition("@")
+    own = {"out_dir": "my_results"}
+    overrides = {section: {instance: own} if instance else own, "model": {"name_or_path": str(tiny_tokenizer_dir)}}
     if stage == "build_base_model":
         overrides["model"] = {"name_or_path": "my_results"}
     before = _snapshot(project)
     code, err = _cli_run(stage, tiny_params_dict(**overrides), capsys)
     assert code == 2
-    assert err.strip() == (f"stages.{stage}: error: {stage}.out_dir 'my_results' holds files that stage {stage} "
-                           f"did not write (thesis.tex; no {OUTPUT_MARKER}); name another folder, or move them "
+    assert err.strip() == (f"stages.{stage}: error: {stage_key(stage)}.out_dir 'my_results' holds files that stage "
+                           f"{stage} did not write (thesis.tex; no {OUTPUT_MARKER}); name another folder, or move them "
                            "away; nothing was written or deleted")
     assert _snapshot(project) == {**before, "params.yaml": (project / "params.yaml").read_bytes()}
     assert sorted(p.name for p in project.iterdir()) == [".git", "data", "my_results", "notes.md", "params.yaml"]

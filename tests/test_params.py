@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -33,6 +34,27 @@ def test_derived_defaults_are_resolved_once_from_the_target_context():
     assert explicit.prepare_pretrain.block_length == 64 and explicit.prepare_eval.lengths == (100,)
     assert explicit.prepare_corpus.eval_min_tokens == 300
     assert explicit.prepare_sft.max_length == explicit.model.target_context == 128
+
+
+def test_extend_trains_on_prepare_pretrains_blocks_by_default():
+    params = load_params(ROOT / "params.yaml")
+    assert params.extend.data == params.prepare_pretrain.out_dir
+    assert parse_params(tiny_params_dict(extend={"data": "blocks/128"})).extend.data == Path("blocks/128")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"extend": {"checkpoint_dir": "data/extend/checkpoints"}},
+     "extend.checkpoint_dir: 'data/extend/checkpoints' is inside extend.out_dir 'data/extend'"),
+    ({"merge": {"extend": {"out_dir": "data/extend"}}},
+     "merge.extend.out_dir: 'data/extend' is the same place as extend.out_dir 'data/extend'"),
+    ({"extend": {"data": "data/extend/blocks"}},
+     "extend.data: 'data/extend/blocks' is inside extend.out_dir 'data/extend': the stage would read from the folder"),
+    ({"extend": {"resume": " "}}, "extend.resume: empty"),
+])
+def test_extend_and_merge_paths_are_checked_with_the_others(overrides, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params_dict(**overrides))
+    assert str(err.value).startswith(f"params.yaml: {message}"), str(err.value)
 
 
 def test_unknown_key_is_rejected_with_its_path():

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.longlora_flow import _paths, _under, stage_order
-from stages.params import STAGES, load_params
+from pipelines.longlora_flow import _paths, _under, expand_stages, stage_order
+from stages.params import STAGES, load_params, stage_key
 from tests.conftest import ROOT, tiny_params_dict
 
 PROJECT_FILES = ["dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
@@ -23,9 +23,9 @@ PROJECT_DIRS = ["longlora", "stages", "pipelines"]
 
 
 def _final_outputs() -> list[Path]:
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stages = expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
     return [Path(next(iter(o)) if isinstance(o, dict) else o)
-            for stage in spec["stages"].values() for o in stage.get("outs", []) + stage.get("metrics", [])]
+            for stage in stages.values() for o in stage.get("outs", []) + stage.get("metrics", [])]
 
 
 def _write_tiny_params(where: Path) -> None:
@@ -50,6 +50,22 @@ def test_stage_order_rejects_foreign_commands(tmp_path):
 
 def test_project_stage_order_starts_with_the_base_model():
     assert stage_order(ROOT / "dvc.yaml")[0] == "build_base_model"
+
+
+def test_foreach_stages_become_one_stage_per_instance(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "merge": {"foreach": {"sft": {"src": "data/sft_adapter"}, "extend": {"src": "data/extend"}},
+                  "do": {"cmd": "python -m stages.merge ${key}", "deps": ["${item.src}"], "outs": ["out/${key}"]}},
+        "extend": {"cmd": "python -m stages.extend", "outs": ["data/extend"]},
+        "sft": {"cmd": "python -m stages.sft", "deps": ["out/extend"], "outs": ["data/sft_adapter"]},
+    }}, sort_keys=False))
+    assert stage_order(tmp_path / "dvc.yaml") == ["extend", "merge@extend", "sft", "merge@sft"]
+    assert expand_stages(yaml.safe_load((tmp_path / "dvc.yaml").read_text()))["merge@sft"] == {
+        "cmd": "python -m stages.merge sft", "deps": ["data/sft_adapter"], "outs": ["out/sft"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "merge": {"foreach": ["extend"], "do": {"cmd": "python -m stages.merge"}}}}))
+    with pytest.raises(ValueError, match=r"stage 'merge@extend' must run `python -m stages.merge extend`"):
+        stage_order(tmp_path / "dvc.yaml")
 
 
 def _module_file(name: str) -> Path | None:
@@ -77,6 +93,14 @@ def _project_imports(module: str) -> set[str]:
     return {path.relative_to(ROOT).as_posix() for path in seen if path.name != "__init__.py"}
 
 
+def test_params_validation_pulls_in_no_stage_machinery():
+    """Every stage depends on what stages/params.py imports: the readers, packers, tokenizers and the method's
+    torch code must not be among them, or an edit to one reruns every stage (the 6.5-minute base model too)."""
+    light = {"stages/params.py", "longlora/choices.py", "longlora/corpus.py", "longlora/errors.py", "longlora/io.py",
+             "longlora/recipe.py", "longlora/sources.py"}
+    assert _project_imports("stages.params") == light
+
+
 def _has_key(tree: dict, dotted: str) -> bool:
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
@@ -87,28 +111,37 @@ def _has_key(tree: dict, dotted: str) -> bool:
 
 def test_every_stage_declares_the_code_params_and_data_it_reads():
     """dvc.yaml's deps and params are what each stage really reads, so that `dvc repro` reruns exactly when needed."""
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    spec = expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = load_params(ROOT / "params.yaml")
     assert stage_order(ROOT / "dvc.yaml") == list(STAGES), "the Prefect flow and params.py must know the same stages"
     produced = [out for stage in spec.values() for out in _paths(stage.get("outs"))]
     for name, stage in spec.items():
+        module = name.split("@")[0]  # an instance of a foreach stage runs the stage's module
         deps, declared = _paths(stage["deps"]), stage["params"]
-        assert deps[:3] == [f"stages/{name}.py", "stages/_cli.py", "stages/params.py"], name
-        missing = sorted(_project_imports(f"stages.{name}") - set(deps))
+        assert deps[:3] == [f"stages/{module}.py", "stages/_cli.py", "stages/params.py"], name
+        imported = _project_imports(f"stages.{module}")
+        missing = sorted(imported - set(deps))
         assert not missing, f"{name} imports {missing}: list them in its deps"
+        extra = sorted({dep for dep in deps if dep.endswith(".py")} - imported)
+        assert not extra, f"{name} does not import {extra}: an edit there must not rerun it"
         for dep in deps:
             assert (ROOT / dep).exists() or any(_under(dep, out) for out in produced), f"{name}: no such dep {dep}"
         for key in declared:
             assert _has_key(raw, key), f"{name} declares params {key!r}, which params.yaml does not have"
         # Every section a stage's code reads (`params.<section>.<key>`) is declared, whole or key by key.
-        source = (ROOT / f"stages/{name}.py").read_text(encoding="utf-8")
-        read = set(re.findall(r"\bparams\.(\w+)\.(\w+)", source)) | {(name, "")}
+        source = (ROOT / f"stages/{module}.py").read_text(encoding="utf-8")
+        read = set(re.findall(r"\bparams\.(\w+)\.(\w+)", source)) | {(stage_key(name), "")}
         for section, key in read:
             assert section in declared or f"{section}.{key}" in declared, f"{name} reads {section}.{key}"
-        own = getattr(params, name)
-        assert _paths(stage["outs"]) == [str(own.out_dir)]
+        own = params.section(name)
+        persistent = [str(own.checkpoint_dir)] if hasattr(own, "checkpoint_dir") else []
+        assert _paths(stage["outs"]) == [str(own.out_dir), *persistent]
         assert _paths(stage["metrics"]) == [str(own.metrics_file)]
+    # A merge instance reads the folder its training stage wrote, and declares it.
+    for source in (name.split("@")[1] for name in spec if name.startswith("merge@")):
+        assert str(params.section(source).out_dir) in _paths(spec[f"merge@{source}"]["deps"])
+        assert f"{source}.out_dir" in spec[f"merge@{source}"]["params"]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:

@@ -1,0 +1,29 @@
+"""The choices the data stages' parameters are validated against, importable without numpy, torch or transformers.
+
+`stages/params.py` validates all of params.yaml before any stage starts, and every stage lists what params.py
+imports among its DVC dependencies: keeping these enums here, away from the readers, packers and tokenizers that use
+them, means an edit to one of those modules reruns only the stages that run it. Each choice is defined once; the
+modules that act on it import it from here. (The method's own choices and rules live in `longlora.recipe`.)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+OnError = Literal["raise", "skip"]
+"""A bad record stops the stage (raise) or is skipped and counted (skip)."""
+
+BosPolicy = Literal["document", "none"]
+"""`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`."""
+
+TokenDtype = Literal["auto", "uint16", "uint32"]
+"""Dtype of written token ids: auto picks uint16 when the vocabulary fits (ids < 65536), else uint32."""
+
+Remainder = Literal["drop", "pad"]
+"""What happens to the last tokens that do not fill a block: dropped, or padded to a full block."""
+
+Template = Literal["llama2", "chat_template"]
+"""SFT prompt format: the paper code's Llama-2 `[INST]` template, or the tokenizer's own chat template."""
+
+Truncation = Literal["drop", "truncate_middle"]
+"""An SFT example too long for max_length: dropped (answer cut at the end), or its prompt cut in the middle."""

@@ -1,0 +1,125 @@
+"""What the HF Trainer needs from this project, and nothing it already does: packed blocks as a dataset, the DeepSpeed
+config checked before the model is loaded, the precision resolved, peak memory measured.
+
+Mixed precision, gradient accumulation, distributed sampling, checkpoint/resume (weights, optimizer, scheduler, RNG
+states and the position in the data), DeepSpeed and the tokens/s in the logs (`include_num_input_tokens_seen`) are the
+Trainer's and accelerate's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longlora.errors import InputError
+from longlora.packing import PackedBlocks
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Packed blocks (memory-mapped, read one block at a time) as causal-LM examples: labels = inputs, with the pad
+    tokens that `remainder: pad` put at the end of the last block masked from the loss.
+
+    Documents inside a block attend to the documents before them, as in LongLoRA's training (it concatenates
+    RedPajama documents the same way); document starts are not used.
+    """
+
+    def __init__(self, blocks: PackedBlocks):
+        self.blocks = blocks
+        self.padded = int(blocks.meta.get("padded_tokens") or 0)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))
+        labels = ids.clone()
+        if self.padded and i == len(self.blocks) - 1:
+            labels[-self.padded:] = IGNORE_INDEX
+        return {"input_ids": ids, "labels": labels}
+
+
+def open_blocks(folder: str | Path, block_length: int, vocab_size: int, param: str = "data") -> PackedBlocks:
+    """`PackedBlocks(folder)`, or an InputError naming `param` when they are missing, of another length than the
+    context trained at, or from a larger vocabulary than the model's."""
+    folder = Path(folder)
+    try:
+        blocks = PackedBlocks(folder)
+    except FileNotFoundError as err:
+        raise InputError(f"{param} {str(folder)!r}: {err} (run prepare_pretrain first)") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"{param} {str(folder)!r}: not readable packed blocks: {err}") from None
+    meta = blocks.meta
+    if blocks.block_length != block_length:
+        raise InputError(f"{param} {str(folder / 'meta.json')!r}: blocks of {blocks.block_length} tokens, but "
+                         f"model.target_context is {block_length}: extension trains on blocks of the target context "
+                         "(rerun prepare_pretrain with block_length null)")
+    if len(blocks) == 0:
+        raise InputError(f"{param} {str(folder)!r}: holds no blocks")
+    if int(meta.get("vocab_size") or 0) > vocab_size:
+        raise InputError(f"{param} {str(folder / 'meta.json')!r}: tokenized with a {meta['vocab_size']}-token "
+                         f"vocabulary, larger than the model's {vocab_size} (tokenizer {meta.get('tokenizer')!r})")
+    return blocks
+
+
+def resolve_precision(precision: str) -> str:
+    """auto → bf16 on a GPU that has it, fp32 otherwise; an explicit choice the hardware lacks is an InputError."""
+    has_cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and not has_cuda:
+        raise InputError(f"extend.precision {precision}: mixed precision needs a GPU; this machine has none (use auto "
+                         "or fp32)")
+    return precision
+
+
+def read_deepspeed_config(path: str | Path, param: str = "deepspeed") -> dict:
+    """The DeepSpeed config as a dict; InputError naming the file (and the line) when it is missing or not JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{param} {str(path)!r}: cannot read the DeepSpeed config ({err.strerror})") from None
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise InputError(f"{param} {str(path)!r}: not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{param} {str(path)!r}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_deepspeed_config(config: dict, args, param: str = "deepspeed") -> dict:
+    """Run `config` through DeepSpeed's own config classes as the Trainer will, with its "auto" values filled in
+    from the TrainingArguments `args`; return the filled config. InputError naming `param` when DeepSpeed rejects it
+    or it contradicts the params."""
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+    except ImportError as err:
+        raise InputError(f"{param}: DeepSpeed is not installed ({err}); pip install deepspeed") from None
+    try:
+        filled = HfTrainerDeepSpeedConfig(json.loads(json.dumps(config)))
+        filled.trainer_config_process(args)
+        DeepSpeedConfig(filled.config)
+    except Exception as err:  # DeepSpeed reports a bad config with ValueError, pydantic errors, AssertionError, …
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{param}: DeepSpeed rejects the config: {first[:300]}") from None
+    return filled.config
+
+
+def peak_memory_mib() -> float:
+    """Peak GPU memory allocated by torch on a GPU; the process' peak resident memory on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux

@@ -1,0 +1,106 @@
+"""Stage `merge`: a training stage's output → one plain Hugging Face model folder, for serving stacks.
+
+    .venv/bin/python -m stages.merge extend     # or: dvc repro merge@extend
+
+One instance per training stage whose output it merges (dvc.yaml's `foreach`: `merge@extend` now, `merge@sft` when
+that stage lands), each writing where its `merge.<stage>` params say. The folder the training stage wrote describes
+itself (extension.json: base model, RoPE scaling), so the merge needs nothing else: the extended model is rebuilt
+with `longlora.extension.load_extended` (fp32), the adapter folded in (`merge_and_unload`: LoRA, embeddings, norms;
+tied embeddings stay one matrix) and the result saved with safetensors, the tokenizer, a generation config and the
+source's extension.json (base model, RoPE scaling, the training run's params; `merged_from` added). Its
+config carries the composed RoPE scaling and the new `max_position_embeddings` and names no S²-Attn attribute or
+backend: plain `AutoModelForCausalLM.from_pretrained(folder)` loads it, in a process that never imports this project.
+
+On 2 CPU cores the default (the embedded model) takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from longlora.errors import InputError
+from longlora.extension import describe, is_adapter, load_extended, plain_config, read_description
+from longlora.io import StageOutput
+from stages import _cli
+from stages.params import MERGE_SOURCES, Params
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, source: str = "extend") -> dict:
+    """Merge the output of training stage `source` into a plain model folder; return metrics."""
+    if source not in MERGE_SOURCES:
+        raise InputError(f"merge: unknown source stage {source!r}; one of {', '.join(MERGE_SOURCES)}")
+    with params.output(f"merge@{source}") as out:  # checked and locked before any work
+        return _merge(params, source, out)
+
+
+def _merge(params: Params, source: str, out: StageOutput) -> dict:
+    from transformers import GenerationConfig
+
+    from longlora.tokenizing import load_tokenizer
+
+    started = time.perf_counter()
+    folder = Path(params.section(source).out_dir)
+    param = f"{source}.out_dir"
+    description = read_description(folder, param)  # before loading anything: is it a folder the stage wrote?
+    trust = params.model.trust_remote_code
+    model = load_extended(folder, trust_remote_code=trust, param=param)
+    adapter = is_adapter(folder)
+    if adapter:
+        model = model.merge_and_unload()
+    model.config = plain_config(model.config)
+    dtype = _dtype(params.merge.dtype, folder)
+    model = model.to(dtype)
+    tokenizer = load_tokenizer(str(folder), trust)
+    with out.publish() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        generation = model.generation_config if model.generation_config is not None else GenerationConfig()
+        generation.save_pretrained(tmp)
+        # Where it came from travels with it: the base model, the RoPE scaling, the training run's params.
+        describe(tmp, {**{k: v for k, v in description.items() if k != "format"}, "merged_from": str(folder)})
+    config = model.config
+    metrics = {
+        "source": source,
+        "merged_adapter": adapter,
+        "base_model": description["base_model"],
+        "parameters": sum(t.numel() for t in model.parameters()),
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_parameters": dict(getattr(config, "rope_parameters", None) or {}),
+        "tied_embeddings": model.get_output_embeddings() is not None
+        and model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return out.write_metrics(metrics)
+
+
+def _dtype(choice: str, folder: Path):
+    """The dtype to save in: the one named, or (auto) the base model's own as the extended config.json names it
+    (the model in memory is fp32 whatever the base was: loading with a dtype rewrites its config's)."""
+    import torch
+
+    if choice != "auto":
+        return getattr(torch, choice)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    named = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(named), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.merge <source stage> [--params params.yaml]`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("source", choices=MERGE_SOURCES)
+    known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return _cli.main(f"merge@{known.source}", lambda params: run(params, known.source), rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,381 @@
+"""Stages extend and merge end to end on a 2-layer tiny model (pre-trained at 32 tokens, extended to 128): what they
+write, that it learned, that a killed run resumes to the same weights, that every way of loading the result gives
+what the README says, and that every bad input stops before training with one line naming the parameter or file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from longlora.extension import EXTENSION_FILE, load_extended
+from longlora.packing import Packed, PackedBlocksWriter
+from longlora.rope import rotary_inv_freq
+from stages import _cli, build_base_model, extend, merge, prepare_pretrain
+from stages.params import parse_params
+from tests.conftest import ROOT, tiny_params_dict
+
+TARGET, ORIGINAL = 128, 32  # tiny_params_dict: model.target_context, build_base_model.context_length
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The tiny base model (build_base_model) and packed blocks of the extend split (prepare_pretrain), built once."""
+    from longlora.corpus import stdlib_documents
+
+    root = tmp_path_factory.mktemp("extend_inputs")
+    with contextlib.chdir(root):
+        with open("corpus.jsonl", "w", encoding="utf-8") as f:
+            for doc in stdlib_documents("extend", max_documents=16):
+                f.write(json.dumps({"text": doc.text}) + "\n")
+        params = parse_params(tiny_params_dict(prepare_pretrain={"input": "corpus.jsonl"}))
+        build_base_model.run(params)
+        prepare_pretrain.run(params)
+    return root
+
+
+@pytest.fixture
+def project(inputs, tmp_path, monkeypatch, single_torch_thread):
+    """A fresh working directory holding copies of the base model and the blocks."""
+    for name in ("data/base_model", "data/pretrain"):
+        shutil.copytree(inputs / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _params(**sections):
+    return parse_params(tiny_params_dict(**sections))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _ids(length: int = TARGET, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 400, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# --- extend, then merge ------------------------------------------------------------------------------------------
+
+
+def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_into_a_plain_model(project):
+    params = _params(extend={"max_steps": 12})
+    metrics = extend.run(params)
+
+    # It learned: the last logged losses are below the first ones.
+    losses = metrics["losses"]
+    assert len(losses) == 12 and metrics["steps"] == 12
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
+    assert metrics["tokens_seen"] == 12 * 4 * TARGET and metrics["tokens_per_second"] > 0
+    assert metrics["peak_memory_mib"] > 0 and metrics["gradient_accumulation_steps"] == 2
+    counts = metrics["trainable_parameters"]
+    assert counts["lora"] > 0 and counts["embeddings"] == 400 * 32 and counts["norms"] == 5 * 32
+    assert metrics["rope_parameters"]["factor"] == TARGET / ORIGINAL and metrics["s2attn_group_size"] == TARGET // 4
+    assert json.loads(Path("data/metrics/extend.json").read_text()) == metrics
+
+    out = project / "data/extend"
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", EXTENSION_FILE,
+            "tokenizer.json", "dvclive"} <= names
+    config_text = (out / "config.json").read_text()
+    config = json.loads(config_text)
+    assert config["max_position_embeddings"] == TARGET and config["rope_parameters"]["factor"] == 4
+    assert "s2attn" not in config_text
+    described = json.loads((out / EXTENSION_FILE).read_text())
+    assert described["base_model"] == "data/base_model" and described["original_context"] == ORIGINAL
+    assert described["rope_parameters"]["rope_type"] == "linear" and described["s2attn_group_size"] == 32
+    assert described["params"]["extend"]["max_steps"] == 12 and described["params"]["lora"]["r"] == 8
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "data/base_model"
+    logged = (out / "dvclive/plots/metrics/loss.tsv").read_text().splitlines()
+    assert logged[0] == "step\tloss" and len(logged) == 13
+    assert len((out / "dvclive/plots/metrics/train/tokens_per_second.tsv").read_text().splitlines()) == 13
+    # The run's checkpoints went when it completed; the folder (persist in dvc.yaml) and its marker stay.
+    assert [p.name for p in (project / "data/checkpoints/extend").iterdir()] == [extend.CHECKPOINTS_MARKER]
+
+    # The documented call rebuilds the extended model from the folder alone: interpolated RoPE, adapter applied.
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    adapter = load_extended(out)
+    base = AutoModelForCausalLM.from_pretrained("data/base_model")
+    torch.testing.assert_close(rotary_inv_freq(adapter), rotary_inv_freq(base) / 4)
+    ids = _ids()
+    expected = _logits(adapter, ids)
+    # The plain PEFT way with the config saved beside the adapter gives the same model ...
+    with_config = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained("data/base_model", config=AutoConfig.from_pretrained(out)), out).eval()
+    torch.testing.assert_close(_logits(with_config, ids), expected)
+    # ... the PEFT ways without it run without interpolation (what the README warns about) ...
+    for unscaled in (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("data/base_model"), out),
+                     AutoPeftModelForCausalLM.from_pretrained(out)):
+        assert (_logits(unscaled.eval(), ids) - expected).abs().max() > 1e-3
+    # ... and transformers' own adapter loading fails loudly instead, because config.json is there.
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(out)
+
+    merged_metrics = merge.run(params, "extend")
+    merged = project / "data/extended_model"
+    assert merged_metrics["merged_adapter"] and merged_metrics["tied_embeddings"]
+    assert merged_metrics["max_position_embeddings"] == TARGET
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in merged.iterdir()}
+    assert "s2attn" not in (merged / "config.json").read_text()
+    provenance = json.loads((merged / EXTENSION_FILE).read_text())
+    assert provenance["base_model"] == "data/base_model" and provenance["merged_from"] == "data/extend"
+    with safe_open(merged / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in list(f.keys())  # tied: one matrix
+    # Loaded by a process that never imports this project, on an input longer than the original context.
+    torch.save(ids, project / "ids.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "assert model.lm_head.weight is model.model.embed_tokens.weight, 'untied'\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+        "mine = sorted(m for m in sys.modules if m.split('.')[0] in ('longlora', 'stages', 'pipelines'))\n"
+        "print('project modules:', mine)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code, str(merged), "ids.pt", "merged.pt"], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("project modules: []")
+    torch.testing.assert_close(torch.load(project / "merged.pt"), expected, atol=1e-4, rtol=0)
+
+
+def test_full_fine_tuning_with_dense_attention_writes_a_model_folder(project):
+    params = _params(extend={"max_steps": 3, "method": "full", "attention": "dense", "log_every": 3})
+    metrics = extend.run(params)
+    counts = metrics["trainable_parameters"]
+    assert counts["trainable"] == counts["total"] and metrics["s2attn_group_size"] is None
+    out = project / "data/extend"
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert "s2attn" not in (out / "config.json").read_text()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert plain.config.max_position_embeddings == TARGET
+    merge.run(params, "extend")
+    merged = AutoModelForCausalLM.from_pretrained(project / "data/extended_model").eval()
+    torch.testing.assert_close(_logits(merged, _ids()), _logits(plain, _ids()))
+
+
+def test_plain_lora_trains_the_adapter_only(project):
+    metrics = extend.run(_params(extend={"max_steps": 2, "method": "lora"}))
+    counts = metrics["trainable_parameters"]
+    assert counts["lora"] > 0 and counts["embeddings"] == counts["norms"] == 0
+
+
+# --- kill and resume -----------------------------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_a_rerun_after_a_kill_resumes_and_ends_with_the_uninterrupted_weights(project, monkeypatch):
+    params = _params(extend={"max_steps": 6, "checkpoint_every": 2})
+    uninterrupted = extend.run(params)
+    expected = _adapter_weights(project / "data/extend")
+    shutil.rmtree(project / "data/extend")
+    Path("data/metrics/extend.json").unlink()
+
+    from transformers import Trainer
+
+    step = Trainer.training_step
+
+    def dies_after_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise Killed("killed mid-run")
+        return step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "training_step", dies_after_step_3)
+        with pytest.raises(Killed):
+            extend.run(params)
+    assert not (project / "data/extend").exists() and not Path("data/metrics/extend.json").exists()
+    runs = [p for p in (project / "data/checkpoints/extend").iterdir() if p.is_dir()]
+    assert len(runs) == 1 and sorted(p.name for p in runs[0].glob("checkpoint-*")) == ["checkpoint-2"]
+
+    resumed = extend.run(params)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 6
+    got = _adapter_weights(project / "data/extend")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+    assert resumed["losses"][-4:] == pytest.approx(uninterrupted["losses"][-4:], abs=1e-5)
+
+
+# --- bad input: one line, exit 2, nothing written --------------------------------------------------------------
+
+
+def _cli_run(stage: str, raw: dict, capsys) -> tuple[int, str]:
+    Path("params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    if stage == "merge":
+        code = merge.main(["extend", "--params", "params.yaml"])
+    else:
+        code = _cli.main(stage, extend.run, ["--params", "params.yaml"])
+    return code, capsys.readouterr().err.strip()
+
+
+def _blocks(folder: Path, length: int) -> str:
+    folder.mkdir(parents=True)
+    writer = PackedBlocksWriter(folder, length, np.uint16)
+    rows = np.random.default_rng(0).integers(4, 400, size=(8, length)).astype(np.uint16)
+    writer.write(Packed(rows, np.zeros(8, np.int32), np.ones(8, np.int64)))
+    writer.close({"vocab_size": 400, "padded_tokens": 0})
+    return str(folder)
+
+
+def _fake_checkpoint(project: Path, shaping_params) -> str:
+    """A checkpoint folder as the stage writes it, from the configuration `shaping_params` describes."""
+    from longlora.packing import PackedBlocks
+
+    run_dir = project / "elsewhere/run"
+    (run_dir / "checkpoint-4").mkdir(parents=True)
+    (run_dir / "checkpoint-4/trainer_state.json").write_text("{}")
+    shaping = extend._shaping(shaping_params, PackedBlocks("data/pretrain").meta, 1, None)
+    (run_dir / extend.RUN_FILE).write_text(json.dumps({"stage": "extend", "shaping": shaping}))
+    return str(run_dir / "checkpoint-4")
+
+
+def _bad_inputs(project: Path) -> dict[str, tuple[dict, str]]:
+    broken = project / "models/broken"
+    shutil.copytree(project / "data/base_model", broken)
+    (broken / "config.json").write_text("{not json")
+    (project / "bad_ds.json").write_text('{"zero_optimization": {"stage": 2,}}')
+    (project / "runs/old").mkdir(parents=True)
+    (project / "runs/old/.longlora-output.json").write_text(json.dumps({"stage": "merge@extend", "files": ["x"]}))
+    (project / "runs/old/x").write_text("an earlier run's model")
+    (project / "my_checkpoints").mkdir()
+    (project / "my_checkpoints/notes.txt").write_text("mine")
+    other = _fake_checkpoint(project, _params(extend={"lr": 0.01}))
+    return {
+        "missing model": ({"model": {"name_or_path": "models/missing"}},
+                          "model.name_or_path 'models/missing': no such folder"),
+        "unreadable model": ({"model": {"name_or_path": str(broken)}},
+                             f"model.name_or_path {str(broken)!r}: cannot read its config"),
+        "blocks of another length": ({"extend": {"data": _blocks(project / "short_blocks", 64)}},
+                                     "extend.data '"),
+        "group size": ({"s2attn": {"group_size": 48}},
+                       "sequence length 128 is not divisible by S²-Attn group size 48"),
+        "deepspeed config": ({"extend": {"deepspeed": "bad_ds.json"}},
+                             "extend.deepspeed 'bad_ds.json': not valid JSON"),
+        "batch": ({"extend": {"global_batch_size": 5}},
+                  "extend: global_batch_size 5 is not a multiple of per_device_batch_size 2"),
+        "output of another run": ({"extend": {"out_dir": "runs/old"}},
+                                  "extend.out_dir 'runs/old' is the output of stage 'merge@extend', not of extend"),
+        "checkpoint folder of the user": ({"extend": {"checkpoint_dir": "my_checkpoints"}},
+                                          "extend.checkpoint_dir 'my_checkpoints' holds files the extend stage did "
+                                          "not write"),
+        "resume from another configuration": ({"extend": {"resume": other}},
+                                              f"extend.resume {other!r}: the checkpoint comes from another "
+                                              "configuration (extend.lr 0.01 → 0.003)"),
+        "resume from a folder that is no checkpoint": ({"extend": {"resume": "data/base_model"}},
+                                                       "extend.resume 'data/base_model': not a checkpoint folder"),
+    }
+
+
+CASES = ["missing model", "unreadable model", "blocks of another length", "group size", "deepspeed config", "batch",
+         "output of another run", "checkpoint folder of the user", "resume from another configuration",
+         "resume from a folder that is no checkpoint"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_stops_extend_before_training_naming_the_parameter(project, capsys, case):
+    overrides, message = _bad_inputs(project)[case]
+    before = _snapshot(project)
+    code, err = _cli_run("extend", tiny_params_dict(**overrides), capsys)
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert message in err, err
+    assert _snapshot(project) == {**before, "params.yaml": (project / "params.yaml").read_bytes()}
+    assert not (project / "data/extend").exists() and not (project / "data/checkpoints").exists()
+
+
+def test_blocks_of_another_length_name_the_file_and_the_context(project, capsys):
+    short = _blocks(project / "short_blocks", 64)
+    code, err = _cli_run("extend", tiny_params_dict(extend={"data": short}), capsys)
+    assert code == 2
+    assert err == (f"stages.extend: error: extend.data '{short}/meta.json': blocks of 64 tokens, but "
+                   "model.target_context is 128: extension trains on blocks of the target context (rerun "
+                   "prepare_pretrain with block_length null)")
+
+
+def test_a_global_batch_the_world_size_does_not_divide_is_refused(project, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, err = _cli_run("extend", tiny_params_dict(), capsys)
+    assert code == 2 and not Path("data/extend").exists()
+    assert err == ("stages.extend: error: extend.global_batch_size 4 is not divisible by per_device_batch_size 2 × "
+                   "3 processes = 6; change one of them")
+
+
+def test_a_deepspeed_config_deepspeed_rejects_is_refused(project, capsys):
+    Path("ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2, "no_such_option": 1}}))
+    code, err = _cli_run("extend", tiny_params_dict(extend={"deepspeed": "ds.json"}), capsys)
+    assert code == 2 and err.startswith("stages.extend: error: extend.deepspeed: DeepSpeed rejects the config"), err
+    assert not Path("data/extend").exists() and not Path("data/checkpoints").exists()
+
+
+def test_merge_without_an_extended_folder_names_it(project, capsys):
+    code, err = _cli_run("merge", tiny_params_dict(), capsys)
+    assert code == 2
+    assert err == ("stages.merge@extend: error: extend.out_dir 'data/extend': no such folder (run the extend stage "
+                   "first)")
+    assert not Path("data/extended_model").exists()
+
+
+# --- DeepSpeed configs and the full-size profile ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "stage"), [("ds_zero2.json", 2), ("ds_zero3.json", 3)])
+def test_shipped_deepspeed_configs_parse_through_deepspeeds_own_classes(name, stage):
+    from transformers import TrainingArguments
+
+    from longlora.training import check_deepspeed_config, read_deepspeed_config
+
+    full = parse_params(yaml.safe_load((ROOT / "configs/llama2-7b-32k.yaml").read_text()))
+    p = full.extend
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=p.per_device_batch_size,
+                             gradient_accumulation_steps=p.gradient_accumulation(8), learning_rate=p.lr,
+                             adam_beta1=p.adam_beta1, adam_beta2=p.adam_beta2, weight_decay=p.weight_decay,
+                             lr_scheduler_type=p.lr_schedule, warmup_steps=p.warmup_steps, report_to="none",
+                             use_cpu=True)
+    config = check_deepspeed_config(read_deepspeed_config(ROOT / "configs" / name), args)
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["optimizer"]["params"]["betas"] == [0.9, 0.95] and config["optimizer"]["params"]["lr"] == 2e-5
+    assert config["gradient_accumulation_steps"] == 8 and config["train_micro_batch_size_per_gpu"] == 1
+    # No DeepSpeed scheduler: the Trainer's constant_with_warmup runs under ZeRO-2 and ZeRO-3 alike.
+    assert "scheduler" not in config
+
+
+def test_full_size_profile_batch_arithmetic():
+    full = parse_params(yaml.safe_load((ROOT / "configs/llama2-7b-32k.yaml").read_text()))
+    p = full.extend
+    assert (p.global_batch_size, p.per_device_batch_size, p.gradient_accumulation(8)) == (64, 1, 8)
+    assert (p.max_steps, p.lr, p.adam_beta2, p.weight_decay, p.warmup_steps) == (1000, 2e-5, 0.95, 0.0, 20)
+    assert p.lr_schedule == "constant_with_warmup" and p.gradient_checkpointing and p.precision == "auto"
+    assert p.deepspeed == Path("configs/ds_zero2.json") and (ROOT / p.deepspeed).exists()
+    assert full.s2attn.group_size_for(full.model.target_context) == 8192
+    with pytest.raises(Exception, match="not divisible by per_device_batch_size 1 × 3 processes"):
+        p.gradient_accumulation(3)
