@@ -2,6 +2,10 @@
 
     .venv/bin/python -m stages.extend     # or: dvc repro extend
 
+Expected with the tiny default on 2 CPU cores: 60 steps of 8 × 1024 tokens in about 70 s (7 k tokens/s), loss
+3.89 → 3.08; after `merge@extend`, held-out perplexity at 1024 tokens 29.7 against 48.5 for the base model with
+interpolation alone (README, "Extend and merge").
+
 Loads the base model (`model.name_or_path`, a local folder or a hub id) with its RoPE interpolated to
 `model.target_context` (written into the config before the model is built), selects S²-Attn (`extend.attention`),
 wraps it with LoRA+ (`extend.method`), and trains it on the packed blocks of prepare_pretrain, read memory-mapped.
