@@ -2,7 +2,7 @@
 
 A model pre-trained a few minutes on source code alone barely uses its context: the induction mechanism that copies
 what followed an earlier occurrence of the current text forms only after many more tokens. These sequences make
-that mechanism pay off within each 256-token window, in two generic forms built around real code:
+that mechanism pay off within each 256-token window, in three generic forms built around real code:
 
 - recall: assignments `name = value` planted among lines of real code, and later lines that state some of them
   again (`name = value`, `assert name == value`, `print(name)  # value`): the value can only be predicted by
@@ -80,7 +80,7 @@ def _value(rng: np.random.Generator) -> str:
 
 
 class SyntheticSequences:
-    """Recall and copy sequences of exactly `length` tokens around real code from `code` (a token stream).
+    """Recall, copy and haystack sequences of exactly `length` tokens around real code from `code` (a token stream).
 
     Every draw takes its random generator, so a batch is a pure function of the generator's seed: a resumed run
     draws exactly the batches an uninterrupted one would.
@@ -100,6 +100,14 @@ class SyntheticSequences:
     def _encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
+    def _restated(self, before: str, value: str, after: str) -> tuple[np.ndarray, np.ndarray]:
+        """`before`, ` value` and `after` encoded in pieces at a pre-token boundary (the value keeps its leading
+        space), so the value's tokens are known: they are what only a look back can predict; (ids, value mask)."""
+        pieces = [self._encode(before), self._encode(f" {value}"), self._encode(after)]
+        mask = np.concatenate([np.full(len(ids), is_value)
+                               for ids, is_value in zip(pieces, (False, True, False), strict=True)])
+        return np.concatenate(pieces), mask
+
     def _code(self, n: int, rng: np.random.Generator) -> np.ndarray:
         start = int(rng.integers(0, len(self.code) - n))
         return self.code[start:start + n].astype(np.int64)
@@ -117,13 +125,9 @@ class SyntheticSequences:
             forms = PROSE_FORMS if prose else RECALL_FORMS
             prefix, _, suffix = forms[int(rng.integers(len(forms)))].partition(" {value}")
             fill = {"name": name, "words": _words(name)}
-            # Encoded in pieces at a pre-token boundary (the value keeps its leading space), so the value's tokens
-            # are known: they are what only a look back at the definition can predict.
-            for text, is_value in ((f"\n{prefix.format(**fill)}", False), (f" {value}", True),
-                                   (suffix.format(**fill) + "\n", False)):
-                ids = self._encode(text)
-                tail.append(ids)
-                tail_mask.append(np.full(len(ids), is_value))
+            ids, mask = self._restated(f"\n{prefix.format(**fill)}", value, suffix.format(**fill) + "\n")
+            tail.append(ids)
+            tail_mask.append(mask)
         tail, tail_mask = np.concatenate(tail), np.concatenate(tail_mask)
         room = self.length - len(tail) - sum(len(d) for d in definitions)
         if room < 8:
@@ -177,8 +181,8 @@ class SyntheticSequences:
         fact = self._encode("\n" + " ".join(fact_line) + "\n")
         prefix, _, suffix = HAYSTACK_RECALL[int(rng.integers(len(HAYSTACK_RECALL)))].partition(" {value}")
         lead = "\n" + (self._sentence(rng) + " " if rng.random() < 0.5 else "")
-        tail = [self._encode(lead + prefix.format(words=words)), self._encode(f" {value}"), self._encode(suffix)]
-        room = self.length - len(fact) - sum(len(t) for t in tail)
+        tail, tail_mask = self._restated(lead + prefix.format(words=words), value, suffix)
+        room = self.length - len(fact) - len(tail)
         filler = self._encode(" ".join(distractors) + " ")
         while len(distractors) > 1 and 2 * len(filler) > room:  # the statements must repeat at least twice
             distractors.pop()
@@ -190,9 +194,8 @@ class SyntheticSequences:
         starts = np.flatnonzero(np.char.startswith(np.asarray(self.tokenizer.convert_ids_to_tokens(hay.tolist())),
                                                    "Ġ"))
         cut = int(starts[rng.integers(len(starts))]) if len(starts) else 0
-        ids = np.concatenate([hay[:cut], fact, hay[cut:], *tail])
-        mask = np.concatenate([np.zeros(len(ids) - len(tail[1]) - len(tail[2]), dtype=bool),
-                               np.ones(len(tail[1]), dtype=bool), np.zeros(len(tail[2]), dtype=bool)])
+        ids = np.concatenate([hay[:cut], fact, hay[cut:], tail])
+        mask = np.concatenate([np.zeros(len(ids) - len(tail), dtype=bool), tail_mask])
         return ids, mask
 
     def batch(self, n: int, recall_share: float, rng: np.random.Generator,
