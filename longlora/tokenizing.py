@@ -34,15 +34,16 @@ Encoded = tuple[np.ndarray, np.ndarray]
 UINT16_VOCAB = 1 << 16
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The model's tokenizer via AutoTokenizer (a local folder, or a hub id when the network allows)."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, param: str = "model.name_or_path"):
+    """The model's tokenizer via AutoTokenizer (a local folder, or a hub id when the network allows); errors name
+    `param`."""
     from transformers import AutoTokenizer
 
-    check_model_source(name_or_path)
+    check_model_source(name_or_path, param)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise InputError(f"model.name_or_path {name_or_path!r}: cannot load its tokenizer: {err}") from None
+        raise InputError(f"{param} {name_or_path!r}: cannot load its tokenizer: {err}") from None
 
 
 def token_dtype(vocab_size: int, requested: TokenDtype = "auto", param: str = "dtype") -> np.dtype:

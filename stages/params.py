@@ -10,6 +10,7 @@ empty paths are rejected and `~` is expanded. (What is on disk is checked when a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import Annotated, Self
@@ -37,6 +38,7 @@ from longlora.recipe import (
 from longlora.sources import is_hub_model_id, is_hub_name
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 MERGE_SOURCES = ("extend",)
 """The training stages whose output `merge` folds into a plain model: one dvc.yaml instance each (`merge@extend`),
@@ -517,6 +519,22 @@ class MergeParams(Section):
     """merge@extend: the extended model, base of the sft stage."""
 
 
+class EvalModel(Section):
+    """One model the evaluation stages compare."""
+
+    path: Source
+    """A Hugging Face causal-LM folder (e.g. a merge stage's out_dir) or a hub id (needs the network)."""
+    interpolate: bool = False
+    """Interpolate its RoPE to model.target_context when loading (model.rope_type, from model.original_context):
+    the base model's "interpolation without training" baseline. Merged models already carry their scaling."""
+
+
+DEFAULT_EVAL_MODELS = {
+    "base": EvalModel(path="data/base_model", interpolate=True),
+    "extended": EvalModel(path="data/extended_model"),
+}
+
+
 class Params(Section):
     """The whole params.yaml."""
 
@@ -531,6 +549,9 @@ class Params(Section):
     prepare_eval: EvalDataParams = EvalDataParams()
     extend: ExtendParams = ExtendParams()
     merge: MergeParams = MergeParams()
+    eval_models: dict[str, EvalModel] = DEFAULT_EVAL_MODELS
+    """The models every evaluation stage compares, by name (dvc.yaml runs one instance per name); shared by the
+    evaluation stages."""
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Self:
@@ -552,6 +573,15 @@ class Params(Section):
                 # Frozen for the stages that read it; this validator is still building the object.
                 object.__setattr__(self, name, section.model_copy(update=unset))
         return self
+
+    @field_validator("eval_models")
+    @classmethod
+    def _model_names(cls, value: dict[str, EvalModel]) -> dict[str, EvalModel]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"model name {name!r}: use letters, digits, - and _ (it names dvc.yaml stages and "
+                                 "files)")
+        return value
 
     @model_validator(mode="after")
     def _cross_section(self) -> Self:
