@@ -12,8 +12,10 @@ prompt+answer at the right, so a prompt longer than the maximum produced an all 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -151,6 +153,26 @@ def pad_batch(
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
+class PaddedBatches:
+    """The Trainer's collator of tokenized examples (`input_ids`, `labels`): right-padded batches (`pad_batch`) as
+    tensors, pad ids masked from the loss and the attention, the length rounded up to a multiple of `multiple` (the
+    S²-Attn group size, so that every padded row computes exactly what it computes alone, padded to that multiple).
+    Counts the real and padded tokens it has produced."""
+
+    def __init__(self, pad_id: int, multiple: int | None = None):
+        self.pad_id, self.multiple = pad_id, multiple
+        self.tokens = self.padded_tokens = 0
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch = pad_batch(examples, self.pad_id, self.multiple)
+        real = int(batch["attention_mask"].sum())
+        self.tokens += real
+        self.padded_tokens += batch["attention_mask"].size - real
+        return {name: torch.from_numpy(values) for name, values in batch.items()}
+
+
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int = 0,
                          megabatch_batches: int = 50) -> np.ndarray:
     """A permutation whose consecutive runs of `batch_size` have similar lengths (little padding).
@@ -186,3 +208,23 @@ def padding_fraction(lengths: Sequence[int], batch_size: int) -> float:
     padded = sum(int(lengths[i: i + batch_size].max()) * len(lengths[i: i + batch_size])
                  for i in range(0, len(lengths), batch_size))
     return float(1 - lengths.sum() / padded)
+
+
+ORDER_FILE = "order.json"
+"""Written beside the dataset by prepare_sft: whether its rows are stored in length-grouped batches, and of what
+size, so that the training stage knows to read them in order and in batches of that size."""
+
+
+def write_order(folder: str | Path, grouped_batch_size: int | None) -> None:
+    """Record in `folder` that its rows form length-grouped batches of `grouped_batch_size` (None: no order)."""
+    text = json.dumps({"length_grouped_batch_size": grouped_batch_size}, indent=2) + "\n"
+    (Path(folder) / ORDER_FILE).write_text(text, encoding="utf-8")
+
+
+def read_order(folder: str | Path) -> int | None:
+    """The length-grouped batch size `write_order` recorded in `folder`, or None (rows in no particular order)."""
+    path = Path(folder) / ORDER_FILE
+    if not path.is_file():
+        return None
+    size = json.loads(path.read_text(encoding="utf-8")).get("length_grouped_batch_size")
+    return int(size) if size else None

@@ -71,13 +71,14 @@ def open_blocks(folder: str | Path, block_length: int, vocab_size: int, param: s
     return blocks
 
 
-def resolve_precision(precision: str) -> str:
-    """auto → bf16 on a GPU that has it, fp32 otherwise; an explicit choice the hardware lacks is an InputError."""
+def resolve_precision(precision: str, param: str = "precision") -> str:
+    """auto → bf16 on a GPU that has it, fp32 otherwise; an explicit choice the hardware lacks is an InputError
+    naming `param`."""
     has_cuda = torch.cuda.is_available()
     if precision == "auto":
         return "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "fp32"
     if precision in ("bf16", "fp16") and not has_cuda:
-        raise InputError(f"extend.precision {precision}: mixed precision needs a GPU; this machine has none (use auto "
+        raise InputError(f"{param} {precision}: mixed precision needs a GPU; this machine has none (use auto "
                          "or fp32)")
     return precision
 

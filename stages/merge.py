@@ -1,9 +1,10 @@
 """Stage `merge`: a training stage's output → one plain Hugging Face model folder, for serving stacks.
 
     .venv/bin/python -m stages.merge extend     # or: dvc repro merge@extend
+    .venv/bin/python -m stages.merge sft        # or: dvc repro merge@sft
 
-One instance per training stage whose output it merges (dvc.yaml's `foreach`: `merge@extend` now, `merge@sft` when
-that stage lands), each writing where its `merge.<stage>` params say. The folder the training stage wrote describes
+One instance per training stage whose output it merges (dvc.yaml's `foreach`: `merge@extend`, `merge@sft`), each
+writing where its `merge.<stage>` params say. The folder the training stage wrote describes
 itself (extension.json: base model, RoPE scaling), so the merge needs nothing else: the extended model is rebuilt
 with `longlora.extension.load_extended` (fp32), the adapter folded in (`merge_and_unload`: LoRA, embeddings, norms;
 tied embeddings stay one matrix) and the result saved with safetensors, the tokenizer, a generation config and the

@@ -40,15 +40,19 @@ from longlora.sources import is_hub_model_id, is_hub_name
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
-MERGE_SOURCES = ("extend",)
+MERGE_SOURCES = ("extend", "sft")
 """The training stages whose output `merge` folds into a plain model: one dvc.yaml instance each (`merge@extend`),
 one `merge.<stage>` subsection each for its out_dir and metrics_file."""
 
 STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft", "prepare_eval", "extend",
-          *(f"merge@{source}" for source in MERGE_SOURCES))
+          "merge@extend", "sft", "merge@sft")
 """The stages of dvc.yaml. Each reads the params section of its own name (`merge@extend`: `merge.extend`), which
 holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are shared by several
 stages."""
+
+
+TRAINING_STAGES = ("extend", "sft")
+"""The stages that train with the HF Trainer (stages/_training.py): checkpoints, resume, DeepSpeed, launchers."""
 
 
 def stage_key(stage: str) -> str:
@@ -409,15 +413,11 @@ class EvalDataParams(Section):
         return self
 
 
-class ExtendParams(Section):
-    """Stage `extend`: long-context extension. The base model is loaded with its RoPE interpolated to
-    model.target_context, trained with S²-Attn on prepare_pretrain's packed blocks (HF Trainer), and written as a
-    self-describing PEFT adapter folder (`method: full`: a full model folder). Field defaults are the paper's recipe
-    (LongLoRA fine-tune.py, 7B → 32k on 8 GPUs); params.yaml sets the tiny CPU default."""
+class TrainingParams(Section):
+    """What every training stage (`extend`, `sft`) sets the same way: method, recipe, checkpoints, outputs. The
+    defaults are the paper's recipe (LongLoRA fine-tune.py, 7B → 32k on 8 GPUs); params.yaml sets the tiny CPU
+    default."""
 
-    data: InPath | None = None
-    """Packed blocks to train on (prepare_pretrain's format, read memory-mapped with PackedBlocks); None:
-    prepare_pretrain.out_dir. Their block length must be model.target_context."""
     method: Method = "lora_plus"
     """lora_plus: LoRA plus trainable embeddings and norms (paper); lora: the adapter alone (ablation); full: every
     weight (the paper's full fine-tuning reference; writes a full model folder)."""
@@ -463,16 +463,6 @@ class ExtendParams(Section):
     """auto: continue from the latest checkpoint this same configuration left in checkpoint_dir (a killed or failed
     run), else start; never: start over; or the path of one checkpoint folder (`…/checkpoint-<step>`), which must
     come from this same configuration."""
-    checkpoint_dir: OutPath = Path("data/checkpoints/extend")
-    """Checkpoints, one subfolder per configuration (a hash of everything that shapes training), outside the
-    DVC-cached output so that they survive `dvc repro` (persist: true). A run's own subfolder is removed when it
-    completes."""
-    out_dir: OutPath = Path("data/extend")
-    """PEFT adapter folder (adapter_config.json, adapter_model.safetensors) with the extended config.json, the
-    tokenizer, extension.json (base model, RoPE scaling, S² group size, these params) and the dvclive logs; a full
-    model folder for method full."""
-    metrics_file: OutPath = Path("data/metrics/extend.json")
-    """DVC metrics: first and final loss, tokens/s, peak memory, trainable parameters per group, seconds."""
 
     @field_validator("resume")
     @classmethod
@@ -488,14 +478,59 @@ class ExtendParams(Section):
                              f"{self.per_device_batch_size}")
         return self
 
-    def gradient_accumulation(self, world_size: int) -> int:
+    def gradient_accumulation(self, world_size: int, stage: str) -> int:
         """Gradient accumulation steps that make global_batch_size with `world_size` processes."""
         per_step = self.per_device_batch_size * world_size
         if self.global_batch_size % per_step:
             raise InputError(
-                f"extend.global_batch_size {self.global_batch_size} is not divisible by per_device_batch_size "
+                f"{stage}.global_batch_size {self.global_batch_size} is not divisible by per_device_batch_size "
                 f"{self.per_device_batch_size} × {world_size} processes = {per_step}; change one of them")
         return self.global_batch_size // per_step
+
+
+class ExtendParams(TrainingParams):
+    """Stage `extend`: long-context extension. The base model is loaded with its RoPE interpolated to
+    model.target_context, trained with S²-Attn on prepare_pretrain's packed blocks (HF Trainer), and written as a
+    self-describing PEFT adapter folder (`method: full`: a full model folder)."""
+
+    data: InPath | None = None
+    """Packed blocks to train on (prepare_pretrain's format, read memory-mapped with PackedBlocks); None:
+    prepare_pretrain.out_dir. Their block length must be model.target_context."""
+    checkpoint_dir: OutPath = Path("data/checkpoints/extend")
+    """Checkpoints, one subfolder per configuration (a hash of everything that shapes training), outside the
+    DVC-cached output so that they survive `dvc repro` (persist: true). A run's own subfolder is removed when it
+    completes."""
+    out_dir: OutPath = Path("data/extend")
+    """PEFT adapter folder (adapter_config.json, adapter_model.safetensors) with the extended config.json, the
+    tokenizer, extension.json (base model, RoPE scaling, S² group size, these params) and the dvclive logs; a full
+    model folder for method full."""
+    metrics_file: OutPath = Path("data/metrics/extend.json")
+    """DVC metrics: first and final loss, tokens/s, peak memory, trainable parameters per group, seconds."""
+
+
+class SftParams(TrainingParams):
+    """Stage `sft`: supervised fine-tuning on prepare_sft's examples (LongAlpaca/LongQA format), loss on the answer
+    tokens only, in right-padded batches; S²-Attn with a fixed group size (each batch padded to a multiple of it).
+    Output: a self-describing PEFT adapter folder over `base_model` (as `extend` writes), merged by `merge@sft`.
+    Defaults as the reference's supervised-fine-tune.py (lr 2e-5, 20 warm-up steps, constant, global batch 64)."""
+
+    base_model: Source | None = None
+    """The model to fine-tune: None is merge.extend.out_dir, the extended model (the paper's order: extend, then SFT).
+    A chat model (folder or hub id) whose context is shorter than model.target_context is interpolated to it at load
+    time, and the adapter folder records that scaling."""
+    data: InPath | None = None
+    """Tokenized examples (prepare_sft's Hugging Face dataset); None: prepare_sft.out_dir. With its group_by_length
+    on they are read in the order written, in batches of per_device_batch_size (= prepare_sft.group_batch_size);
+    otherwise shuffled."""
+    max_steps: int = Field(560, gt=0)
+    """Optimizer steps; 560 at a global batch of 64 is about 3 epochs of LongAlpaca-12k."""
+    checkpoint_dir: OutPath = Path("data/checkpoints/sft")
+    """Checkpoints, as extend.checkpoint_dir (persist: true, one subfolder per configuration)."""
+    out_dir: OutPath = Path("data/sft_adapter")
+    """PEFT adapter folder with config.json, the tokenizer, extension.json (base model, its RoPE scaling, the S²
+    group size, these params) and the dvclive logs; a full model folder for method full."""
+    metrics_file: OutPath = Path("data/metrics/sft.json")
+    """DVC metrics: first and final loss, tokens/s, peak memory, padding share, trainable parameters per group."""
 
 
 class MergeOutput(Section):
@@ -517,6 +552,8 @@ class MergeParams(Section):
     extend: MergeOutput = MergeOutput(out_dir=Path("data/extended_model"),
                                       metrics_file=Path("data/metrics/merge_extend.json"))
     """merge@extend: the extended model, base of the sft stage."""
+    sft: MergeOutput = MergeOutput(out_dir=Path("data/sft_model"), metrics_file=Path("data/metrics/merge_sft.json"))
+    """merge@sft: the fine-tuned long-context model, the pipeline's final product."""
 
 
 class EvalModel(Section):
@@ -548,6 +585,7 @@ class Params(Section):
     prepare_sft: SftDataParams = SftDataParams()
     prepare_eval: EvalDataParams = EvalDataParams()
     extend: ExtendParams = ExtendParams()
+    sft: SftParams = SftParams()
     merge: MergeParams = MergeParams()
     eval_models: dict[str, EvalModel] = DEFAULT_EVAL_MODELS
     """The models every evaluation stage compares, by name (dvc.yaml runs one instance per name); shared by the
@@ -565,6 +603,7 @@ class Params(Section):
             "prepare_sft": {"max_length": target},
             "prepare_eval": {"lengths": tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))},
             "extend": {"data": self.prepare_pretrain.out_dir},
+            "sft": {"data": self.prepare_sft.out_dir, "base_model": str(self.merge.extend.out_dir)},
         }
         for name, defaults in derived.items():
             section = getattr(self, name)
@@ -636,9 +675,13 @@ class Params(Section):
             source = getattr(self.section(stage), "input", None)
             if source is not None and not is_hub_name(source):
                 inputs.append(({stage}, f"{stage}.input", source))
-        inputs.append(({"extend"}, "extend.data", str(self.extend.data)))
-        if self.extend.deepspeed is not None:
-            inputs.append(({"extend"}, "extend.deepspeed", str(self.extend.deepspeed)))
+        for stage in TRAINING_STAGES:
+            section = self.section(stage)
+            inputs.append(({stage}, f"{stage}.data", str(section.data)))
+            if section.deepspeed is not None:
+                inputs.append(({stage}, f"{stage}.deepspeed", str(section.deepspeed)))
+        if not is_hub_model_id(self.sft.base_model):
+            inputs.append(({"sft"}, "sft.base_model", self.sft.base_model))
         for source in MERGE_SOURCES:
             inputs.append(({f"merge@{source}"}, f"{source}.out_dir", str(self.section(source).out_dir)))
         return inputs

@@ -9,7 +9,8 @@ template (`template` param), followed by `output` + EOS. Labels are −100 on th
 `max_length` (default model.target_context) are dropped when the prompt alone leaves no room for an answer token,
 or cut in the middle of the prompt (`truncation: truncate_middle`) — never kept with every label masked.
 Output: data/sft/ (a Hugging Face dataset, `datasets.load_from_disk`: input_ids, labels, length; in length-grouped
-batches when `group_by_length`) and data/metrics/prepare_sft.json (kept, dropped, truncated, tokens, padding).
+batches when `group_by_length`, which order.json beside it records for the sft stage) and
+data/metrics/prepare_sft.json (kept, dropped, truncated, tokens, padding).
 Expected on the default data: all 512 examples kept, none truncated.
 """
 
@@ -33,6 +34,7 @@ from longlora.sft_data import (
     parse_instruction,
     prompt_has_special_tokens,
     render_prompt,
+    write_order,
 )
 from longlora.tokenizing import load_tokenizer, rust_parallelism
 from stages import _cli
@@ -91,6 +93,7 @@ def _run(params: Params, out: StageOutput) -> dict:
             raise InputError(f"prepare_sft.input {p.input}: no example left: {_why_none(read, counts, p.max_length)}")
         order = length_grouped_order(lengths, p.group_batch_size, p.seed) if p.group_by_length else None
         _save_dataset(raw, tmp, order)
+        write_order(tmp, p.group_batch_size if p.group_by_length else None)
 
     written = np.asarray(lengths)[order] if order is not None else np.asarray(lengths)
     metrics = {

@@ -41,6 +41,8 @@ TINY_OVERRIDES = {
     "prepare_sft": {"truncation": "truncate_middle"},
     "extend": {"max_steps": 6, "global_batch_size": 4, "per_device_batch_size": 2, "lr": 0.003, "warmup_steps": 1,
                "log_every": 1, "checkpoint_every": 2},
+    "sft": {"max_steps": 4, "global_batch_size": 4, "per_device_batch_size": 2, "lr": 0.003, "warmup_steps": 1,
+            "log_every": 1, "checkpoint_every": 2},
 }
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from longlora.extension import EXTENSION_FILE, load_extended
 from longlora.packing import Packed, PackedBlocksWriter
 from longlora.rope import rotary_inv_freq
-from stages import _cli, build_base_model, extend, merge, prepare_pretrain
+from stages import _cli, _training, build_base_model, extend, merge, prepare_pretrain
 from stages.params import parse_params
 from tests.conftest import ROOT, tiny_params_dict
 
@@ -106,7 +106,7 @@ def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_int
     assert logged[0] == "step\tloss" and len(logged) == 13
     assert len((out / "dvclive/plots/metrics/train/tokens_per_second.tsv").read_text().splitlines()) == 13
     # The run's checkpoints went when it completed; the folder (persist in dvc.yaml) and its marker stay.
-    assert [p.name for p in (project / "data/checkpoints/extend").iterdir()] == [extend.CHECKPOINTS_MARKER]
+    assert [p.name for p in (project / "data/checkpoints/extend").iterdir()] == [_training.CHECKPOINTS_MARKER]
 
     # The documented call rebuilds the extended model from the folder alone: interpolated RoPE, adapter applied.
     from peft import AutoPeftModelForCausalLM, PeftModel
@@ -250,13 +250,11 @@ def _blocks(folder: Path, length: int) -> str:
 
 def _fake_checkpoint(project: Path, shaping_params) -> str:
     """A checkpoint folder as the stage writes it, from the configuration `shaping_params` describes."""
-    from longlora.packing import PackedBlocks
-
     run_dir = project / "elsewhere/run"
     (run_dir / "checkpoint-4").mkdir(parents=True)
     (run_dir / "checkpoint-4/trainer_state.json").write_text("{}")
-    shaping = extend._shaping(shaping_params, PackedBlocks("data/pretrain").meta, 1, None)
-    (run_dir / extend.RUN_FILE).write_text(json.dumps({"stage": "extend", "shaping": shaping}))
+    shaping = _training._shaping(extend._job(shaping_params), 1, None)
+    (run_dir / _training.RUN_FILE).write_text(json.dumps({"stage": "extend", "shaping": shaping}))
     return str(run_dir / "checkpoint-4")
 
 
@@ -357,7 +355,7 @@ def test_shipped_deepspeed_configs_parse_through_deepspeeds_own_classes(name, st
     full = parse_params(yaml.safe_load((ROOT / "configs/llama2-7b-32k.yaml").read_text()))
     p = full.extend
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=p.per_device_batch_size,
-                             gradient_accumulation_steps=p.gradient_accumulation(8), learning_rate=p.lr,
+                             gradient_accumulation_steps=p.gradient_accumulation(8, "extend"), learning_rate=p.lr,
                              adam_beta1=p.adam_beta1, adam_beta2=p.adam_beta2, weight_decay=p.weight_decay,
                              lr_scheduler_type=p.lr_schedule, warmup_steps=p.warmup_steps, report_to="none",
                              use_cpu=True)
@@ -372,10 +370,10 @@ def test_shipped_deepspeed_configs_parse_through_deepspeeds_own_classes(name, st
 def test_full_size_profile_batch_arithmetic():
     full = parse_params(yaml.safe_load((ROOT / "configs/llama2-7b-32k.yaml").read_text()))
     p = full.extend
-    assert (p.global_batch_size, p.per_device_batch_size, p.gradient_accumulation(8)) == (64, 1, 8)
+    assert (p.global_batch_size, p.per_device_batch_size, p.gradient_accumulation(8, "extend")) == (64, 1, 8)
     assert (p.max_steps, p.lr, p.adam_beta2, p.weight_decay, p.warmup_steps) == (1000, 2e-5, 0.95, 0.0, 20)
     assert p.lr_schedule == "constant_with_warmup" and p.gradient_checkpointing and p.precision == "auto"
     assert p.deepspeed == Path("configs/ds_zero2.json") and (ROOT / p.deepspeed).exists()
     assert full.s2attn.group_size_for(full.model.target_context) == 8192
     with pytest.raises(Exception, match="not divisible by per_device_batch_size 1 × 3 processes"):
-        p.gradient_accumulation(3)
+        p.gradient_accumulation(3, "extend")

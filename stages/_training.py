@@ -1,0 +1,415 @@
+"""What the training stages (`extend`, `sft`) share: one HF Trainer run, resumable, writing a self-describing folder.
+
+A stage checks its own input (its data, the model's config), then hands `train` the dataset, the collator and what
+to write into extension.json. `train` does the rest the same way for both:
+
+- checks that can fail on the input (world size against the global batch, precision, the DeepSpeed config, the
+  checkpoint folder, the `resume` checkpoint) before the model is loaded, and nothing is written until then;
+- builds the model with the given config (RoPE scaling already in it), S²-Attn or dense attention, LoRA(+) or full;
+- trains with the Trainer (mixed precision, gradient accumulation, distributed sampling, DeepSpeed, checkpoints),
+  dvclive logging loss, learning rate and tokens/s without touching dvc.yaml;
+- checkpoints into `<checkpoint_dir>/<configuration hash>/`: a rerun after a kill continues from the latest one
+  with the same data order and ends with the weights an uninterrupted run gets; removed when the run completes;
+- writes the PEFT adapter folder (or a full model folder) with the config, the tokenizer and extension.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from longlora.errors import InputError
+from longlora.io import StageOutput, write_json
+from stages.params import Params, TrainingParams
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_MARKER = ".longlora-checkpoints.json"
+RUN_FILE = "run.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What does not change the trained weights: where things go, how often they are logged or saved, how to resume.
+_NOT_SHAPING = ("out_dir", "metrics_file", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every",
+                "resume", "deepspeed")
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class Job:
+    """One training stage's run, as the stage prepared it."""
+
+    stage: str
+    """The stage's name, which is also its params section (`extend`, `sft`)."""
+    params: Params
+    model_source: str
+    """Folder or hub id of the model to train; its weights are loaded with `config`."""
+    config: object
+    """The model's config, RoPE scaling already written in (transformers builds the rotary frequencies from it)."""
+    dataset: object
+    collator: object
+    data_meta: dict
+    """What identifies the data (part of the configuration a checkpoint must match)."""
+    s2attn: dict = field(default_factory=dict)
+    """`configure_s2attn` keyword arguments when the stage's attention is s2."""
+    sequential: bool = False
+    """Read the data in its stored order (length-grouped batches) instead of shuffled."""
+    count_padding: bool = False
+    """Count tokens/s over non-padding tokens (batches carry an attention_mask)."""
+    description: dict = field(default_factory=dict)
+    """What extension.json says beside the weights (base model, RoPE scaling, S² group size, …)."""
+    tokenizer: object = None
+    """The model's tokenizer, when the stage already loaded it (else loaded from model_source)."""
+    extra_metrics: Callable[[], dict] | None = None
+    """Stage-specific metrics, gathered once training is done."""
+
+    @property
+    def section(self) -> TrainingParams:
+        return self.params.section(self.stage)
+
+
+def run_stage(stage: str, params: Params, prepare) -> dict:
+    """Claim the stage's outputs on the main process, `prepare(params) -> Job`, train, return metrics."""
+    if rank() != 0:  # one process claims and publishes the outputs; the others only train with it
+        return train(prepare(params), None)
+    with params.output(stage) as out:  # checked and locked before any work
+        return train(prepare(params), out)
+
+
+def train(job: Job, out: StageOutput | None) -> dict:
+    """Train `job`, publish its folder into `out` (None on the other processes), return the metrics."""
+    from transformers import Trainer, set_seed
+
+    from longlora.training import peak_memory_mib, resolve_precision
+
+    p = job.section
+    started = time.perf_counter()
+    if rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    # Every check that can fail on the input runs before the model is loaded, and nothing is written until then.
+    processes = world_size()
+    accumulation = p.gradient_accumulation(processes, job.stage)
+    precision = resolve_precision(p.precision, f"{job.stage}.precision")
+    deepspeed = _deepspeed_source(job)
+    shaping = _shaping(job, processes, deepspeed)
+    run_dir = p.checkpoint_dir / _fingerprint(shaping)
+    resume_from = _resume_point(job, run_dir, shaping)
+    _check_checkpoint_dir(job)
+    args = _training_args(job, run_dir, accumulation, precision, deepspeed)
+    tokenizer = job.tokenizer if job.tokenizer is not None else _tokenizer(job)
+
+    set_seed(p.seed)  # before LoRA's random initialisation, which happens outside the Trainer
+    model = _model(job, precision)
+    counts = _trainable_counts(model)
+    _claim_checkpoints(job, run_dir, shaping)
+    live = _live(run_dir, resumed=resume_from is not None)
+    trainer = Trainer(model=model, args=args, train_dataset=job.dataset, data_collator=job.collator,
+                      callbacks=_dvclive_callbacks(live))
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    # The Trainer's own count for this session (a resumed run counts from where it resumed).
+    speed = next((e["train_tokens_per_second"] for e in reversed(history) if "train_tokens_per_second" in e), None)
+    if out is None:
+        # Under ZeRO-3 gathering the weights to save is collective: every process takes part, the main one writes.
+        trainer.save_model(str(run_dir))
+        return {}
+    with out.publish() as tmp:
+        _save(job, trainer, model, tokenizer, tmp)
+        if live is not None and live.dir and Path(live.dir).is_dir():
+            shutil.copytree(live.dir, tmp / "dvclive")
+    shutil.rmtree(run_dir, ignore_errors=True)  # this configuration is done: its checkpoints are no longer needed
+    if losses and not all(math.isfinite(loss) for loss in losses):
+        log.warning("non-finite losses: %s", losses)
+    metrics = {
+        "method": p.method,
+        "attention": p.attention,
+        "precision": precision,
+        "world_size": processes,
+        "gradient_accumulation_steps": accumulation,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": _step_of(resume_from) if resume_from is not None else None,
+        "first_loss": round(losses[0], 4) if losses else None,
+        "final_loss": round(losses[-1], 4) if losses else None,
+        "losses": [round(loss, 4) for loss in losses],
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_second": speed,
+        "peak_memory_mib": round(peak_memory_mib(), 1),
+        "trainable_parameters": counts,
+        "rope_parameters": rope_parameters(job.config),
+        "s2attn_group_size": job.description.get("s2attn_group_size"),
+        **(job.extra_metrics() if job.extra_metrics is not None else {}),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return out.write_metrics(metrics)
+
+
+def rope_parameters(config) -> dict:
+    return dict(getattr(config, "rope_parameters", None) or {})
+
+
+# --- checks and settings, before any weight is loaded -----------------------------------------------------------
+
+
+def _deepspeed_source(job: Job) -> dict | None:
+    from longlora.training import read_deepspeed_config
+
+    p = job.section
+    return None if p.deepspeed is None else read_deepspeed_config(p.deepspeed, f"{job.stage}.deepspeed")
+
+
+def _shaping(job: Job, processes: int, deepspeed: dict | None) -> dict:
+    """Everything that shapes the trained weights: a checkpoint resumes only a run where all of it is equal."""
+    p = job.section
+    section = {k: v for k, v in p.model_dump(mode="json").items() if k not in _NOT_SHAPING}
+    shaping = {"model": job.params.model.model_dump(mode="json"), job.stage: section, "world_size": processes,
+               "deepspeed": deepspeed, "data": job.data_meta}
+    if p.attention == "s2":
+        shaping["s2attn"] = job.s2attn
+    if p.method != "full":
+        shaping["lora"] = job.params.lora.model_dump(mode="json")
+    return shaping
+
+
+def _fingerprint(shaping: dict) -> str:
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(_CHECKPOINT.match(checkpoint.name).group(1))
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    found = [c for c in run_dir.iterdir() if _CHECKPOINT.match(c.name) and (c / "trainer_state.json").exists()] \
+        if run_dir.is_dir() else []
+    return max(found, key=_step_of, default=None)
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    found = []
+    for key in keys:
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            found.append(f"{prefix}{key} {x!r} → {y!r}")
+    return found
+
+
+def _resume_point(job: Job, run_dir: Path, shaping: dict) -> Path | None:
+    """The checkpoint to continue from: the latest of this configuration (resume: auto), none (never), or the one
+    named, which must come from this configuration."""
+    p, stage = job.section, job.stage
+    if p.resume == "never":
+        return None
+    if p.resume == "auto":
+        others = sorted(d.name for d in p.checkpoint_dir.glob("*/") if d.is_dir() and d != run_dir) \
+            if p.checkpoint_dir.is_dir() else []
+        if others:
+            log.info("%s also holds checkpoints of other configurations (%s): delete those you no longer need",
+                     p.checkpoint_dir, ", ".join(others))
+        return _latest_checkpoint(run_dir)
+    checkpoint = Path(p.resume)
+    if not _CHECKPOINT.match(checkpoint.name) or not (checkpoint / "trainer_state.json").is_file():
+        raise InputError(f"{stage}.resume {p.resume!r}: not a checkpoint folder of the {stage} stage "
+                         "(…/checkpoint-<step> holding trainer_state.json)")
+    try:
+        written = json.loads((checkpoint.parent / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InputError(f"{stage}.resume {p.resume!r}: no readable {RUN_FILE} beside it, so its configuration is "
+                         "unknown; resume from a checkpoint this stage wrote") from None
+    differences = _differences(written.get("shaping", {}), shaping)
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; … ({len(differences)} in all)" if len(differences) > 4 else "")
+        raise InputError(f"{stage}.resume {p.resume!r}: the checkpoint comes from another configuration ({shown}); "
+                         "resume: auto picks this configuration's own checkpoints")
+    return checkpoint
+
+
+def _training_args(job: Job, run_dir: Path, accumulation: int, precision: str, deepspeed: dict | None):
+    import torch
+    from transformers import TrainingArguments
+
+    from longlora.training import check_deepspeed_config
+
+    p = job.section
+    settings = dict(
+        output_dir=str(run_dir),
+        max_steps=p.max_steps,
+        per_device_train_batch_size=p.per_device_batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=p.lr,
+        adam_beta1=p.adam_beta1,
+        adam_beta2=p.adam_beta2,
+        adam_epsilon=p.adam_epsilon,
+        weight_decay=p.weight_decay,
+        lr_scheduler_type=p.lr_schedule,
+        warmup_steps=p.warmup_steps,
+        max_grad_norm=p.max_grad_norm,
+        optim="adamw_torch",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=p.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        seed=p.seed,
+        data_seed=p.seed,
+        train_sampling_strategy="sequential" if job.sequential else "random",
+        logging_steps=p.log_every,
+        logging_first_step=True,
+        include_num_input_tokens_seen="non_padding" if job.count_padding else "all",
+        save_strategy="steps",
+        save_steps=p.checkpoint_every,
+        save_total_limit=p.keep_checkpoints,
+        report_to="none",  # dvclive is added as a callback with a Live that leaves dvc.yaml alone
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        log_level_replica="warning",
+    )
+    if deepspeed is None:
+        return TrainingArguments(**settings)
+    filled = check_deepspeed_config(deepspeed, TrainingArguments(**settings), f"{job.stage}.deepspeed")
+    log.info("DeepSpeed config (auto values filled): %s", json.dumps(filled, sort_keys=True))
+    return TrainingArguments(**settings, deepspeed=deepspeed)
+
+
+def _tokenizer(job: Job):
+    from longlora.tokenizing import load_tokenizer
+
+    return load_tokenizer(job.model_source, job.params.model.trust_remote_code, _source_param(job))
+
+
+def _source_param(job: Job) -> str:
+    return "model.name_or_path" if job.stage == "extend" else f"{job.stage}.base_model"
+
+
+# --- the model -----------------------------------------------------------------------------------------------------
+
+
+def _model(job: Job, precision: str):
+    """The model built with the job's config, S²-Attn or dense attention selected, LoRA(+) applied; trainable
+    weights in fp32 (the master copy mixed precision updates)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longlora.lora import apply_lora_plus
+    from longlora.s2attn import configure_s2attn
+
+    p, params = job.section, job.params
+    # Frozen weights may stay in the compute dtype; trained ones are cast to fp32 below.
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = torch.float32 if p.method == "full" else frozen_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(job.model_source, config=job.config, dtype=dtype,
+                                                     trust_remote_code=params.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{_source_param(job)} {job.model_source!r}: cannot load the model: {err}") from None
+    model.config.use_cache = False
+    if p.attention == "s2":
+        configure_s2attn(model, **job.s2attn)
+    else:
+        model.set_attn_implementation("sdpa")
+    if p.method != "full":
+        lora = params.lora
+        plus = p.method == "lora_plus"
+        model = apply_lora_plus(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                target_modules=lora.target_modules, train_embeddings=plus and lora.train_embeddings,
+                                train_norms=plus and lora.train_norms)
+    for weight in model.parameters():
+        if weight.requires_grad and weight.dtype != torch.float32:
+            weight.data = weight.data.float()
+    return model
+
+
+def _trainable_counts(model) -> dict:
+    from longlora.lora import trainable_parameter_counts
+
+    return trainable_parameter_counts(model)
+
+
+# --- checkpoints and logs --------------------------------------------------------------------------------------
+
+
+def _check_checkpoint_dir(job: Job) -> None:
+    """checkpoint_dir must be absent, empty or this stage's: a run never writes among files it did not write."""
+    root, stage = job.section.checkpoint_dir, job.stage
+    if root.exists() or root.is_symlink():
+        if not root.is_dir():
+            raise InputError(f"{stage}.checkpoint_dir {str(root)!r} is a file, not a folder")
+        entries = [e.name for e in root.iterdir()]
+        if entries and CHECKPOINTS_MARKER not in entries:
+            raise InputError(f"{stage}.checkpoint_dir {str(root)!r} holds files the {stage} stage did not write "
+                             f"({', '.join(sorted(entries)[:5])}; no {CHECKPOINTS_MARKER}); name another folder")
+
+
+def _claim_checkpoints(job: Job, run_dir: Path, shaping: dict) -> None:
+    """Mark checkpoint_dir as this stage's and describe the run's configuration in its subfolder."""
+    root = job.section.checkpoint_dir
+    _check_checkpoint_dir(job)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / CHECKPOINTS_MARKER, {"stage": job.stage, "note": "one subfolder per training configuration; "
+                                           "a run removes its own when it completes"})
+    run_dir.mkdir(exist_ok=True)
+    write_json(run_dir / RUN_FILE, {"stage": job.stage, "shaping": shaping})
+
+
+def _live(run_dir: Path, resumed: bool):
+    """dvclive's logger, on the main process only, writing beside the checkpoints (so that a resumed run continues
+    its logs); `dvcyaml=None`: it must not rewrite dvc.yaml in the middle of `dvc repro`."""
+    if rank() != 0:
+        return None
+    from dvclive import Live
+
+    return Live(str(run_dir / "dvclive"), dvcyaml=None, save_dvc_exp=False, resume=resumed, report=None)
+
+
+def _dvclive_callbacks(live) -> list:
+    from transformers.integrations import DVCLiveCallback
+
+    # On other ranks the callback holds no Live and logs nothing (it logs on the world's main process only).
+    return [DVCLiveCallback(live=live, log_model=False)]
+
+
+def _save(job: Job, trainer, model, tokenizer, folder: Path) -> None:
+    """The adapter (or full model) folder, with the model's config, the tokenizer and extension.json."""
+    from longlora.extension import describe, plain_config
+
+    p = job.section
+    if p.method == "full":
+        model.config = plain_config(model.config)
+    else:
+        # PEFT writes base_model_name_or_path from the config it sees: the base as named in params.
+        model.peft_config["default"].base_model_name_or_path = job.model_source
+    # The Trainer's save gathers ZeRO-3-partitioned weights; its pickled TrainingArguments are not part of a model.
+    trainer.save_model(str(folder))
+    (folder / "training_args.bin").unlink(missing_ok=True)
+    if p.method != "full":
+        plain_config(copy.deepcopy(job.config)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    describe(folder, {
+        "base_model": job.model_source,
+        "method": p.method,
+        "rope_parameters": rope_parameters(job.config),
+        "max_position_embeddings": job.config.max_position_embeddings,
+        "attention_in_training": p.attention,
+        **job.description,
+    })

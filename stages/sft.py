@@ -1,0 +1,152 @@
+"""Stage `sft`: supervised fine-tuning of the extended model on long instructions (LongAlpaca / LongQA), LoRA+.
+
+    .venv/bin/python -m stages.sft     # or: dvc repro sft
+
+Expected with the tiny default on 2 CPU cores: see README, "Fine-tune (SFT)".
+
+Loads `sft.base_model` (default: the merged extended model of `merge@extend`; a chat model whose context is shorter
+than model.target_context is interpolated to it at load time), selects S²-Attn with a fixed group size (the group
+size extension trained with, `s2attn` at model.target_context), wraps it with LoRA+ and trains it on prepare_sft's
+examples: loss on the answer tokens only (the prompt's labels are −100), right-padded batches whose length is rounded
+up to a multiple of the group, so that each row computes exactly what it computes alone. When prepare_sft stored the
+examples in length-grouped batches (order.json), they are read in that order, in batches of that size; otherwise
+shuffled. Training, checkpoints and resume after a kill, dvclive and the saved folder are shared with `extend`
+(stages/_training.py).
+
+Output (`sft.out_dir`): a PEFT adapter folder over the base model with its config, the tokenizer and extension.json;
+`merge@sft` folds it into the final model. Metrics: losses, tokens/s (real tokens), padding share, peak memory,
+trainable parameters per group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from longlora.errors import InputError
+from longlora.sources import check_model_source
+from stages import _cli
+from stages._training import Job, run_stage
+from stages.params import Params
+
+log = logging.getLogger(__name__)
+PARAM = "sft.base_model"
+
+
+def run(params: Params) -> dict:
+    """Fine-tune on the instruction examples, write the self-describing adapter (or model) folder, return metrics."""
+    return run_stage("sft", params, _job)
+
+
+def _job(params: Params) -> Job:
+    from longlora.sft_data import PaddedBatches
+    from longlora.tokenizing import load_tokenizer
+
+    p = params.sft
+    config, original_context = _base_config(params)
+    tokenizer = load_tokenizer(p.base_model, params.model.trust_remote_code, PARAM)
+    group_size = params.s2attn.group_size_for(params.model.target_context) if p.attention == "s2" else None
+    dataset, meta, grouped = _examples(params, config, group_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise InputError(f"{PARAM} {p.base_model!r}: the tokenizer has neither a pad nor an EOS token to pad with")
+    collator = PaddedBatches(pad_id, group_size)
+    return Job(
+        stage="sft", params=params, model_source=p.base_model, config=config, dataset=dataset, collator=collator,
+        data_meta=meta, s2attn={"group_size": group_size}, sequential=grouped is not None, count_padding=True,
+        tokenizer=tokenizer, extra_metrics=lambda: _padding(collator),
+        description={
+            "original_context": original_context,
+            "target_context": config.max_position_embeddings,
+            "s2attn_group_size": group_size,
+            "params": {"model": params.model.model_dump(mode="json"), "s2attn": params.s2attn.model_dump(mode="json"),
+                       "lora": params.lora.model_dump(mode="json"), "sft": p.model_dump(mode="json")},
+        })
+
+
+def _padding(collator) -> dict:
+    total = collator.tokens + collator.padded_tokens
+    return {"padding_share": round(collator.padded_tokens / total, 4) if total else None}
+
+
+def _base_config(params: Params):
+    """The base model's config, interpolated to model.target_context when its context is shorter, and the context
+    its pre-training had (from the extension.json a merged extended model carries, else its own)."""
+    from transformers import AutoConfig
+
+    from longlora.extension import EXTENSION_FILE
+    from longlora.rope import current_context_length, interpolated_config
+
+    m, source = params.model, params.sft.base_model
+    check_model_source(source, PARAM, need_config=True)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=m.trust_remote_code)
+        current = current_context_length(config)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{PARAM} {source!r}: cannot read its config: {err}") from None
+    original = current
+    described = Path(source) / EXTENSION_FILE
+    if described.is_file():
+        original = json.loads(described.read_text(encoding="utf-8")).get("original_context") or current
+    if current < m.target_context:
+        log.info("%s has a context of %d tokens: interpolating its RoPE to %d", source, current, m.target_context)
+        try:
+            config = interpolated_config(config, m.target_context, m.rope_type, current)
+        except ValueError as err:
+            raise InputError(f"{PARAM} {source!r}: {err}") from None
+    return config, original
+
+
+def _examples(params: Params, config, group_size: int | None):
+    """prepare_sft's dataset, checked against the model (columns, vocabulary, length) and the batch size its
+    length-grouped order was written for; (dataset, what identifies it, grouped batch size or None)."""
+    import datasets
+    import pyarrow.compute as pc
+
+    from longlora.sft_data import ORDER_FILE, read_order
+
+    p = params.sft
+    folder = Path(p.data)
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except FileNotFoundError:
+        raise InputError(f"sft.data {str(folder)!r}: no dataset there (run prepare_sft first)") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"sft.data {str(folder)!r}: not a dataset prepare_sft wrote: {err}") from None
+    if not isinstance(dataset, datasets.Dataset) or not {"input_ids", "labels"} <= set(dataset.column_names):
+        raise InputError(f"sft.data {str(folder)!r}: expected prepare_sft's dataset with input_ids and labels "
+                         f"columns, got {getattr(dataset, 'column_names', type(dataset).__name__)}")
+    if len(dataset) == 0:
+        raise InputError(f"sft.data {str(folder)!r}: holds no examples")
+    table = dataset.data.table
+    ids = pc.list_flatten(table.column("input_ids"))
+    largest = pc.max(ids).as_py()
+    if largest is not None and largest >= config.vocab_size:
+        raise InputError(f"sft.data {str(folder)!r}: token id {largest} is outside the model's "
+                         f"{config.vocab_size}-token vocabulary ({PARAM} {p.base_model!r}): tokenized for another "
+                         "model")
+    longest = pc.max(pc.list_value_length(table.column("input_ids"))).as_py()
+    padded = -(-longest // group_size) * group_size if group_size else longest
+    context = config.max_position_embeddings
+    if padded > context:
+        raise InputError(f"sft.data {str(folder)!r}: an example of {longest} tokens (padded to {padded} for S²-Attn "
+                         f"groups of {group_size}) exceeds the model's context of {context} tokens; lower "
+                         "prepare_sft.max_length")
+    grouped = read_order(folder)
+    if grouped is not None and grouped != p.per_device_batch_size:
+        raise InputError(f"sft.per_device_batch_size {p.per_device_batch_size}: {str(folder / ORDER_FILE)!r} says the "
+                         f"examples are stored in length-grouped batches of {grouped}; set it to {grouped} (or "
+                         "prepare_sft.group_batch_size to match)")
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.arrow")):
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    meta = {"rows": len(dataset), "tokens": len(ids), "longest": longest, "grouped_batch_size": grouped,
+            "sha256": digest.hexdigest()}
+    return dataset, meta, grouped
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli.main("sft", run))

@@ -1,0 +1,209 @@
+"""Stage sft and merge@sft end to end on a 2-layer tiny model (pre-trained at 32 tokens, extended to 128), the loss it
+trains on (answer tokens only, right-padded rows computing what they compute alone), the order it reads
+length-grouped data in, and bad input stopping before training with one line naming the parameter or file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from longlora.extension import EXTENSION_FILE, load_extended
+from longlora.s2attn import configure_s2attn
+from longlora.sft_data import IGNORE_INDEX, PaddedBatches, fit_example
+from stages import _cli, build_base_model, extend, merge, prepare_pretrain, prepare_sft, sft
+from stages.params import parse_params
+from tests.conftest import _merge, tiny_params_dict
+
+TARGET, ORIGINAL, GROUP = 128, 32, 32  # tiny_params_dict: target_context, the base's context, S² group at 128
+
+
+LOCAL_INPUTS = {"prepare_sft": {"input": "longqa.json"}, "prepare_pretrain": {"input": "corpus.jsonl"}}
+
+
+def _params(**sections):
+    return parse_params(tiny_params_dict(**_merge(LOCAL_INPUTS, sections)))
+
+
+def _longqa(n: int = 16) -> list[dict]:
+    """LongAlpaca-format records: a piece of source code, a question about it, a short answer."""
+    from longlora.corpus import stdlib_documents
+
+    docs = list(stdlib_documents("extend", max_documents=n))
+    return [{"instruction": f"{d.text[: 40 + 30 * i]}\nWhich line comes first?",
+             "output": d.text.splitlines()[0][:40] or "nothing"} for i, d in enumerate(docs)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Base model, blocks, SFT examples (grouped and not) and the merged extended model, built once."""
+    from longlora.corpus import stdlib_documents
+
+    root = tmp_path_factory.mktemp("sft_inputs")
+    with contextlib.chdir(root):
+        with open("corpus.jsonl", "w", encoding="utf-8") as f:
+            for doc in stdlib_documents("extend", max_documents=16):
+                f.write(json.dumps({"text": doc.text}) + "\n")
+        Path("longqa.json").write_text(json.dumps(_longqa()), encoding="utf-8")
+        params = _params(extend={"max_steps": 2})
+        build_base_model.run(params)
+        prepare_pretrain.run(params)
+        extend.run(params)
+        merge.run(params, "extend")
+        prepare_sft.run(params)
+        grouped = _params(prepare_sft={"group_by_length": True, "group_batch_size": 2, "out_dir": "grouped_sft",
+                                       "metrics_file": "grouped_sft.json"})
+        prepare_sft.run(grouped)
+    return root
+
+
+@pytest.fixture
+def project(inputs, tmp_path, monkeypatch, single_torch_thread):
+    for name in ("data/base_model", "data/extended_model", "data/sft", "grouped_sft"):
+        shutil.copytree(inputs / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _ids(length: int = TARGET, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 400, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_sft_fine_tunes_the_extended_model_and_merge_folds_it_into_the_final_model(project):
+    params = _params()
+    metrics = sft.run(params)
+    assert metrics["steps"] == 4 and len(metrics["losses"]) == 4
+    assert all(np.isfinite(metrics["losses"])) and metrics["s2attn_group_size"] == GROUP
+    # Batches are right-padded to a multiple of the group: some padding, and the tokens counted are the real ones.
+    assert 0 < metrics["padding_share"] < 0.5
+    assert metrics["trainable_parameters"]["embeddings"] > 0 and metrics["rope_parameters"]["factor"] == 4
+    assert json.loads(Path("data/metrics/sft.json").read_text()) == metrics
+    assert [p.name for p in Path("data/checkpoints/sft").iterdir()] == [".longlora-checkpoints.json"]
+
+    out = project / "data/sft_adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", EXTENSION_FILE, "tokenizer.json",
+            "dvclive"} <= {p.name for p in out.iterdir()}
+    described = json.loads((out / EXTENSION_FILE).read_text())
+    assert described["base_model"] == "data/extended_model" and described["original_context"] == ORIGINAL
+    assert described["target_context"] == TARGET and described["s2attn_group_size"] == GROUP
+    assert described["params"]["sft"]["max_steps"] == 4
+
+    adapter = load_extended(out)
+    ids = _ids()
+    expected = _logits(adapter, ids)
+    # It moved away from the extended model it started from.
+    start = AutoModelForCausalLM.from_pretrained("data/extended_model").eval()
+    assert (_logits(start, ids) - expected).abs().max() > 1e-4
+
+    merged_metrics = merge.run(params, "sft")
+    assert merged_metrics["merged_adapter"] and merged_metrics["tied_embeddings"]
+    assert merged_metrics["max_position_embeddings"] == TARGET
+    final = AutoModelForCausalLM.from_pretrained(project / "data/sft_model").eval()
+    assert "s2attn" not in (project / "data/sft_model/config.json").read_text()
+    torch.testing.assert_close(_logits(final, ids), expected, atol=1e-4, rtol=0)
+    provenance = json.loads((project / "data/sft_model" / EXTENSION_FILE).read_text())
+    assert provenance["merged_from"] == "data/sft_adapter" and provenance["original_context"] == ORIGINAL
+
+
+def test_a_chat_base_with_a_shorter_context_is_interpolated_to_the_target(project):
+    metrics = sft.run(_params(sft={"base_model": "data/base_model", "max_steps": 1}))
+    assert metrics["rope_parameters"]["factor"] == TARGET / ORIGINAL
+    config = json.loads((project / "data/sft_adapter/config.json").read_text())
+    assert config["max_position_embeddings"] == TARGET and config["rope_parameters"]["factor"] == 4
+
+
+def test_length_grouped_examples_are_read_in_the_stored_order(project, monkeypatch):
+    import datasets
+
+    seen: list[list[int]] = []
+    collate = PaddedBatches.__call__
+
+    def recording(self, examples):
+        seen.append([len(e["input_ids"]) for e in examples])
+        return collate(self, examples)
+
+    monkeypatch.setattr(PaddedBatches, "__call__", recording)
+    sft.run(_params(sft={"data": "grouped_sft"}))
+    stored = datasets.load_from_disk("grouped_sft")["length"]
+    # 4 steps × accumulation 2 × batches of 2: the first 16 rows, in the stored order and batches.
+    assert seen == [stored[i: i + 2] for i in range(0, 16, 2)]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (9, 3)])
+def test_the_loss_is_on_answer_tokens_only_and_padded_rows_compute_what_they_compute_alone(heads, kv_heads):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=8 * heads, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    model = configure_s2attn(LlamaForCausalLM(config), group_size=8).train()
+    rng = np.random.default_rng(0)
+    examples = []
+    for prompt_len, answer_len in ((20, 5), (9, 3), (30, 10)):
+        fitted = fit_example(rng.integers(1, 64, prompt_len), rng.integers(1, 64, answer_len), 64)
+        examples.append({"input_ids": fitted.input_ids.tolist(), "labels": fitted.labels.tolist()})
+    batch = PaddedBatches(pad_id=0, multiple=8)(examples)
+    assert batch["input_ids"].shape == (3, 40)  # the longest row (40) is already a multiple of 8
+    loss = model(**batch).loss
+
+    # The reference: each row alone, padded only to a multiple of the group, cross-entropy on its answer tokens.
+    total, count = 0.0, 0
+    for example in examples:
+        n = len(example["input_ids"])
+        padded = -(-n // 8) * 8
+        ids = torch.tensor(example["input_ids"] + [0] * (padded - n))[None]
+        logits = model(input_ids=ids).logits[0, : n - 1]
+        targets = torch.tensor(example["labels"][1:])
+        answer = targets != IGNORE_INDEX
+        assert int(answer.sum()) > 0 and int((~answer).sum()) > 0
+        total = total + torch.nn.functional.cross_entropy(logits[answer], targets[answer], reduction="sum")
+        count += int(answer.sum())
+    torch.testing.assert_close(loss, total / count, rtol=0, atol=1e-5)
+
+
+# --- bad input: one line, exit 2, nothing written --------------------------------------------------------------
+
+
+def _bad_dataset(folder: str) -> str:
+    import datasets
+
+    datasets.Dataset.from_dict({"input_ids": [[1, 5000, 3]], "labels": [[-100, 5000, 3]], "length": [3]}) \
+        .save_to_disk(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("missing data", "sft.data 'absent': no dataset there (run prepare_sft first)"),
+    ("missing base", "sft.base_model 'data/absent_model': no such folder"),
+    ("other vocabulary", "sft.data 'foreign': token id 5000 is outside the model's 400-token vocabulary"),
+    ("batch of another grouping", "sft.per_device_batch_size 4: 'grouped_sft/order.json' says the examples are "
+                                  "stored in length-grouped batches of 2"),
+])
+def test_bad_input_stops_before_training_with_one_line(project, capsys, case, expected):
+    import yaml
+
+    if case == "other vocabulary":
+        _bad_dataset("foreign")
+    overrides = {
+        "missing data": {"data": "absent"},
+        "missing base": {"base_model": "data/absent_model"},
+        "other vocabulary": {"data": "foreign"},
+        "batch of another grouping": {"data": "grouped_sft", "per_device_batch_size": 4},
+    }[case]
+
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(sft=overrides)), encoding="utf-8")
+    code = _cli.main("sft", sft.run, ["--params", "params.yaml"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"stages.sft: error: {expected}"), err
+    assert len(err.splitlines()) == 1
+    assert not Path("data/sft_adapter").exists() and not Path("data/metrics/sft.json").exists()
+    assert not Path("data/checkpoints/sft").exists()
