@@ -1,6 +1,7 @@
 """Stage `extend`: long-context extension, the LongLoRA way, with the HF Trainer.
 
-    .venv/bin/python -m stages.extend     # or: dvc repro extend
+    .venv/bin/python -m stages.extend     # one process; dvc repro extend runs `python -m stages.launch extend`,
+                                          # which starts it as params.yaml's `launch` says (torchrun: 8 GPUs)
 
 Expected with the tiny default on 2 CPU cores: 60 steps of 8 × 1024 tokens in about 70 s (7 k tokens/s), loss
 3.89 → 3.08; after `merge@extend`, held-out perplexity at 1024 tokens 29.7 against 48.5 for the base model with
@@ -9,6 +10,8 @@ interpolation alone (README, "Extend and merge").
 Loads the base model (`model.name_or_path`, a local folder or a hub id) with its RoPE interpolated to
 `model.target_context` (written into the config before the model is built), selects S²-Attn (`extend.attention`),
 wraps it with LoRA+ (`extend.method`), and trains it on the packed blocks of prepare_pretrain, read memory-mapped.
+Under torchrun or accelerate (stages/launch.py) every process runs this module; the Trainer reads RANK and
+WORLD_SIZE, and the main process alone claims and writes the outputs.
 The Trainer does mixed precision, gradient accumulation, distributed sampling, DeepSpeed and checkpoint/resume;
 dvclive records loss, learning rate and tokens/s (without touching dvc.yaml).
 
@@ -197,9 +200,18 @@ def _step_of(checkpoint: Path) -> int:
     return int(_CHECKPOINT.match(checkpoint.name).group(1))
 
 
+def _complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint whose state reads back was saved whole (a kill during
+    the save leaves one without it, or with it cut short)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    found = [c for c in run_dir.iterdir() if _CHECKPOINT.match(c.name) and (c / "trainer_state.json").exists()] \
-        if run_dir.is_dir() else []
+    found = [c for c in run_dir.iterdir() if _CHECKPOINT.match(c.name) and _complete(c)] if run_dir.is_dir() else []
     return max(found, key=_step_of, default=None)
 
 
@@ -279,6 +291,7 @@ def _training_args(p: ExtendParams, run_dir: Path, accumulation: int, precision:
         save_total_limit=p.keep_checkpoints,
         report_to="none",  # dvclive is added as a callback with a Live that leaves dvc.yaml alone
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable weight gets a gradient; the search costs a graph walk
         remove_unused_columns=False,
         log_level_replica="warning",
     )
