@@ -6,8 +6,10 @@ it, their batch arithmetic makes 64, and the SLURM script's torchrun line is the
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -183,27 +185,32 @@ def test_profile_recipe_batch_arithmetic_and_deepspeed_config(profile):
 SLURM = ROOT / "configs/slurm/multinode.sbatch"
 
 
-def _srun_line(script: str) -> list[str]:
-    lines = [line for line in script.splitlines() if line.startswith("srun ")]
-    assert len(lines) == 1, lines
-    return shlex.split(lines[0])
+def _fake_slurm_tools(folder: Path) -> None:
+    """`scontrol show hostnames` listing the allocation's nodes, and an `srun` that writes the command it was given,
+    one argument per line, instead of starting it on every node."""
+    folder.mkdir()
+    (folder / "scontrol").write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && printf "node001\\nnode002\\n"\n')
+    (folder / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    for tool in ("scontrol", "srun"):
+        (folder / tool).chmod(0o755)
 
 
 @pytest.mark.parametrize("nodes", [2, 4])
-def test_slurm_template_runs_the_launchers_torchrun_line_on_every_node(nodes):
+def test_slurm_template_runs_the_launchers_torchrun_line_on_every_node(nodes, tmp_path):
     script = SLURM.read_text(encoding="utf-8")
     assert script.startswith("#!/bin/bash\n") and "#SBATCH --ntasks-per-node=1" in script
     assert "#SBATCH --gpus-per-node=8" in script and "set -euo pipefail" in script
-    # What SLURM and the script's own defaults give each node's copy of the line.
-    values = {"SLURM_NNODES": str(nodes), "HEAD": "node001", "PORT": "29500", "STAGE": "extend",
-              "PARAMS": "configs/llama2-70b-32k.yaml", "PYTHON": PY}
-    for name in ("STAGE", "PARAMS", "PORT"):
-        assert re.search(rf"^{name}=\$\{{{name}:-", script, re.M), f"{name} has a default"
-    line = [re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], word) for word in _srun_line(script)]
-    assert line[0] == "srun"
+    _fake_slurm_tools(tmp_path / "bin")
+    env = {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "SRUN_ARGS": str(tmp_path / "srun.txt"),
+           "SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": "node[001-002]", "PYTHON": PY,
+           "PARAMS": "configs/llama2-70b-32k.yaml"}
+    result = subprocess.run(["bash", str(SLURM)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    ran = (tmp_path / "srun.txt").read_text().splitlines()
+    # The launcher's command for the profile's launch section with SLURM's node count and first node.
     profile = load_params(ROOT / "configs/llama2-70b-32k.yaml")
-    on_slurm = profile.launch.model_copy(update={"nodes": nodes, "rdzv_endpoint": "node001:29500"})
-    LaunchParams.model_validate(on_slurm.model_dump())  # a valid launch section
-    assert line[1:] == launch.command("extend", on_slurm, "configs/llama2-70b-32k.yaml")
+    on_slurm = LaunchParams.model_validate({**profile.launch.model_dump(), "nodes": nodes,
+                                            "rdzv_endpoint": "node001:29500"})
+    assert ran == launch.command("extend", on_slurm, "configs/llama2-70b-32k.yaml")
     # 8 × nodes divides the global batch for the node counts the script documents.
-    assert profile.extend.gradient_accumulation(8 * nodes) == 64 // (8 * nodes)
+    assert profile.extend.gradient_accumulation(on_slurm.world_size) == 64 // (8 * nodes)
