@@ -10,6 +10,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -348,20 +349,25 @@ def _torchrun_unavailable() -> str | None:
 
 
 @pytest.mark.skipif(_torchrun_unavailable() is not None, reason=str(_torchrun_unavailable()))
-def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(project, tmp_path_factory):
-    """`launch: torchrun, nproc_per_node 2` on the CPU (gloo): per-device batch 2 × 2 processes × accumulation 1
-    against one process × accumulation 2, global batch 4 both. Both ranks end with bit-identical weights, and the
-    loss curve of the pair matches the single process within 1e-4 (the metrics' rounding; the two differ only in
-    the order of a few fp32 sums), the adapters within 1e-5."""
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
+def test_two_processes_train_as_one_with_the_same_global_batch(project, tmp_path_factory, launcher):
+    """`launch: torchrun` (or accelerate), `nproc_per_node 2` on the CPU (gloo): per-device batch 2 × 2 processes ×
+    accumulation 1 against one process × accumulation 2, global batch 4 both. Both ranks end with bit-identical
+    weights, and the loss curve of the pair matches the single process within 1e-4 (the metrics' rounding; the two
+    differ only in the order of a few fp32 sums), the adapters within 1e-5."""
+    from stages.launch import command
+
     hooks, dumps = tmp_path_factory.mktemp("hooks"), tmp_path_factory.mktemp("rank_weights")
     (hooks / "sitecustomize.py").write_text(_RANK_DUMP, encoding="utf-8")
-    raw = tiny_params_dict(launch={"launcher": "torchrun", "nproc_per_node": 2})
+    raw = tiny_params_dict(launch={"launcher": launcher, "nproc_per_node": 2})
     Path("params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    # dvc.yaml's command: the launcher replaces itself with the torchrun (accelerate) command it builds.
     result = subprocess.run([sys.executable, "-m", "stages.launch", "extend", "--params", "params.yaml"],
                             cwd=project, env={**_stage_env(hooks), "LONGLORA_TEST_DUMP": str(dumps)},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "torch.distributed.run --nnodes 1 --nproc_per_node 2 --rdzv_backend c10d" in result.stderr
+    built = command("extend", parse_params(raw).launch, "params.yaml")
+    assert f"stages.launch: {shlex.join(built)}\n" in result.stderr
     pair = json.loads(Path("data/metrics/extend.json").read_text())
     assert (pair["world_size"], pair["gradient_accumulation_steps"], pair["steps"]) == (2, 1, 6)
     assert pair["tokens_seen"] == 6 * 4 * TARGET  # counted over both processes
