@@ -7,7 +7,8 @@ With PREFECT_API_URL set, the run shows in that Prefect server's UI; without it,
 server for the run. The stage list and order come from dvc.yaml, so the DAG is written down once (a `foreach`
 stage such as `merge` becomes one task per instance, `merge@extend`, as DVC names them). Each task calls the stage's
 `run(params)` (an instance: `run(params, key)`) — the same function `dvc repro` runs — and returns its small metrics
-dict. Prefect's
+dict. A training stage runs as `python -m stages.launch <stage>` does: in-process with `launch.launcher: none`,
+else the torchrun / accelerate command it builds, as a child process of the task. Prefect's
 result caching is off on purpose: it hashes arguments, not file contents, so it would serve stale results; `dvc
 repro` is the tool that decides what is stale.
 """
@@ -23,7 +24,8 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from stages.params import DEFAULT_PARAMS_FILE, load_params
+from stages.launch import run_launched
+from stages.params import DEFAULT_PARAMS_FILE, TRAINING_STAGES, load_params
 
 DVC_FILE = Path("dvc.yaml")
 _TEMPLATE = re.compile(r"\$\{(key|item(?:\.\w+)?)\}")
@@ -70,13 +72,19 @@ def expand_stages(spec: dict) -> dict[str, dict]:
     return expanded
 
 
+def launched_command(stage: str) -> str | None:
+    """dvc.yaml's command for a training stage (started by stages.launch as the `launch` params say); None for the
+    others, which run as `python -m stages.<name>`."""
+    return f"python -m stages.launch {stage}" if stage in TRAINING_STAGES else None
+
+
 def stage_order(dvc_file: Path = DVC_FILE) -> list[str]:
     """Stage names of dvc.yaml in dependency order (file order among independent stages)."""
     spec = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
     stages = expand_stages(spec)
     for name, stage in stages.items():
         module, _, key = name.partition("@")
-        expected = f"python -m stages.{module}" + (f" {key}" if key else "")
+        expected = launched_command(name) or f"python -m stages.{module}" + (f" {key}" if key else "")
         words = str(stage.get("cmd", "")).split()
         if words[:len(expected.split())] != expected.split():
             raise ValueError(f"{dvc_file}: stage {name!r} must run `{expected}`, got {stage.get('cmd')!r}")
@@ -98,9 +106,14 @@ def run_stage(stage: str, params_file: str) -> dict:
     """Run one stage's `run(params)` (an instance `name@key`: `run(params, key)`); returns its metrics (small,
     JSON-able: safe to persist)."""
     name, _, key = stage.partition("@")
-    module = importlib.import_module(f"stages.{name}")
-    params = load_params(params_file)
-    metrics = module.run(params, key) if key else module.run(params)
+    if launched_command(stage):
+        # In this process with launcher none; a distributed launcher's command in child processes (torch.distributed
+        # must never be initialised in the flow's own process).
+        metrics = run_launched(stage, params_file)
+    else:
+        module = importlib.import_module(f"stages.{name}")
+        params = load_params(params_file)
+        metrics = module.run(params, key) if key else module.run(params)
     get_run_logger().info("%s: %s", stage, metrics)
     return metrics
 

@@ -197,9 +197,18 @@ def _step_of(checkpoint: Path) -> int:
     return int(_CHECKPOINT.match(checkpoint.name).group(1))
 
 
+def _complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint whose state reads back was saved whole (a kill during
+    the save leaves one without it, or with it cut short)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    found = [c for c in run_dir.iterdir() if _CHECKPOINT.match(c.name) and (c / "trainer_state.json").exists()] \
-        if run_dir.is_dir() else []
+    found = [c for c in run_dir.iterdir() if _CHECKPOINT.match(c.name) and _complete(c)] if run_dir.is_dir() else []
     return max(found, key=_step_of, default=None)
 
 
@@ -282,6 +291,7 @@ def _training_args(job: Job, run_dir: Path, accumulation: int, precision: str, d
         save_total_limit=p.keep_checkpoints,
         report_to="none",  # dvclive is added as a callback with a Live that leaves dvc.yaml alone
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable weight gets a gradient; the search costs a graph walk
         remove_unused_columns=False,
         log_level_replica="warning",
     )

@@ -1,6 +1,7 @@
 """Stage `extend`: long-context extension, the LongLoRA way, with the HF Trainer.
 
-    .venv/bin/python -m stages.extend     # or: dvc repro extend
+    .venv/bin/python -m stages.extend     # one process; dvc repro extend runs `python -m stages.launch extend`,
+                                          # which starts it as params.yaml's `launch` says (torchrun: 8 GPUs)
 
 Expected with the tiny default on 2 CPU cores: 60 steps of 8 × 1024 tokens in about 70 s (7 k tokens/s), loss
 3.89 → 3.08; after `merge@extend`, held-out perplexity at 1024 tokens 29.7 against 48.5 for the base model with
@@ -9,6 +10,8 @@ interpolation alone (README, "Extend and merge").
 Loads the base model (`model.name_or_path`, a local folder or a hub id) with its RoPE interpolated to
 `model.target_context` (written into the config before the model is built), selects S²-Attn (`extend.attention`),
 wraps it with LoRA+ (`extend.method`), and trains it on the packed blocks of prepare_pretrain, read memory-mapped.
+Under torchrun or accelerate (stages/launch.py) every process runs this module; the Trainer reads RANK and
+WORLD_SIZE, and the main process alone claims and writes the outputs.
 The training itself (Trainer, checkpoints and resume after a kill, dvclive, the saved folder) is shared with `sft`:
 stages/_training.py.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -40,6 +40,10 @@ from longlora.sources import is_hub_model_id, is_hub_name
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
+TRAINING_STAGES = ("extend", "sft")
+"""The stages that train a model (stages/_training.py): `python -m stages.launch <stage>` starts them as the `launch`
+section says (dvc.yaml runs that command), and the world size it gives must divide their global batch."""
+
 MERGE_SOURCES = ("extend", "sft")
 """The training stages whose output `merge` folds into a plain model: one dvc.yaml instance each (`merge@extend`),
 one `merge.<stage>` subsection each for its out_dir and metrics_file."""
@@ -49,10 +53,6 @@ STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft
 """The stages of dvc.yaml. Each reads the params section of its own name (`merge@extend`: `merge.extend`), which
 holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are shared by several
 stages."""
-
-
-TRAINING_STAGES = ("extend", "sft")
-"""The stages that train with the HF Trainer (stages/_training.py): checkpoints, resume, DeepSpeed, launchers."""
 
 
 def stage_key(stage: str) -> str:
@@ -427,7 +427,8 @@ class TrainingParams(Section):
     """Optimizer steps (paper: 1000 at a global batch of 64)."""
     global_batch_size: int = Field(64, gt=0)
     """Sequences per optimizer step over all processes = per_device_batch_size × gradient accumulation × world size;
-    the accumulation is derived from it once the world size is known (paper: 64 = 1 × 8 × 8 GPUs)."""
+    the accumulation is derived from it once the world size is known (paper: 64 = 1 × 8 × 8 GPUs). The world size
+    `launch` gives (nodes × nproc_per_node) must divide it into whole per-device batches."""
     per_device_batch_size: int = Field(1, gt=0)
     """Sequences per forward pass on each process."""
     lr: float = Field(2e-5, gt=0)
@@ -533,6 +534,53 @@ class SftParams(TrainingParams):
     """DVC metrics: first and final loss, tokens/s, peak memory, padding share, trainable parameters per group."""
 
 
+Launcher = Literal["none", "torchrun", "accelerate"]
+
+
+class LaunchParams(Section):
+    """How `python -m stages.launch <stage>` starts a training stage (TRAINING_STAGES): the command is built in
+    stages/launch.py and nowhere else. The launcher only starts processes; the Trainer inside each one does the
+    distribution, and DeepSpeed is a setting of the training stage itself (`extend.deepspeed`), because the Trainer
+    reads it, a checkpoint's configuration includes it, and two training stages may need different ZeRO stages."""
+
+    launcher: Launcher = "none"
+    """none: run the stage in the launching process (one process, one device or the CPU); torchrun: `python -m
+    torch.distributed.run`, one process per device, c10d rendezvous; accelerate: `accelerate launch` (its
+    multi-GPU mode, the same c10d rendezvous). Both hand each process RANK and WORLD_SIZE, from which the stage
+    derives its gradient accumulation."""
+    nproc_per_node: int = Field(1, gt=0)
+    """Processes on each node: one per GPU (8 on an 8×A100 node)."""
+    nodes: int = Field(1, gt=0)
+    """Nodes taking part; every node runs the same command (configs/slurm/multinode.sbatch does it under SLURM)."""
+    rdzv_endpoint: str = "localhost:0"
+    """host:port of the c10d rendezvous, on the first node. localhost:0 (one node only) lets torchrun pick a free
+    port; several nodes need the first node's address and an open port, e.g. node001:29500."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc_per_node
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"{value!r} is not host:port (e.g. node001:29500, or localhost:0 on one node)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.launcher == "none" and self.world_size > 1:
+            raise ValueError(f"launcher none runs one process, but nodes {self.nodes} × nproc_per_node "
+                             f"{self.nproc_per_node} asks for {self.world_size}: use torchrun or accelerate")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if self.nodes > 1 and (host in ("localhost", "127.0.0.1", "::1", "[::1]") or port == "0"):
+            raise KeyProblem("launch.rdzv_endpoint", f"{self.rdzv_endpoint!r} cannot be reached by the other "
+                                                     f"{self.nodes - 1} node(s): name the first node and a port, "
+                                                     "e.g. node001:29500")
+        return self
+
+
 class MergeOutput(Section):
     """Where one `merge` instance writes."""
 
@@ -587,6 +635,7 @@ class Params(Section):
     extend: ExtendParams = ExtendParams()
     sft: SftParams = SftParams()
     merge: MergeParams = MergeParams()
+    launch: LaunchParams = LaunchParams()
     eval_models: dict[str, EvalModel] = DEFAULT_EVAL_MODELS
     """The models every evaluation stage compares, by name (dvc.yaml runs one instance per name); shared by the
     evaluation stages."""
@@ -651,6 +700,22 @@ class Params(Section):
             raise ValueError(
                 f"prepare_sft.max_length {self.prepare_sft.max_length} exceeds model.target_context {target}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_fits_world(self) -> Self:
+        """Each training stage's global batch splits evenly over the processes `launch` starts (checked again by the
+        stage against the WORLD_SIZE it really runs with, e.g. under a SLURM allocation of another size)."""
+        launch = self.launch
+        for stage in TRAINING_STAGES:
+            p = self.section(stage)
+            per_step = p.per_device_batch_size * launch.world_size
+            if p.global_batch_size % per_step:
+                raise KeyProblem(f"{stage}.global_batch_size",
+                                 f"{p.global_batch_size} is not divisible by per_device_batch_size "
+                                 f"{p.per_device_batch_size} × {launch.world_size} processes (launch.nodes "
+                                 f"{launch.nodes} × launch.nproc_per_node {launch.nproc_per_node}) = {per_step}; "
+                                 "change one of them")
         return self
 
     def section(self, stage: str) -> Section:

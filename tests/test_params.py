@@ -143,10 +143,22 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
     }
 
 
-def test_full_size_profile_is_valid_and_in_step_with_params_yaml():
-    full_raw = yaml.safe_load((ROOT / "configs/llama2-7b-32k.yaml").read_text())
+PROFILES = sorted(path.name for path in (ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_profiles_are_there():
+    assert PROFILES == ["llama2-70b-32k.yaml", "llama2-7b-100k.yaml", "llama2-7b-32k.yaml"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_is_valid_and_in_step_with_params_yaml(profile):
+    raw = yaml.safe_load((ROOT / "configs" / profile).read_text())
     default_raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert _keys(full_raw) == _keys(default_raw), "configs/llama2-7b-32k.yaml drifted from params.yaml"
+    assert _keys(raw) == _keys(default_raw), f"configs/{profile} drifted from params.yaml"
+    load_params(ROOT / "configs" / profile)
+
+
+def test_full_size_profile_is_valid_and_in_step_with_params_yaml():
     full = load_params(ROOT / "configs/llama2-7b-32k.yaml")
     assert full.model.name_or_path == "meta-llama/Llama-2-7b-hf"
     assert full.model.target_context / full.model.original_context == 8

@@ -56,8 +56,8 @@ def test_foreach_stages_become_one_stage_per_instance(tmp_path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "merge": {"foreach": {"sft": {"src": "data/sft_adapter"}, "extend": {"src": "data/extend"}},
                   "do": {"cmd": "python -m stages.merge ${key}", "deps": ["${item.src}"], "outs": ["out/${key}"]}},
-        "extend": {"cmd": "python -m stages.extend", "outs": ["data/extend"]},
-        "sft": {"cmd": "python -m stages.sft", "deps": ["out/extend"], "outs": ["data/sft_adapter"]},
+        "extend": {"cmd": "python -m stages.launch extend", "outs": ["data/extend"]},
+        "sft": {"cmd": "python -m stages.launch sft", "deps": ["out/extend"], "outs": ["data/sft_adapter"]},
     }}, sort_keys=False))
     assert stage_order(tmp_path / "dvc.yaml") == ["extend", "merge@extend", "sft", "merge@sft"]
     assert expand_stages(yaml.safe_load((tmp_path / "dvc.yaml").read_text()))["merge@sft"] == {
@@ -65,6 +65,10 @@ def test_foreach_stages_become_one_stage_per_instance(tmp_path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "merge": {"foreach": ["extend"], "do": {"cmd": "python -m stages.merge"}}}}))
     with pytest.raises(ValueError, match=r"stage 'merge@extend' must run `python -m stages.merge extend`"):
+        stage_order(tmp_path / "dvc.yaml")
+    # A training stage starts through the launcher, so that the `launch` params decide how many processes run it.
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"extend": {"cmd": "python -m stages.extend"}}}))
+    with pytest.raises(ValueError, match=r"stage 'extend' must run `python -m stages.launch extend`"):
         stage_order(tmp_path / "dvc.yaml")
 
 
@@ -121,6 +125,9 @@ def test_every_stage_declares_the_code_params_and_data_it_reads():
         deps, declared = _paths(stage["deps"]), stage["params"]
         assert deps[:3] == [f"stages/{module}.py", "stages/_cli.py", "stages/params.py"], name
         imported = _project_imports(f"stages.{module}")
+        if stage["cmd"].split()[:3] == ["python", "-m", "stages.launch"]:  # a training stage, started by the launcher
+            imported |= _project_imports("stages.launch")
+            assert "stages/launch.py" in deps and "launch" in declared, f"{name}: declare the launcher and its params"
         missing = sorted(imported - set(deps))
         assert not missing, f"{name} imports {missing}: list them in its deps"
         extra = sorted({dep for dep in deps if dep.endswith(".py")} - imported)

@@ -193,6 +193,7 @@ def test_bad_input_stops_before_training_with_one_line(project, capsys, case, ex
 
     if case == "other vocabulary":
         _bad_dataset("foreign")
+        capsys.readouterr()  # its progress bar
     overrides = {
         "missing data": {"data": "absent"},
         "missing base": {"base_model": "data/absent_model"},
