@@ -61,6 +61,21 @@ def token_dtype(vocab_size: int, requested: TokenDtype = "auto", param: str = "d
     return dtype
 
 
+def bos_opens_chat_turns(tokenizer) -> bool:
+    """Whether the BOS token is a chat turn marker (ChatML's `<|im_start|>` set as BOS): it appears more than once
+    in a rendered user + assistant exchange, where a start-of-sequence token (Llama 2's `<s>`, Llama 3's
+    `<|begin_of_text|>`) appears once."""
+    bos = tokenizer.bos_token
+    if not bos or not getattr(tokenizer, "chat_template", None):
+        return False
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that rejects this exchange (e.g. requires a system turn) says nothing here
+        return False
+    return rendered.count(bos) > 1
+
+
 def special_ids(tokenizer, bos_policy: BosPolicy, param: str = "bos") -> tuple[int, int | None, int]:
     """EOS (required), BOS (when the policy asks for it) and the pad id (pad token, else EOS)."""
     eos_id = tokenizer.eos_token_id
@@ -71,6 +86,10 @@ def special_ids(tokenizer, bos_policy: BosPolicy, param: str = "bos") -> tuple[i
         bos_id = tokenizer.bos_token_id
         if bos_id is None:
             raise InputError(f"{param}: document, but the tokenizer has no BOS token; use none")
+        if bos_opens_chat_turns(tokenizer):
+            raise InputError(f"{param}: document, but the tokenizer's BOS {tokenizer.bos_token!r} opens every turn of "
+                             "its chat template (a chat marker, not a start-of-document token): every document would "
+                             "start with it; use none")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     return eos_id, bos_id, pad_id
 

@@ -25,12 +25,14 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from longlora.errors import InputError
 from longlora.extension import EXTENSION_FILE, load_extended
 from longlora.packing import Packed, PackedBlocksWriter
 from longlora.rope import rotary_inv_freq
+from longlora.tokenizing import bos_opens_chat_turns
 from stages import _cli, _training, build_base_model, extend, merge, prepare_pretrain
 from stages.params import parse_params
-from tests.conftest import ROOT, tiny_params_dict
+from tests.conftest import ROOT, _merge, tiny_params_dict
 
 TARGET, ORIGINAL = 128, 32  # tiny_params_dict: model.target_context, build_base_model.context_length
 
@@ -235,6 +237,11 @@ def test_a_chat_model_whose_bos_is_a_chat_marker_extends_and_merges(project):
                                              "remainder": "pad"},
                            extend={"max_steps": 2})
     params = parse_params(raw)
+    # With the default `bos: document` the chat marker would open every document: refused before anything is written.
+    with pytest.raises(InputError, match=r"prepare_pretrain.bos: document, but the tokenizer's BOS '<\|im_start\|>' "
+                                         "opens every turn of its chat template"):
+        prepare_pretrain.run(parse_params(_merge(raw, {"prepare_pretrain": {"bos": "document"}})))
+    assert not Path("data/chat_blocks").exists()
     prepare_pretrain.run(params)
     extend.run(params)
     merge.run(params, "extend")
@@ -245,8 +252,11 @@ def test_a_chat_model_whose_bos_is_a_chat_marker_extends_and_merges(project):
     tokenizer = AutoTokenizer.from_pretrained(merged)
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
         "<|im_start|>", "<|im_end|>", "<|endoftext|>")
-    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert tokenizer.chat_template == CHAT_TEMPLATE and bos_opens_chat_turns(tokenizer)
     assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id
+    # A BOS that starts the sequence once (Llama 2 and 3 templates) is a document start, not a turn marker.
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    assert not bos_opens_chat_turns(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     generation = GenerationConfig.from_pretrained(merged)
     assert (generation.bos_token_id, generation.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
