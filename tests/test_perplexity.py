@@ -114,3 +114,14 @@ def test_s2attn_at_evaluation_is_an_option_and_leaves_the_model_dense(model, tok
     want, _ = direct_strided(reference, tokens, 64, 64)
     assert s2 == pytest.approx(want, rel=1e-5)
     assert s2 != pytest.approx(dense, rel=1e-4)
+
+
+def test_nll_computed_in_chunks_of_positions_is_the_same(model, tokens, monkeypatch):
+    import longlora.perplexity
+
+    whole = strided_perplexity(model, tokens, 64, 16, batch_size=2, progress=False)["perplexity"]
+    monkeypatch.setattr(longlora.perplexity, "_NLL_CHUNK", 7)  # 63 predictions: 9 chunks
+    assert strided_perplexity(model, tokens, 64, 16, batch_size=2, progress=False)["perplexity"] == \
+        pytest.approx(whole, rel=1e-6)
+    want, _ = direct_windowed(model, tokens, 64, 16)
+    assert windowed_perplexity(model, tokens, 64, 16, progress=False)["perplexity"] == pytest.approx(want, rel=1e-5)
