@@ -166,7 +166,8 @@ def save_heatmap(cells: dict[tuple[int, float], tuple[int, int]], path, title: s
     lengths = sorted({length for length, _ in cells})
     depths = sorted({depth for _, depth in cells})
     grid = np.full((len(depths), len(lengths)), np.nan)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(4.8, 2.0 + 0.9 * len(lengths)), max(3.4, 1.6 + 0.45 * len(depths))),
+                           dpi=100)
     for (length, depth), (correct, total) in cells.items():
         row, col = depths.index(depth), lengths.index(length)
         grid[row, col] = correct / total
@@ -175,7 +176,7 @@ def save_heatmap(cells: dict[tuple[int, float], tuple[int, int]], path, title: s
     ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
     ax.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
     ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("key depth (share of the filler before it)")
+    ax.set_ylabel("key depth (share of filler)")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
