@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from longlora.recipe import PASSKEY_DEPTHS
+
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-"""The depth grid of the reported accuracy."""
 KEY_RANGE = (1, 50000)
 """The reference draws the key uniformly from these integers."""
 
@@ -96,13 +96,19 @@ class PasskeyTrial:
         return digits == self.key
 
 
-@torch.no_grad()
-def passkey_trial(model, tokenizer, length: int, depth: float, seed: int) -> PasskeyTrial:
-    """One greedy retrieval: decode as many tokens as the key takes (as the reference does) and compare."""
-    # The prompt and the answer but its last token fit in `length` positions, so that a model evaluated at its
-    # own context length is never asked to read past it.
+def trial_prompt(tokenizer, length: int, depth: float, seed: int) -> tuple[str, str, int]:
+    """(prompt, key, answer tokens) of a trial of `length` tokens: the prompt and the answer but its last token fit
+    in `length` positions, so that a model evaluated at its own context length is never asked to read past it."""
     answer_tokens = len(tokenizer(" " + passkey(seed), add_special_tokens=False)["input_ids"])
     prompt, key = passkey_prompt(tokenizer, length - answer_tokens + 1, depth, seed)
+    return prompt, key, answer_tokens
+
+
+@torch.no_grad()
+def passkey_trial(model, tokenizer, length: int, depth: float, seed: int) -> PasskeyTrial:
+    """One greedy retrieval with a KV cache: decode as many tokens as the key takes (as the reference does) and
+    compare."""
+    prompt, key, answer_tokens = trial_prompt(tokenizer, length, depth, seed)
     device = next(model.parameters()).device
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=answer_tokens,
@@ -123,3 +129,56 @@ def passkey_accuracy(model, tokenizer, length: int, depths=PASSKEY_DEPTHS, trial
     finally:
         model.train(was_training)
     return sum(r.correct for r in results) / len(results)
+
+
+def passkey_grid(model, tokenizer, lengths, depths=PASSKEY_DEPTHS, trials: int = 4, seed: int = 0,
+                 progress: bool = True) -> list[PasskeyTrial]:
+    """Every trial of the grid lengths × depths × `trials` (seeds seed, seed + 1, … in every cell), in that order."""
+    from tqdm.auto import tqdm
+
+    cells = [(length, depth, seed + t) for length in lengths for depth in depths for t in range(trials)]
+    was_training = model.training
+    model.eval()
+    try:
+        return [passkey_trial(model, tokenizer, length, depth, trial_seed)
+                for length, depth, trial_seed in tqdm(cells, desc="passkey", unit="prompt", disable=not progress)]
+    finally:
+        model.train(was_training)
+
+
+def cell_accuracy(trials: list[PasskeyTrial]) -> dict[tuple[int, float], tuple[int, int]]:
+    """(correct, trials) per (length, depth) cell, in the order the cells first appear."""
+    cells: dict[tuple[int, float], tuple[int, int]] = {}
+    for trial in trials:
+        correct, total = cells.get((trial.length, trial.depth), (0, 0))
+        cells[(trial.length, trial.depth)] = (correct + trial.correct, total + 1)
+    return cells
+
+
+def save_heatmap(cells: dict[tuple[int, float], tuple[int, int]], path, title: str) -> None:
+    """A PNG of the accuracy per cell: prompt length across, key depth down, each cell labelled correct/trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, whatever the environment says
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths = sorted({length for length, _ in cells})
+    depths = sorted({depth for _, depth in cells})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    fig, ax = plt.subplots(figsize=(max(4.8, 2.0 + 0.9 * len(lengths)), max(3.4, 1.6 + 0.45 * len(depths))),
+                           dpi=100)
+    for (length, depth), (correct, total) in cells.items():
+        row, col = depths.index(depth), lengths.index(length)
+        grid[row, col] = correct / total
+        ax.text(col, row, f"{correct}/{total}", ha="center", va="center", fontsize=8)
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+    ax.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("key depth (share of filler)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

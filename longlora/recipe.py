@@ -71,5 +71,11 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 LrSchedule = Literal["constant_with_warmup", "constant", "linear", "cosine"]
 """Learning-rate schedules by their transformers names; the paper's is constant_with_warmup."""
 
+EvalDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""Weights dtype while evaluating: auto is bfloat16 on a GPU that has it (as the paper evaluates), else float32."""
+
+PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""Where the passkey sits, as a share of the filler tokens before it: the depth grid of the reported accuracy."""
+
 MergeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 """Dtype of the merged model's weights: auto keeps the base model's own (its config's dtype), else as named."""

@@ -395,8 +395,9 @@ def s2attn_attention_forward(
     """Attention function registered with ``AttentionInterface`` under ``"s2attn"``.
 
     Training without a KV cache: S²-Attn with the group size from ``module.config`` (see ``s2attn_group_size``) on
-    the full, right-padded batch. Eval mode, a KV cache or a 4D mask: dense causal attention through transformers'
-    SDPA backend (the paper evaluates with dense attention). Returns ``(output (b, seq, heads, d), None)``.
+    the full, right-padded batch. Eval mode (unless ``config.s2attn_in_eval``), a KV cache or a 4D mask: dense causal
+    attention through transformers' SDPA backend (the paper evaluates with dense attention). Returns
+    ``(output (b, seq, heads, d), None)``.
     """
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
@@ -410,7 +411,9 @@ def s2attn_attention_forward(
             raise ValueError(f"S²-Attn does not implement {what}: {type(module).__name__} passes "
                              f"{name}={kwargs[name]!r}; disable it in the model config or train with sdpa or eager")
     four_d = attention_mask is not None and attention_mask.dim() == 4
-    if not module.training or query.shape[2] != key.shape[2] or four_d:
+    # `s2attn_in_eval`: S² at evaluation too (longlora.perplexity's attention="s2"; the paper reports both).
+    s2 = module.training or getattr(module.config, "s2attn_in_eval", False)
+    if not s2 or query.shape[2] != key.shape[2] or four_d:
         if module.training and four_d:
             _warn_once(
                 "S²-Attn received a 4D attention mask in training (packed sequences or a custom mask pattern); "

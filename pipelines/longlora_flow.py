@@ -4,11 +4,12 @@
     .venv/bin/python -m pipelines.longlora_flow --stages build_base_model
 
 With PREFECT_API_URL set, the run shows in that Prefect server's UI; without it, Prefect starts a temporary local
-server for the run. The stage list and order come from dvc.yaml, so the DAG is written down once (a `foreach`
-stage such as `merge` becomes one task per instance, `merge@extend`, as DVC names them). Each task calls the stage's
-`run(params)` (an instance: `run(params, key)`) — the same function `dvc repro` runs — and returns its small metrics
-dict. A training stage runs as `python -m stages.launch <stage>` does: in-process with `launch.launcher: none`,
-else the torchrun / accelerate command it builds, as a child process of the task. Prefect's
+server for the run. The stage list and order come from dvc.yaml, so the DAG is written down once: a `foreach` stage
+becomes one task per instance, as DVC names them (`merge@extend`; `eval_perplexity@base` for each model of
+params.yaml's eval_models, which the flow reads from its params file). Each task calls the stage's `run(params)` (an
+instance: `run(params, key)`) — the same function `dvc repro` runs — and returns its small metrics dict. A training
+stage runs as `python -m stages.launch <stage>` does: in-process with `launch.launcher: none`, else the torchrun /
+accelerate command it builds, as a child process of the task. Prefect's
 result caching is off on purpose: it hashes arguments, not file contents, so it would serve stale results; `dvc
 repro` is the tool that decides what is stale.
 """
@@ -28,7 +29,7 @@ from stages.launch import run_launched
 from stages.params import DEFAULT_PARAMS_FILE, TRAINING_STAGES, load_params
 
 DVC_FILE = Path("dvc.yaml")
-_TEMPLATE = re.compile(r"\$\{(key|item(?:\.\w+)?)\}")
+_TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 
 
 def _under(path: str, out: str) -> bool:
@@ -40,35 +41,43 @@ def _paths(entries: list) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or []]
 
 
-def _fill(value, key: str, item):
-    """`value` with `${key}`, `${item}` and `${item.<field>}` replaced, as DVC's foreach does."""
+def _lookup(variables: dict, dotted: str):
+    value = variables
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(f"dvc.yaml: ${{{dotted}}} names nothing in params.yaml")
+        value = value[part]
+    return value
+
+
+def _fill(value, variables: dict):
+    """`value` with every `${name}` / `${a.b}` replaced from `variables` (params.yaml, plus `key` and `item` inside a
+    foreach), as DVC's templating does."""
     if isinstance(value, dict):
-        return {_fill(k, key, item): _fill(v, key, item) for k, v in value.items()}
+        return {_fill(k, variables): _fill(v, variables) for k, v in value.items()}
     if isinstance(value, list):
-        return [_fill(v, key, item) for v in value]
+        return [_fill(v, variables) for v in value]
     if not isinstance(value, str):
         return value
-
-    def lookup(match: re.Match) -> str:
-        name = match.group(1)
-        if name == "key":
-            return key
-        return str(item if name == "item" else item[name.split(".", 1)[1]])
-
-    return _TEMPLATE.sub(lookup, value)
+    whole = _TEMPLATE.fullmatch(value)
+    if whole:  # a value that is one template keeps its type (a foreach over a params mapping)
+        return _lookup(variables, whole.group(1))
+    return _TEMPLATE.sub(lambda match: str(_lookup(variables, match.group(1))), value)
 
 
-def expand_stages(spec: dict) -> dict[str, dict]:
-    """dvc.yaml's stages with every `foreach` expanded into its instances (`name@key`), in file order."""
+def expand_stages(spec: dict, params: dict | None = None) -> dict[str, dict]:
+    """dvc.yaml's stages with every `foreach` expanded into its instances (`name@key`), in file order; `${…}` is
+    filled from `params` (params.yaml, which DVC reads as its template variables) and the foreach's key and item."""
+    params = params or {}
     expanded: dict[str, dict] = {}
     for name, stage in (spec.get("stages") or {}).items():
         if "foreach" not in stage:
-            expanded[name] = stage
+            expanded[name] = _fill(stage, params)
             continue
-        items = stage["foreach"]
+        items = _fill(stage["foreach"], params)
         pairs = items.items() if isinstance(items, dict) else ((str(i), i) for i in items)
         for key, item in pairs:
-            expanded[f"{name}@{key}"] = _fill(stage["do"], str(key), item)
+            expanded[f"{name}@{key}"] = _fill(stage["do"], {**params, "key": str(key), "item": item})
     return expanded
 
 
@@ -78,10 +87,13 @@ def launched_command(stage: str) -> str | None:
     return f"python -m stages.launch {stage}" if stage in TRAINING_STAGES else None
 
 
-def stage_order(dvc_file: Path = DVC_FILE) -> list[str]:
-    """Stage names of dvc.yaml in dependency order (file order among independent stages)."""
+def stage_order(dvc_file: Path = DVC_FILE, params_file: Path | None = None) -> list[str]:
+    """Stage names of dvc.yaml in dependency order (file order among independent stages); a `foreach` over params
+    (`${eval_models}`) expands from `params_file` (default: the params.yaml beside dvc.yaml, as DVC does)."""
     spec = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
-    stages = expand_stages(spec)
+    params_file = Path(params_file) if params_file is not None else dvc_file.parent / "params.yaml"
+    params = yaml.safe_load(params_file.read_text(encoding="utf-8")) if params_file.exists() else {}
+    stages = expand_stages(spec, params or {})
     for name, stage in stages.items():
         module, _, key = name.partition("@")
         expected = launched_command(name) or f"python -m stages.{module}" + (f" {key}" if key else "")
@@ -122,7 +134,7 @@ def run_stage(stage: str, params_file: str) -> dict:
 def longlora_flow(params_file: str = str(DEFAULT_PARAMS_FILE), stages: list[str] | None = None) -> dict[str, dict]:
     """Run the pipeline's stages (all, or the named ones in pipeline order); returns metrics per stage."""
     params = load_params(params_file)  # fail before any task starts if params.yaml is invalid
-    order = stage_order()
+    order = stage_order(DVC_FILE, Path(params_file))
     unknown = sorted(set(stages or ()) - set(order))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; dvc.yaml has {order}")

@@ -25,7 +25,9 @@ from longlora.io import StageOutput, protected_place, resolved
 from longlora.recipe import (
     DEFAULT_GROUP_SIZE_RATIO,
     PAPER_TARGET_MODULES,
+    PASSKEY_DEPTHS,
     Attention,
+    EvalDtype,
     LrSchedule,
     MergeDtype,
     Method,
@@ -50,14 +52,21 @@ one `merge.<stage>` subsection each for its out_dir and metrics_file."""
 
 STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft", "prepare_eval", "extend",
           "merge@extend", "sft", "merge@sft")
-"""The stages of dvc.yaml. Each reads the params section of its own name (`merge@extend`: `merge.extend`), which
-holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are shared by several
-stages."""
+"""The stages of dvc.yaml before the evaluations. Each reads the params section of its own name (`merge@extend`:
+`merge.extend`), which holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are
+shared by several stages."""
+
+EVAL_STAGES = ("eval_perplexity", "eval_passkey")
+"""The evaluation stages, after STAGES: one dvc.yaml instance per `eval_models` name (`eval_perplexity@base`), all
+instances reading the stage's section, each writing `<out_dir>/<name>/` and `<metrics_dir>/<name>.json` of it
+(`Params.stages` lists every instance, `Params.destination` gives its paths)."""
 
 
 def stage_key(stage: str) -> str:
-    """The params key of a stage's own section: `extend` -> `extend`, `merge@extend` -> `merge.extend`."""
-    return stage.replace("@", ".")
+    """The params key of a stage's own section: `extend` -> `extend`, `merge@extend` -> `merge.extend`,
+    `eval_perplexity@base` -> `eval_perplexity` (shared by the instances; the model is `eval_models.base`)."""
+    name = stage.partition("@")[0]
+    return name if name in EVAL_STAGES else stage.replace("@", ".")
 
 
 class ParamsError(InputError):
@@ -614,6 +623,77 @@ class EvalModel(Section):
     the base model's "interpolation without training" baseline. Merged models already carry their scaling."""
 
 
+class EvalPerplexityParams(Section):
+    """Stage `eval_perplexity`: perplexity of each eval_models model on prepare_eval's stream at each length, both the
+    standard strided number and LongLoRA's own (longlora/perplexity.py)."""
+
+    lengths: tuple[int, ...] | None = None
+    """Context lengths (tokens per window) to evaluate at; None: prepare_eval.lengths. The paper: 2k … 32k (PG19,
+    proof-pile), up to 100k for its 100k models."""
+    stride: int | None = None
+    """Strided perplexity: a window starts every `stride` tokens (each token is still scored once, with more context
+    the smaller the stride); None: every length itself (windows side by side). At most the shortest length."""
+    windowed_step: int = Field(256, gt=0)
+    """LongLoRA's number: a window of each length starts every this many tokens (its eval.py: 256)."""
+    batch_size: int = Field(1, gt=0)
+    """Windows per forward pass."""
+    dtype: EvalDtype = "auto"
+    """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
+    attention: Attention = "dense"
+    """dense: what the paper's tables use; s2: S²-Attn at evaluation too (the shared `s2attn` group size), which
+    the paper also reports (LongLoRA-trained models score better dense)."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Evaluate on the stream's first this many tokens (the same tokens at every length: a CPU budget); None: the
+    whole stream. Must leave room for LongLoRA's windows at the longest length (longest + windowed_step + 1)."""
+    out_dir: OutPath = Path("data/eval_results/perplexity")
+    """One folder per model, `<out_dir>/<name>/perplexity.csv` (model, length, perplexity, windowed_perplexity,
+    tokens_scored, windows): `dvc plots show` draws perplexity against context length, one line per model."""
+    metrics_dir: OutPath = Path("data/metrics/eval_perplexity")
+    """DVC metrics, `<metrics_dir>/<name>.json`: both perplexities per length, tokens scored, windows, seconds."""
+
+    def check_windows(self) -> None:
+        """Raise ValueError unless the (resolved) lengths, stride and max_tokens leave windows to score."""
+        if not self.lengths or min(self.lengths) < 2:
+            raise ValueError(f"lengths must be token counts of at least 2, got {list(self.lengths or ())}")
+        if self.stride is not None and self.stride > min(self.lengths):
+            raise ValueError(f"stride {self.stride} exceeds the shortest length {min(self.lengths)}: windows would "
+                             "leave tokens unscored")
+        longest = max(self.lengths)
+        if self.max_tokens is not None and self.max_tokens <= longest + self.windowed_step:
+            raise ValueError(f"max_tokens {self.max_tokens} leaves no LongLoRA window at length {longest} (it "
+                             f"needs more than length + windowed_step = {longest + self.windowed_step})")
+
+
+class EvalPasskeyParams(Section):
+    """Stage `eval_passkey`: passkey retrieval of each eval_models model over a grid of prompt lengths × key depths
+    (longlora/passkey.py: LongLoRA's prompt, lengths and depths in the model's tokens, greedy decoding)."""
+
+    lengths: tuple[int, ...] | None = None
+    """Prompt lengths in tokens (the prompt and the answer fit in each); None: model.target_context / 4, / 2, × 1.
+    The paper: 1k … 32k for its 32k models, up to 100k for the 100k ones."""
+    depths: tuple[float, ...] = PASSKEY_DEPTHS
+    """Where the key line sits, as a share of the filler tokens before it (0: first, 1: last)."""
+    trials: int = Field(2, gt=0)
+    """Prompts per cell (length, depth), keys drawn with seeds seed, seed + 1, …"""
+    seed: int = 0
+    """Seed of the first trial's key; trial t uses seed + t in every cell."""
+    dtype: EvalDtype = "auto"
+    """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
+    out_dir: OutPath = Path("data/eval_results/passkey")
+    """One folder per model, `<out_dir>/<name>/`: passkey.csv (accuracy per length and depth), trials.csv (every
+    prompt: key, answer, prompt tokens, correct) and heatmap.png (length × depth), a DVC plot."""
+    metrics_dir: OutPath = Path("data/metrics/eval_passkey")
+    """DVC metrics, `<metrics_dir>/<name>.json`: accuracy overall, per length and per depth, seconds."""
+
+    @model_validator(mode="after")
+    def _grid(self) -> Self:
+        if self.lengths is not None and (not self.lengths or min(self.lengths) <= 0):
+            raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
+        if not self.depths or not all(0.0 <= depth <= 1.0 for depth in self.depths):
+            raise ValueError(f"depths must be shares of the filler in [0, 1], got {list(self.depths)}")
+        return self
+
+
 DEFAULT_EVAL_MODELS = {
     "base": EvalModel(path="data/base_model", interpolate=True),
     "extended": EvalModel(path="data/extended_model"),
@@ -639,20 +719,25 @@ class Params(Section):
     eval_models: dict[str, EvalModel] = DEFAULT_EVAL_MODELS
     """The models every evaluation stage compares, by name (dvc.yaml runs one instance per name); shared by the
     evaluation stages."""
+    eval_perplexity: EvalPerplexityParams = EvalPerplexityParams()
+    eval_passkey: EvalPasskeyParams = EvalPasskeyParams()
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Self:
         """Fill in every default that derives from another value, here and nowhere else: stages read the effective
         value, and their metrics report it (`params` in each metrics file). Runs before the checks below."""
         target = self.model.target_context
+        quarter_half_whole = tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))
         derived = {
             "prepare_corpus": {"eval_min_tokens": 2 * target, "longqa_min_tokens": target // 2,
                                "longqa_max_tokens": int(0.85 * target)},
             "prepare_pretrain": {"block_length": target},
             "prepare_sft": {"max_length": target},
-            "prepare_eval": {"lengths": tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))},
+            "prepare_eval": {"lengths": quarter_half_whole},
             "extend": {"data": self.prepare_pretrain.out_dir},
             "sft": {"data": self.prepare_sft.out_dir, "base_model": str(self.merge.extend.out_dir)},
+            "eval_perplexity": {"lengths": self.prepare_eval.lengths or quarter_half_whole},
+            "eval_passkey": {"lengths": quarter_half_whole},
         }
         for name, defaults in derived.items():
             section = getattr(self, name)
@@ -718,18 +803,49 @@ class Params(Section):
                                  "change one of them")
         return self
 
+    @model_validator(mode="after")
+    def _evaluations_fit(self) -> Self:
+        try:
+            self.eval_perplexity.check_windows()
+        except ValueError as err:
+            raise KeyProblem("eval_perplexity", f"{err} (lengths default to prepare_eval.lengths)") from None
+        return self
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """Every stage instance of dvc.yaml in pipeline order: STAGES, then each evaluation per eval_models name."""
+        return STAGES + tuple(f"{stage}@{name}" for stage in EVAL_STAGES for name in self.eval_models)
+
     def section(self, stage: str) -> Section:
-        """The stage's own section (`merge@extend`: `merge.extend`)."""
+        """The stage's own section (`merge@extend`: `merge.extend`; `eval_passkey@base`: `eval_passkey`)."""
         section = self
         for part in stage_key(stage).split("."):
             section = getattr(section, part)
         return section
 
+    def destination(self, stage: str) -> tuple[Path, str, Path, str]:
+        """(output folder, its params key, metrics file, its params key) of a stage instance; an evaluation's are
+        `<out_dir>/<name>` and `<metrics_dir>/<name>.json` of its section."""
+        name, _, model = stage.partition("@")
+        section = self.section(stage)
+        if name in EVAL_STAGES:
+            if model not in self.eval_models:
+                raise InputError(f"{stage}: no model {model!r} in eval_models ({', '.join(self.eval_models)})")
+            return (section.out_dir / model, f"{name}.out_dir", section.metrics_dir / f"{model}.json",
+                    f"{name}.metrics_dir")
+        key = stage_key(stage)
+        return section.out_dir, f"{key}.out_dir", section.metrics_file, f"{key}.metrics_file"
+
     def _outputs(self) -> list[tuple[str, str, Path]]:
         """(stage, key, path) of every file or folder a stage writes, in pipeline order."""
-        return [(stage, f"{stage_key(stage)}.{key}", getattr(self.section(stage), key))
-                for stage in STAGES for key in ("out_dir", "metrics_file", "checkpoint_dir")
-                if hasattr(self.section(stage), key)]
+        outputs = []
+        for stage in self.stages:
+            out_dir, out_key, metrics_file, metrics_key = self.destination(stage)
+            outputs += [(stage, out_key, out_dir), (stage, metrics_key, metrics_file)]
+            checkpoint_dir = getattr(self.section(stage), "checkpoint_dir", None)
+            if checkpoint_dir is not None:
+                outputs.append((stage, f"{stage_key(stage)}.checkpoint_dir", checkpoint_dir))
+        return outputs
 
     def _local_inputs(self) -> list[tuple[set[str], str, str]]:
         """(stages reading it, key, path) of every input that is a local path rather than a hub name."""
@@ -749,6 +865,11 @@ class Params(Section):
             inputs.append(({"sft"}, "sft.base_model", self.sft.base_model))
         for source in MERGE_SOURCES:
             inputs.append(({f"merge@{source}"}, f"{source}.out_dir", str(self.section(source).out_dir)))
+        for name, model in self.eval_models.items():
+            if not is_hub_model_id(model.path):
+                inputs.append(({f"{stage}@{name}" for stage in EVAL_STAGES}, f"eval_models.{name}.path", model.path))
+        inputs.append(({f"eval_perplexity@{name}" for name in self.eval_models}, "prepare_eval.out_dir",
+                       str(self.prepare_eval.out_dir)))
         return inputs
 
     @model_validator(mode="after")
@@ -785,13 +906,15 @@ class Params(Section):
 
     def output(self, stage: str) -> StageOutput:
         """The stage's output folder and metrics file, to claim before any work (`with params.output(...)`)."""
-        p, key = self.section(stage), stage_key(stage)
-        reported = p.model_dump(mode="json")
-        if "@" in stage:  # an instance: its own subsection and the settings its instances share
-            shared = getattr(self, stage.split("@")[0]).model_dump(mode="json", exclude=set(MERGE_SOURCES))
+        name, _, instance = stage.partition("@")
+        out_dir, out_key, metrics_file, metrics_key = self.destination(stage)
+        reported = self.section(stage).model_dump(mode="json")
+        if name in EVAL_STAGES:  # the section its instances share, and the model this one evaluates
+            reported["eval_model"] = {"name": instance, **self.eval_models[instance].model_dump(mode="json")}
+        elif instance:  # an instance: its own subsection and the settings its instances share
+            shared = getattr(self, name).model_dump(mode="json", exclude=set(MERGE_SOURCES))
             reported = {**shared, **reported}
-        return StageOutput(stage, p.out_dir, f"{key}.out_dir", p.metrics_file, f"{key}.metrics_file",
-                           params=reported)
+        return StageOutput(stage, out_dir, out_key, metrics_file, metrics_key, params=reported)
 
 
 def _relation(a: Path, b: Path) -> str | None:

@@ -15,15 +15,21 @@ import pytest
 import yaml
 
 from pipelines.longlora_flow import _paths, _under, expand_stages, stage_order
-from stages.params import STAGES, load_params, stage_key
+from stages.params import EVAL_STAGES, STAGES, load_params, stage_key
 from tests.conftest import ROOT, tiny_params_dict
 
 PROJECT_FILES = ["dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
 PROJECT_DIRS = ["longlora", "stages", "pipelines"]
 
 
+def _expanded() -> dict[str, dict]:
+    """The project's dvc.yaml with every foreach expanded, `${…}` filled from params.yaml as DVC does."""
+    return expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()), yaml.safe_load((ROOT / "params.yaml")
+                                                                                        .read_text()))
+
+
 def _final_outputs() -> list[Path]:
-    stages = expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+    stages = _expanded()
     return [Path(next(iter(o)) if isinstance(o, dict) else o)
             for stage in stages.values() for o in stage.get("outs", []) + stage.get("metrics", [])]
 
@@ -115,10 +121,12 @@ def _has_key(tree: dict, dotted: str) -> bool:
 
 def test_every_stage_declares_the_code_params_and_data_it_reads():
     """dvc.yaml's deps and params are what each stage really reads, so that `dvc repro` reruns exactly when needed."""
-    spec = expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+    spec = _expanded()
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = load_params(ROOT / "params.yaml")
-    assert stage_order(ROOT / "dvc.yaml") == list(STAGES), "the Prefect flow and params.py must know the same stages"
+    assert stage_order(ROOT / "dvc.yaml") == list(params.stages), "the Prefect flow and params.py must know the " \
+                                                                  "same stages"
+    assert list(params.stages[:len(STAGES)]) == list(STAGES)
     produced = [out for stage in spec.values() for out in _paths(stage.get("outs"))]
     for name, stage in spec.items():
         module = name.split("@")[0]  # an instance of a foreach stage runs the stage's module
@@ -142,13 +150,61 @@ def test_every_stage_declares_the_code_params_and_data_it_reads():
         for section, key in read:
             assert section in declared or f"{section}.{key}" in declared, f"{name} reads {section}.{key}"
         own = params.section(name)
+        out_dir, _, metrics_file, _ = params.destination(name)
         persistent = [str(own.checkpoint_dir)] if hasattr(own, "checkpoint_dir") else []
-        assert _paths(stage["outs"]) == [str(own.out_dir), *persistent]
-        assert _paths(stage["metrics"]) == [str(own.metrics_file)]
+        assert _paths(stage["outs"]) == [str(out_dir), *persistent]
+        assert _paths(stage["metrics"]) == [str(metrics_file)]
     # A merge instance reads the folder its training stage wrote, and declares it.
     for source in (name.split("@")[1] for name in spec if name.startswith("merge@")):
         assert str(params.section(source).out_dir) in _paths(spec[f"merge@{source}"]["deps"])
         assert f"{source}.out_dir" in spec[f"merge@{source}"]["params"]
+    # An evaluation instance reads its model's folder and entry; perplexity reads prepare_eval's stream too.
+    for name in params.eval_models:
+        for stage in EVAL_STAGES:
+            assert params.eval_models[name].path in _paths(spec[f"{stage}@{name}"]["deps"])
+            assert {f"eval_models.{name}", "model"} <= set(spec[f"{stage}@{name}"]["params"])
+        assert str(params.prepare_eval.out_dir) in _paths(spec[f"eval_perplexity@{name}"]["deps"])
+        assert "prepare_eval.lengths" in spec[f"eval_perplexity@{name}"]["params"]
+
+
+def test_plots_show_every_evaluated_model():
+    """Top-level plots cannot loop over eval_models: they must name each model's files (one line per model in the
+    perplexity plots, one heatmap per model)."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = load_params(ROOT / "params.yaml")
+    plots = {next(iter(entry)) if isinstance(entry, dict) else entry: (entry or {}) for entry in spec["plots"]}
+    perplexity = {str(params.destination(f"eval_perplexity@{name}")[0] / "perplexity.csv")
+                  for name in params.eval_models}
+    for title, field in (("perplexity (strided) vs context length", "perplexity"),
+                         ("perplexity (LongLoRA eval.py) vs context length", "windowed_perplexity")):
+        definition = plots[title][title]
+        assert definition["x"] == "length" and definition["y"] == dict.fromkeys(sorted(perplexity), field)
+    heatmaps = {str(params.destination(f"eval_passkey@{name}")[0] / "heatmap.png") for name in params.eval_models}
+    assert heatmaps <= set(plots)
+
+
+def test_foreach_over_params_expands_from_the_params_file(tmp_path):
+    """`foreach: ${eval_models}` (a mapping in params.yaml) and `${section.key}` anywhere, as DVC templates them."""
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "make": {"cmd": "python -m stages.make", "outs": ["${make.out}"]},
+        "score": {"foreach": "${models}", "do": {
+            "cmd": "python -m stages.score ${key}", "deps": ["${item.path}", "data/made"],
+            "outs": ["${score.out_dir}/${key}"]}},
+    }}, sort_keys=False))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "make": {"out": "data/made"}, "score": {"out_dir": "results"},
+        "models": {"big": {"path": "m/big"}, "small": {"path": "m/small"}}}))
+    assert stage_order(tmp_path / "dvc.yaml") == ["make", "score@big", "score@small"]
+    spec = expand_stages(yaml.safe_load((tmp_path / "dvc.yaml").read_text()),
+                         yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    assert spec["score@small"] == {"cmd": "python -m stages.score small", "deps": ["m/small", "data/made"],
+                                   "outs": ["results/small"]}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({"make": {"out": "x"}, "score": {"out_dir": "r"},
+                                                         "models": {"one": {"path": "p"}}}))
+    assert stage_order(tmp_path / "dvc.yaml", tmp_path / "other.yaml") == ["make", "score@one"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"make": {"out": "x"}}))
+    with pytest.raises(ValueError, match=r"\$\{models\} names nothing in params.yaml"):
+        stage_order(tmp_path / "dvc.yaml")
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:

@@ -1,0 +1,49 @@
+"""What the evaluation stages share: their instance command line and loading the model of an `eval_models` entry."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from longlora.evaluation import Interpolation, load_for_evaluation
+from longlora.sources import check_model_source
+from stages import _cli
+from stages.params import Params
+
+
+def load_tokenizer(params: Params, name: str):
+    """The tokenizer of `eval_models.<name>` alone: checks that need it run before any weights are loaded."""
+    from longlora.tokenizing import load_tokenizer
+
+    check_model_source(params.eval_models[name].path, f"eval_models.{name}.path", need_config=True)
+    return load_tokenizer(params.eval_models[name].path, params.model.trust_remote_code, f"eval_models.{name}.path")
+
+
+def load_model(params: Params, name: str, dtype_choice: str):
+    """(model, tokenizer) of `eval_models.<name>` on the GPU when there is one: RoPE interpolated to
+    model.target_context when the entry says so, dense attention, eval mode."""
+    import torch
+
+    entry = params.eval_models[name]
+    interpolation = None
+    if entry.interpolate:
+        m = params.model
+        interpolation = Interpolation(m.target_context, m.rope_type, m.original_context)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype_choice == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = getattr(torch, dtype_choice)
+    model, tokenizer = load_for_evaluation(entry.path, interpolation, dtype=dtype,
+                                           trust_remote_code=params.model.trust_remote_code,
+                                           param=f"eval_models.{name}.path")
+    return model.to(device), tokenizer
+
+
+def main(stage: str, run: Callable[[Params, str], dict], argv: list[str] | None = None) -> int:
+    """`python -m stages.<stage> <model name> [--params params.yaml]`: one instance, `<stage>@<model name>`."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", add_help=False)
+    parser.add_argument("model", help="a name of params.yaml's eval_models")
+    known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return _cli.main(f"{stage}@{known.model}", lambda params: run(params, known.model), rest)

@@ -1,0 +1,84 @@
+"""Stage `eval_passkey`: passkey retrieval of each model of `eval_models` over prompt lengths × key depths.
+
+    .venv/bin/python -m stages.eval_passkey base     # or: dvc repro eval_passkey@base (one per model)
+
+LongLoRA's prompt (longlora/passkey.py), with length and depth measured in the model's own tokens; greedy decoding
+with a KV cache of as many tokens as the key has; a trial is right when the digits the model writes are exactly the
+key. Every cell (length, depth) runs `trials` prompts with keys seeded seed, seed + 1, … On 2 CPU cores the tiny
+default (256, 512 and 1024 tokens × 5 depths × 2 trials) takes about 7 s per model; the embedded base model
+retrieves few keys (README: the base model study), so expect low accuracies there. On a GPU, bfloat16 (README:
+passkey to 100k).
+Output: `<out_dir>/<model>/` with passkey.csv (accuracy per cell), trials.csv (every prompt: key, answer, tokens)
+and heatmap.png (length × depth, a DVC plot), and `<metrics_dir>/<model>.json` (accuracy overall, by length, by
+depth).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict
+
+from longlora.errors import InputError
+from longlora.io import StageOutput
+from stages import _eval
+from stages.params import Params
+
+
+def run(params: Params, model: str) -> dict:
+    """Run the passkey grid on model `model` of eval_models; return metrics."""
+    with params.output(f"eval_passkey@{model}") as out:  # checked and locked before any work
+        return _evaluate(params, model, out)
+
+
+def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
+    from longlora.passkey import cell_accuracy, passkey_grid, save_heatmap, trial_prompt
+
+    started = time.perf_counter()
+    p = params.eval_passkey
+    lengths = tuple(sorted(p.lengths))
+    tokenizer = _eval.load_tokenizer(params, name)
+    for seed in range(p.seed, p.seed + p.trials):  # the shortest prompts fit, or nothing runs
+        try:
+            trial_prompt(tokenizer, lengths[0], min(p.depths), seed)
+        except ValueError as err:
+            raise InputError(f"eval_passkey.lengths: {lengths[0]} tokens cannot hold the passkey prompt and its "
+                             f"answer with eval_models.{name}'s tokenizer ({err})") from None
+    model, tokenizer = _eval.load_model(params, name, p.dtype)
+    trials = passkey_grid(model, tokenizer, lengths, p.depths, p.trials, p.seed)
+    cells = cell_accuracy(trials)
+    with out.publish() as tmp:
+        with open(tmp / "passkey.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(("model", "length", "depth", "trials", "correct", "accuracy"))
+            for (length, depth), (correct, total) in cells.items():
+                writer.writerow((name, length, depth, total, correct, round(correct / total, 4)))
+        with open(tmp / "trials.csv", "w", newline="", encoding="utf-8") as f:
+            fields = ("length", "depth", "seed", "key", "answer", "prompt_tokens", "correct")
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows({**asdict(trial), "correct": trial.correct} for trial in trials)
+        save_heatmap(cells, tmp / "heatmap.png", f"passkey retrieval: {name}")
+
+    def accuracy(keep) -> float:
+        kept = [t.correct for t in trials if keep(t)]
+        return round(sum(kept) / len(kept), 4)
+
+    metrics = {
+        "model": name,
+        "path": params.eval_models[name].path,
+        "accuracy": accuracy(lambda t: True),
+        "accuracy_by_length": {str(n): accuracy(lambda t, n=n: t.length == n) for n in lengths},
+        "accuracy_by_depth": {f"{d:g}": accuracy(lambda t, d=d: t.depth == d) for d in p.depths},
+        "prompts": len(trials),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return out.write_metrics(metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _eval.main("eval_passkey", run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
