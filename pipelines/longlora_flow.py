@@ -27,6 +27,7 @@ from stages.params import DEFAULT_PARAMS_FILE, load_params
 
 DVC_FILE = Path("dvc.yaml")
 _TEMPLATE = re.compile(r"\$\{(key|item(?:\.\w+)?)\}")
+_VARIABLE = re.compile(r"^\$\{([\w.]+)\}$")
 
 
 def _under(path: str, out: str) -> bool:
@@ -56,24 +57,43 @@ def _fill(value, key: str, item):
     return _TEMPLATE.sub(lookup, value)
 
 
-def expand_stages(spec: dict) -> dict[str, dict]:
-    """dvc.yaml's stages with every `foreach` expanded into its instances (`name@key`), in file order."""
+def _variable(reference: str, variables: dict | None, stage: str):
+    """The params.yaml value a `foreach: ${a.b}` names (DVC templates from params.yaml)."""
+    match = _VARIABLE.match(reference)
+    if match is None or variables is None:
+        raise ValueError(f"dvc.yaml: stage {stage!r}: foreach {reference!r} needs params.yaml's values")
+    value = variables
+    for part in match.group(1).split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(f"dvc.yaml: stage {stage!r}: foreach {reference!r}: params.yaml has no {match.group(1)}")
+        value = value[part]
+    return value
+
+
+def expand_stages(spec: dict, variables: dict | None = None) -> dict[str, dict]:
+    """dvc.yaml's stages with every `foreach` expanded into its instances (`name@key`), in file order; a `foreach`
+    over a params.yaml value (`${eval_models}`) takes it from `variables`, params.yaml's contents."""
     expanded: dict[str, dict] = {}
     for name, stage in (spec.get("stages") or {}).items():
         if "foreach" not in stage:
             expanded[name] = stage
             continue
         items = stage["foreach"]
+        if isinstance(items, str):
+            items = _variable(items, variables, name)
         pairs = items.items() if isinstance(items, dict) else ((str(i), i) for i in items)
         for key, item in pairs:
             expanded[f"{name}@{key}"] = _fill(stage["do"], str(key), item)
     return expanded
 
 
-def stage_order(dvc_file: Path = DVC_FILE) -> list[str]:
-    """Stage names of dvc.yaml in dependency order (file order among independent stages)."""
+def stage_order(dvc_file: Path = DVC_FILE, params_file: Path | None = None) -> list[str]:
+    """Stage names of dvc.yaml in dependency order (file order among independent stages); `foreach` over params
+    values reads `params_file` (default: the params.yaml beside dvc.yaml, as DVC does)."""
     spec = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
-    stages = expand_stages(spec)
+    params_file = params_file or dvc_file.parent / DEFAULT_PARAMS_FILE
+    variables = yaml.safe_load(params_file.read_text(encoding="utf-8")) if params_file.exists() else None
+    stages = expand_stages(spec, variables)
     for name, stage in stages.items():
         module, _, key = name.partition("@")
         expected = f"python -m stages.{module}" + (f" {key}" if key else "")
@@ -109,7 +129,7 @@ def run_stage(stage: str, params_file: str) -> dict:
 def longlora_flow(params_file: str = str(DEFAULT_PARAMS_FILE), stages: list[str] | None = None) -> dict[str, dict]:
     """Run the pipeline's stages (all, or the named ones in pipeline order); returns metrics per stage."""
     params = load_params(params_file)  # fail before any task starts if params.yaml is invalid
-    order = stage_order()
+    order = stage_order(DVC_FILE, Path(params_file))
     unknown = sorted(set(stages or ()) - set(order))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; dvc.yaml has {order}")

@@ -18,7 +18,17 @@ from typing import Annotated, Self
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from longlora.choices import BosPolicy, OnError, Remainder, Template, TokenDtype, Truncation
+from longlora.choices import (
+    LONGBENCH_DATASETS,
+    LONGBENCH_E_DATASETS,
+    BosPolicy,
+    EvalDtype,
+    OnError,
+    Remainder,
+    Template,
+    TokenDtype,
+    Truncation,
+)
 from longlora.corpus import Document, Split, stdlib_documents
 from longlora.errors import InputError
 from longlora.io import StageOutput, protected_place, resolved
@@ -46,14 +56,24 @@ one `merge.<stage>` subsection each for its out_dir and metrics_file."""
 
 STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft", "prepare_eval", "extend",
           *(f"merge@{source}" for source in MERGE_SOURCES))
-"""The stages of dvc.yaml. Each reads the params section of its own name (`merge@extend`: `merge.extend`), which
-holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are shared by several
-stages."""
+"""The stages of dvc.yaml before the evaluations. Each reads the params section of its own name (`merge@extend`:
+`merge.extend`), which holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are
+shared by several stages."""
+
+EVAL_STAGES = ("longbench",)
+"""The evaluation stages: one dvc.yaml instance per `eval_models` name (`longbench@base`), after all of STAGES
+(`Params.stages()` lists them). Each reads its own section, whose `out_dir` and `metrics_dir` hold one folder and
+one metrics file per model, and `eval_models.<name>`."""
+
+RESERVED_MODEL_NAMES = ("score",)
+"""Not a model name: `python -m stages.longbench score PRED_DIR` scores a folder of predictions."""
 
 
 def stage_key(stage: str) -> str:
-    """The params key of a stage's own section: `extend` -> `extend`, `merge@extend` -> `merge.extend`."""
-    return stage.replace("@", ".")
+    """The params key of a stage's own section: `extend` -> `extend`, `merge@extend` -> `merge.extend`,
+    `longbench@base` -> `longbench` (an evaluation's instances share their section)."""
+    name = stage.partition("@")[0]
+    return name if name in EVAL_STAGES else stage.replace("@", ".")
 
 
 class ParamsError(InputError):
@@ -291,6 +311,10 @@ class EmbeddedDataParams(Section):
     longqa_max_tokens: int | None = Field(None, gt=0)
     """Longest LongQA instruction in tokens; None: 85 % of model.target_context, which leaves room for the prompt
     template and the answer, so that prepare_sft's default `drop` policy keeps every example."""
+    longbench_examples: int = Field(16, ge=0)
+    """Examples of each LongBench-format set in longbench/ (lcc, passage_count, passage_retrieval_en from held-out
+    code, multifieldqa_en from the held-out LongQA; longlora/longbench_data.py), contexts of longqa_min_tokens to
+    longqa_max_tokens tokens; 0: none."""
 
 
 class PretrainDataParams(Section):
@@ -529,6 +553,69 @@ class EvalModel(Section):
     the base model's "interpolation without training" baseline. Merged models already carry their scaling."""
 
 
+class EvalOutput(Section):
+    """Where one instance of an evaluation stage writes."""
+
+    out_dir: Path
+    metrics_file: Path
+
+
+class LongBenchParams(Section):
+    """Stage `longbench` (one instance per eval_models name): LongBench's prompts, greedy predictions and its own
+    scoring (longlora/longbench.py)."""
+
+    input: Source = "data/corpus/longbench"
+    """A local folder of LongBench-format `<dataset>.jsonl` files (`input`, `context`, `answers`, `all_classes`,
+    `length`), e.g. the `data/` folder of LongBench's data.zip, or the hub dataset THUDM/LongBench (its data.zip;
+    needs the network once). Default: the small sets prepare_corpus makes from held-out code."""
+    datasets: tuple[str, ...] | None = None
+    """LongBench task names to run; None: every task the local folder has a file for (from the hub: all of
+    LongBench's, or of LongBench-E's)."""
+    longbench_e: bool = False
+    """LongBench-E: read `<dataset>_e.jsonl` and also score by context length (0-4k, 4-8k, 8k+ words)."""
+    max_examples: int | None = Field(None, gt=0)
+    """At most this many examples per task (each file's first); None: all."""
+    max_length: int | None = Field(None, gt=0)
+    """Prompt tokens kept; longer prompts are cut in the middle (LongBench: 31500 for 32k models). None:
+    model.target_context minus the longest generation (max_new_tokens, or LongBench's 512)."""
+    max_new_tokens: int | None = Field(None, gt=0)
+    """Cap on each task's generation length; None: LongBench's own (32 to 512 tokens per task)."""
+    chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template (chat models), except on the tasks where LongBench skips it
+    (few-shot and code completion: trec, triviaqa, samsum, lsht, lcc, repobench-p)."""
+    dtype: EvalDtype = "float32"
+    """Weights dtype the models are loaded in (bfloat16 on GPUs)."""
+    out_dir: OutPath = Path("data/longbench")
+    """One folder per model, `<out_dir>/<model>`: LongBench's prediction files `<dataset>.jsonl` ({"pred",
+    "answers", "all_classes", "length"}) and result.json (score per task, as LongBench's eval.py writes it)."""
+    metrics_dir: OutPath = Path("data/metrics/longbench")
+    """One DVC metrics file per model, `<metrics_dir>/<model>.json`: scores per task and per category (and per
+    length bucket for LongBench-E), examples, seconds."""
+
+    @field_validator("datasets")
+    @classmethod
+    def _known(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("empty: name LongBench tasks, or null for all")
+            unknown = [name for name in value if name not in LONGBENCH_DATASETS]
+            if unknown:
+                raise ValueError(f"unknown LongBench tasks {unknown}; known: {', '.join(LONGBENCH_DATASETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _in_longbench_e(self) -> Self:
+        if self.longbench_e and self.datasets is not None:
+            missing = [name for name in self.datasets if name not in LONGBENCH_E_DATASETS]
+            if missing:
+                raise ValueError(f"longbench_e: LongBench-E has no {missing}; it has {', '.join(LONGBENCH_E_DATASETS)}")
+        return self
+
+    def instance(self, model: str) -> EvalOutput:
+        """Where the instance for eval model `model` writes."""
+        return EvalOutput(out_dir=self.out_dir / model, metrics_file=self.metrics_dir / f"{model}.json")
+
+
 DEFAULT_EVAL_MODELS = {
     "base": EvalModel(path="data/base_model", interpolate=True),
     "extended": EvalModel(path="data/extended_model"),
@@ -552,6 +639,7 @@ class Params(Section):
     eval_models: dict[str, EvalModel] = DEFAULT_EVAL_MODELS
     """The models every evaluation stage compares, by name (dvc.yaml runs one instance per name); shared by the
     evaluation stages."""
+    longbench: LongBenchParams = LongBenchParams()
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Self:
@@ -565,6 +653,7 @@ class Params(Section):
             "prepare_sft": {"max_length": target},
             "prepare_eval": {"lengths": tuple(sorted({max(target // 4, 1), max(target // 2, 1), target}))},
             "extend": {"data": self.prepare_pretrain.out_dir},
+            "longbench": {"max_length": target - (self.longbench.max_new_tokens or 512)},
         }
         for name, defaults in derived.items():
             section = getattr(self, name)
@@ -581,6 +670,9 @@ class Params(Section):
             if not _NAME.match(name):
                 raise ValueError(f"model name {name!r}: use letters, digits, - and _ (it names dvc.yaml stages and "
                                  "files)")
+            if name in RESERVED_MODEL_NAMES:
+                raise ValueError(f"model name {name!r} is reserved (`python -m stages.longbench score PRED_DIR`); "
+                                 "name it otherwise")
         return value
 
     @model_validator(mode="after")
@@ -612,10 +704,28 @@ class Params(Section):
             raise ValueError(
                 f"prepare_sft.max_length {self.prepare_sft.max_length} exceeds model.target_context {target}"
             )
+        if self.longbench.max_length < 2:
+            raise KeyProblem("longbench.max_length", f"{self.longbench.max_length} tokens (model.target_context "
+                             f"{target} minus the generation length): set it, or max_new_tokens, explicitly")
         return self
 
+    def stages(self) -> tuple[str, ...]:
+        """Every stage of dvc.yaml in pipeline order: STAGES, then each evaluation once per eval_models name."""
+        return (*STAGES, *(f"{name}@{model}" for name in EVAL_STAGES for model in self.eval_models))
+
+    def eval_model(self, stage: str) -> tuple[str, EvalModel]:
+        """(name, EvalModel) an evaluation instance (`longbench@base`) evaluates."""
+        model = stage.partition("@")[2]
+        if model not in self.eval_models:
+            raise InputError(f"{stage}: eval_models has no model {model!r} (it has {', '.join(self.eval_models)})")
+        return model, self.eval_models[model]
+
     def section(self, stage: str) -> Section:
-        """The stage's own section (`merge@extend`: `merge.extend`)."""
+        """The stage's own section (`merge@extend`: `merge.extend`); an evaluation instance (`longbench@base`):
+        where it writes."""
+        name = stage.partition("@")[0]
+        if name in EVAL_STAGES:
+            return getattr(self, name).instance(self.eval_model(stage)[0])
         section = self
         for part in stage_key(stage).split("."):
             section = getattr(section, part)
@@ -623,8 +733,8 @@ class Params(Section):
 
     def _outputs(self) -> list[tuple[str, str, Path]]:
         """(stage, key, path) of every file or folder a stage writes, in pipeline order."""
-        return [(stage, f"{stage_key(stage)}.{key}", getattr(self.section(stage), key))
-                for stage in STAGES for key in ("out_dir", "metrics_file", "checkpoint_dir")
+        return [(stage, _param_key(stage, key), getattr(self.section(stage), key))
+                for stage in self.stages() for key in ("out_dir", "metrics_file", "checkpoint_dir")
                 if hasattr(self.section(stage), key)]
 
     def _local_inputs(self) -> list[tuple[set[str], str, str]]:
@@ -641,6 +751,14 @@ class Params(Section):
             inputs.append(({"extend"}, "extend.deepspeed", str(self.extend.deepspeed)))
         for source in MERGE_SOURCES:
             inputs.append(({f"merge@{source}"}, f"{source}.out_dir", str(self.section(source).out_dir)))
+        for name in EVAL_STAGES:
+            instances = {f"{name}@{model}" for model in self.eval_models}
+            source = getattr(self, name).input
+            if not is_hub_name(source):
+                inputs.append((instances, f"{name}.input", source))
+            for model, spec in self.eval_models.items():
+                if not is_hub_model_id(spec.path):
+                    inputs.append(({f"{name}@{model}"}, f"eval_models.{model}.path", spec.path))
         return inputs
 
     @model_validator(mode="after")
@@ -677,13 +795,26 @@ class Params(Section):
 
     def output(self, stage: str) -> StageOutput:
         """The stage's output folder and metrics file, to claim before any work (`with params.output(...)`)."""
-        p, key = self.section(stage), stage_key(stage)
+        p = self.section(stage)
         reported = p.model_dump(mode="json")
-        if "@" in stage:  # an instance: its own subsection and the settings its instances share
-            shared = getattr(self, stage.split("@")[0]).model_dump(mode="json", exclude=set(MERGE_SOURCES))
+        name = stage.partition("@")[0]
+        if name in EVAL_STAGES:  # an evaluation instance: its section's settings and the model it evaluates
+            model, spec = self.eval_model(stage)
+            shared = getattr(self, name).model_dump(mode="json", exclude={"out_dir", "metrics_dir"})
+            reported = {**shared, "model": model, "eval_model": spec.model_dump(mode="json"), **reported}
+        elif "@" in stage:  # an instance: its own subsection and the settings its instances share
+            shared = getattr(self, name).model_dump(mode="json", exclude=set(MERGE_SOURCES))
             reported = {**shared, **reported}
-        return StageOutput(stage, p.out_dir, f"{key}.out_dir", p.metrics_file, f"{key}.metrics_file",
-                           params=reported)
+        return StageOutput(stage, p.out_dir, _param_key(stage, "out_dir"), p.metrics_file,
+                           _param_key(stage, "metrics_file"), params=reported)
+
+
+def _param_key(stage: str, key: str) -> str:
+    """The params key naming one of a stage's output paths: `extend`'s out_dir is extend.out_dir, `longbench@base`'s
+    metrics file is under longbench.metrics_dir."""
+    if stage.partition("@")[0] in EVAL_STAGES and key == "metrics_file":
+        key = "metrics_dir"
+    return f"{stage_key(stage)}.{key}"
 
 
 def _relation(a: Path, b: Path) -> str | None:

@@ -37,8 +37,9 @@ TINY_OVERRIDES = {
     # The tiny tokenizer (vocab 400) spends ~190 tokens on the LongQA preamble and question alone: LongQA
     # instructions longer than the 128-token context, cut in the middle by prepare_sft, keep the pipeline whole.
     "prepare_corpus": {"longqa_min_tokens": 240, "longqa_max_tokens": 400, "longqa_examples": 16,
-                      "longqa_heldout_examples": 4, "eval_documents": 4},
+                      "longqa_heldout_examples": 4, "eval_documents": 4, "longbench_examples": 2},
     "prepare_sft": {"truncation": "truncate_middle"},
+    "longbench": {"max_examples": 2, "max_new_tokens": 4},
     "extend": {"max_steps": 6, "global_batch_size": 4, "per_device_batch_size": 2, "lr": 0.003, "warmup_steps": 1,
                "log_every": 1, "checkpoint_every": 2},
 }

@@ -15,15 +15,21 @@ import pytest
 import yaml
 
 from pipelines.longlora_flow import _paths, _under, expand_stages, stage_order
-from stages.params import STAGES, load_params, stage_key
+from stages.params import load_params, stage_key
 from tests.conftest import ROOT, tiny_params_dict
 
 PROJECT_FILES = ["dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
 PROJECT_DIRS = ["longlora", "stages", "pipelines"]
 
 
+def _project_stages() -> dict[str, dict]:
+    """dvc.yaml's stages, foreach instances expanded with params.yaml's values."""
+    return expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()),
+                         yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
 def _final_outputs() -> list[Path]:
-    stages = expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+    stages = _project_stages()
     return [Path(next(iter(o)) if isinstance(o, dict) else o)
             for stage in stages.values() for o in stage.get("outs", []) + stage.get("metrics", [])]
 
@@ -111,10 +117,10 @@ def _has_key(tree: dict, dotted: str) -> bool:
 
 def test_every_stage_declares_the_code_params_and_data_it_reads():
     """dvc.yaml's deps and params are what each stage really reads, so that `dvc repro` reruns exactly when needed."""
-    spec = expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+    spec = _project_stages()
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = load_params(ROOT / "params.yaml")
-    assert stage_order(ROOT / "dvc.yaml") == list(STAGES), "the Prefect flow and params.py must know the same stages"
+    assert stage_order(ROOT / "dvc.yaml") == list(params.stages()), "the flow and params.py must know the same stages"
     produced = [out for stage in spec.values() for out in _paths(stage.get("outs"))]
     for name, stage in spec.items():
         module = name.split("@")[0]  # an instance of a foreach stage runs the stage's module
