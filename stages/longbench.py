@@ -8,8 +8,10 @@ The first form predicts with LongBench's prompts and generation lengths, middle 
 makes from held-out code, see longlora/longbench_data.py), then scores. It writes `<longbench.out_dir>/<model>/`:
 the prediction files `<dataset>.jsonl`, `result.json` (score per task, 0–100, as LongBench writes it) and
 `summary.json` (category averages; for LongBench-E the length buckets), and the DVC metrics
-`<longbench.metrics_dir>/<model>.json`, so `dvc metrics show` puts the models side by side. On 2 CPU cores the
-embedded default (4 tasks × 16 examples, 32 new tokens at most) takes about a minute per model.
+`<longbench.metrics_dir>/<model>.json`, so `dvc metrics show` puts the models side by side. On the 2-core
+reference machine the embedded default (4 tasks × 16 examples, at most 16 new tokens, 1024-token model) generated
+in 42 s per model with one torch thread while the machine was loaded 3× over (about 0.25 s of prefill and 16
+decoding steps per example).
 
 The second form scores any folder of LongBench prediction files (`{"pred", "answers", "all_classes", "length"}`
 per line, files named `<dataset>.jsonl`), ours or LongBench's own pred.py's, and writes result.json and
