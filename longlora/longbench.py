@@ -486,7 +486,12 @@ def hub_examples(repo: str, dataset: str, longbench_e: bool = False, limit: int 
         if limit is not None and len(examples) >= limit:
             break
         if line.strip():
-            examples.append(check_example(json.loads(line), f"{repo}:{member}:{number}", dataset))
+            where = f"{repo}:{member}:{number}"
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise InputError(f"{where}: not valid JSON ({err})") from None
+            examples.append(check_example(record, where, dataset))
     return examples
 
 

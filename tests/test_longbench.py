@@ -231,6 +231,7 @@ def _inputs(folder: Path) -> None:
     _write(folder, "trec.jsonl", [{"input": "Question: Where is Rome?\nType:", "context": "Question: Who?\nType: "
                                    "Human being", "answers": ["Location"],
                                    "all_classes": ["Location", "Human being"], "length": 5}])
+    (folder / "lcc_e.jsonl").write_text((folder / "lcc.jsonl").read_text())  # LongBench-E's file of the task
     (folder / "notes.txt").write_text("not a task")
 
 
@@ -262,13 +263,16 @@ def test_predict_and_score_end_to_end(tmp_path, monkeypatch, model_folder, singl
     (out / "result.json").unlink()
     assert stage.main(["score", str(out)]) == 0
     assert json.loads((out / "result.json").read_text()) == result
-    # The interpolated instance writes beside it; max_examples caps each task.
+    # The interpolated instance writes beside it; LongBench-E reads lcc_e.jsonl and scores by length too.
     params = parse_params(tiny_params_dict(
         eval_models={"tiny": {"path": str(model_folder)}, "tiny_pi": {"path": str(model_folder),
                                                                        "interpolate": True}},
-        model={"target_context": 256}, longbench={"input": "lb_inputs", "max_new_tokens": 6, "max_examples": 1,
-                                                   "datasets": ["lcc"]}))
-    assert stage.run(params, "tiny_pi")["examples"] == {"lcc": 1}
+        model={"target_context": 256}, longbench={"input": "lb_inputs", "max_new_tokens": 6, "longbench_e": True}))
+    metrics = stage.run(params, "tiny_pi")
+    assert metrics["examples"] == {"lcc": 2} and set(metrics["by_length"]["lcc"]) == {"0-4k", "4-8k", "8k+"}
+    out = tmp_path / "data/longbench/tiny_pi"
+    assert json.loads((out / "result.json").read_text()) == metrics["by_length"]
+    assert (out / "lcc.jsonl").exists() and metrics["params"]["eval_model"]["interpolate"] is True
 
 
 def test_bad_inputs_stop_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):
@@ -342,3 +346,18 @@ def test_embedded_sets_are_longbench_format_with_checkable_answers(tiny_tokenize
         paragraphs = record["context"].split("\n\n" + "Paragraph ")
         assert record["input"].split("\n")[0].strip() in paragraphs[number - 1]
         assert sum(record["input"].split("\n")[0].strip() in p for p in paragraphs) == 1
+
+
+def test_an_instance_never_replaces_files_it_did_not_write(tmp_path, monkeypatch, model_folder):
+    monkeypatch.chdir(tmp_path)
+    _inputs(tmp_path / "lb_inputs")
+    mine = tmp_path / "data/longbench/tiny"
+    mine.mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    params = parse_params(tiny_params_dict(eval_models={"tiny": {"path": str(model_folder)}},
+                                           longbench={"input": "lb_inputs"}))
+    with pytest.raises(InputError, match=r"longbench\.out_dir 'data/longbench/tiny' holds files that stage "
+                                         r"longbench@tiny did not write \(thesis\.tex"):
+        stage.run(params, "tiny")
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    assert not (tmp_path / "data/metrics").exists()
