@@ -27,6 +27,8 @@ dataset2maxlen.json), used under its MIT licence:
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import logging
 import re
@@ -228,12 +230,20 @@ def retrieval_zh_score(prediction: str, reference: str, **_) -> float:
     return _share_naming(prediction, re.findall(r"段落(\d+)", reference)[0])
 
 
-def _fuzz_ratio(a: str, b: str) -> int:
+@functools.cache
+def _fuzz():
     with warnings.catch_warnings():
-        # Without python-Levenshtein fuzzywuzzy warns that it uses difflib: the backend LongBench's numbers use.
+        # Without python-Levenshtein fuzzywuzzy warns that it uses difflib: the backend of LongBench's environment.
         warnings.simplefilter("ignore", UserWarning)
         from fuzzywuzzy import fuzz
-    return fuzz.ratio(a, b)
+    if fuzz.SequenceMatcher is not difflib.SequenceMatcher:
+        log.warning("fuzzywuzzy uses python-Levenshtein here: code similarity (lcc, repobench-p) can differ from "
+                    "LongBench's numbers, which come from its difflib backend; uninstall python-Levenshtein")
+    return fuzz
+
+
+def _fuzz_ratio(a: str, b: str) -> int:
+    return _fuzz().ratio(a, b)
 
 
 def code_sim_score(prediction: str, reference: str, **_) -> float:
