@@ -9,9 +9,8 @@ makes from held-out code, see longlora/longbench_data.py), then scores. It write
 the prediction files `<dataset>.jsonl`, `result.json` (score per task, 0–100, as LongBench writes it) and
 `summary.json` (category averages; for LongBench-E the length buckets), and the DVC metrics
 `<longbench.metrics_dir>/<model>.json`, so `dvc metrics show` puts the models side by side. On the 2-core
-reference machine the embedded default (4 tasks × 16 examples, at most 16 new tokens, 1024-token model) generated
-in 42 s per model with one torch thread while the machine was loaded 3× over (about 0.25 s of prefill and 16
-decoding steps per example).
+reference machine the embedded default (4 tasks × 16 examples, at most 16 new tokens, the 1024-token model, one
+torch thread: `longbench.cpu_threads`) took 46 s per model with the machine loaded 2.5× over (0.54 s per example).
 
 The second form scores any folder of LongBench prediction files (`{"pred", "answers", "all_classes", "length"}`
 per line, files named `<dataset>.jsonl`), ours or LongBench's own pred.py's, and writes result.json and
@@ -88,12 +87,18 @@ def _run(params: Params, model_name: str, examples: dict[str, list], out: StageO
     if torch.cuda.is_available():
         model = model.to("cuda")
     loaded = time.perf_counter()
-    with out.publish() as tmp:
-        for dataset, records in examples.items():
-            predictions = predict_dataset(model, tokenizer, dataset, records, p.max_length, p.max_new_tokens,
-                                          chat=p.chat_template)
-            _write_jsonl(tmp / f"{dataset}.jsonl", predictions)
-        result = _score_and_write(tmp, p.longbench_e)
+    threads = torch.get_num_threads()
+    try:
+        if p.cpu_threads is not None:
+            torch.set_num_threads(p.cpu_threads)  # restored after: the Prefect flow runs stages in one process
+        with out.publish() as tmp:
+            for dataset, records in examples.items():
+                predictions = predict_dataset(model, tokenizer, dataset, records, p.max_length, p.max_new_tokens,
+                                              chat=p.chat_template)
+                _write_jsonl(tmp / f"{dataset}.jsonl", predictions)
+            result = _score_and_write(tmp, p.longbench_e)
+    finally:
+        torch.set_num_threads(threads)
     predicted = time.perf_counter() - loaded
     count = sum(len(records) for records in examples.values())
     metrics = {

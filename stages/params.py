@@ -585,6 +585,11 @@ class LongBenchParams(Section):
     (few-shot and code completion: trec, triviaqa, samsum, lsht, lcc, repobench-p)."""
     dtype: EvalDtype = "float32"
     """Weights dtype the models are loaded in (bfloat16 on GPUs)."""
+    cpu_threads: int | None = Field(None, gt=0)
+    """torch's CPU threads while predicting; None: torch's default (one per core). Decoding a tiny model is a
+    chain of small matrix products that more threads do not speed up, and on a busy machine two threads waiting for
+    each other made it 11× slower than one (embedded default, load 5 on 2 cores: 5.8 s against 0.54 s per example);
+    1 in params.yaml."""
     out_dir: OutPath = Path("data/longbench")
     """One folder per model, `<out_dir>/<model>`: LongBench's prediction files `<dataset>.jsonl` ({"pred",
     "answers", "all_classes", "length"}) and result.json (score per task, as LongBench's eval.py writes it)."""

@@ -242,8 +242,11 @@ def test_predict_and_score_end_to_end(tmp_path, monkeypatch, model_folder, singl
         eval_models={"tiny": {"path": str(model_folder)}, "tiny_pi": {"path": str(model_folder),
                                                                        "interpolate": True}},
         model={"target_context": 256},
-        longbench={"input": "lb_inputs", "max_new_tokens": 6}))
+        longbench={"input": "lb_inputs", "max_new_tokens": 6, "cpu_threads": 1}))
+    threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.append(n))
     metrics = stage.run(params, "tiny")
+    assert threads == [1, torch.get_num_threads()]  # one thread while predicting, then torch's count as it was
     out = tmp_path / "data/longbench/tiny"
     assert sorted(p.name for p in out.iterdir()) == [".longlora-output.json", "lcc.jsonl",
                                                      "passage_retrieval_en.jsonl", "result.json", "summary.json",
