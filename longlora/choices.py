@@ -27,3 +27,15 @@ Template = Literal["llama2", "chat_template"]
 
 Truncation = Literal["drop", "truncate_middle"]
 """An SFT example too long for max_length: dropped (answer cut at the end), or its prompt cut in the middle."""
+
+LONGBENCH_DATASETS = (
+    "narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh", "hotpotqa", "2wikimqa", "musique", "dureader",
+    "gov_report", "qmsum", "multi_news", "vcsum", "trec", "triviaqa", "samsum", "lsht", "passage_count",
+    "passage_retrieval_en", "passage_retrieval_zh", "lcc", "repobench-p",
+)
+"""The 21 LongBench tasks, in LongBench's order (longlora/longbench.py holds how each is prompted and scored)."""
+
+LONGBENCH_E_DATASETS = ("qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec",
+                        "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p")
+"""The tasks LongBench-E has (files `<dataset>_e.jsonl`), with lengths spread evenly over 0-4k, 4-8k and 8k+."""
+

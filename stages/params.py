@@ -18,7 +18,16 @@ from typing import Annotated, Literal, Self
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from longlora.choices import BosPolicy, OnError, Remainder, Template, TokenDtype, Truncation
+from longlora.choices import (
+    LONGBENCH_DATASETS,
+    LONGBENCH_E_DATASETS,
+    BosPolicy,
+    OnError,
+    Remainder,
+    Template,
+    TokenDtype,
+    Truncation,
+)
 from longlora.corpus import Document, Split, stdlib_documents
 from longlora.errors import InputError
 from longlora.io import StageOutput, protected_place, resolved
@@ -56,10 +65,13 @@ STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft
 `merge.extend`), which holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are
 shared by several stages."""
 
-EVAL_STAGES = ("eval_perplexity", "eval_passkey")
+EVAL_STAGES = ("eval_perplexity", "eval_passkey", "longbench")
 """The evaluation stages, after STAGES: one dvc.yaml instance per `eval_models` name (`eval_perplexity@base`), all
 instances reading the stage's section, each writing `<out_dir>/<name>/` and `<metrics_dir>/<name>.json` of it
 (`Params.stages` lists every instance, `Params.destination` gives its paths)."""
+
+RESERVED_MODEL_NAMES = ("score",)
+"""Not a model name: `python -m stages.longbench score PRED_DIR` scores a folder of predictions."""
 
 
 def stage_key(stage: str) -> str:
@@ -304,6 +316,10 @@ class EmbeddedDataParams(Section):
     longqa_max_tokens: int | None = Field(None, gt=0)
     """Longest LongQA instruction in tokens; None: 85 % of model.target_context, which leaves room for the prompt
     template and the answer, so that prepare_sft's default `drop` policy keeps every example."""
+    longbench_examples: int = Field(16, ge=0)
+    """Examples of each LongBench-format set in longbench/ (lcc, passage_count, passage_retrieval_en from held-out
+    code, multifieldqa_en from the held-out LongQA; longlora/longbench_data.py), contexts of longqa_min_tokens to
+    longqa_max_tokens tokens; 0: none."""
 
 
 class PretrainDataParams(Section):
@@ -693,6 +709,63 @@ class EvalPasskeyParams(Section):
             raise ValueError(f"depths must be shares of the filler in [0, 1], got {list(self.depths)}")
         return self
 
+class LongBenchParams(Section):
+    """Stage `longbench` (one instance per eval_models name): LongBench's prompts, greedy predictions and its own
+    scoring (longlora/longbench.py)."""
+
+    input: Source = "data/corpus/longbench"
+    """A local folder of LongBench-format `<dataset>.jsonl` files (`input`, `context`, `answers`, `all_classes`,
+    `length`), e.g. the `data/` folder of LongBench's data.zip, or the hub dataset THUDM/LongBench (its data.zip;
+    needs the network once). Default: the small sets prepare_corpus makes from held-out code."""
+    datasets: tuple[str, ...] | None = None
+    """LongBench task names to run; None: every task the local folder has a file for (from the hub: all of
+    LongBench's, or of LongBench-E's)."""
+    longbench_e: bool = False
+    """LongBench-E: read `<dataset>_e.jsonl` and also score by context length (0-4k, 4-8k, 8k+ words)."""
+    max_examples: int | None = Field(None, gt=0)
+    """At most this many examples per task (each file's first); None: all."""
+    max_length: int | None = Field(None, gt=0)
+    """Prompt tokens kept; longer prompts are cut in the middle (LongBench: 31500 for 32k models). None:
+    model.target_context minus the longest generation (max_new_tokens, or LongBench's 512)."""
+    max_new_tokens: int | None = Field(None, gt=0)
+    """Cap on each task's generation length; None: LongBench's own (32 to 512 tokens per task)."""
+    chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template (chat models), except on the tasks where LongBench skips it
+    (few-shot and code completion: trec, triviaqa, samsum, lsht, lcc, repobench-p)."""
+    dtype: EvalDtype = "float32"
+    """Weights dtype the models are loaded in (bfloat16 on GPUs)."""
+    cpu_threads: int | None = Field(None, gt=0)
+    """torch's CPU threads while predicting; None: torch's default (one per core). Decoding a tiny model is a
+    chain of small matrix products that more threads do not speed up, and on a busy machine two threads waiting for
+    each other made it 11× slower than one (embedded default, load 5 on 2 cores: 5.8 s against 0.54 s per example);
+    1 in params.yaml."""
+    out_dir: OutPath = Path("data/longbench")
+    """One folder per model, `<out_dir>/<model>`: LongBench's prediction files `<dataset>.jsonl` ({"pred",
+    "answers", "all_classes", "length"}) and result.json (score per task, as LongBench's eval.py writes it)."""
+    metrics_dir: OutPath = Path("data/metrics/longbench")
+    """One DVC metrics file per model, `<metrics_dir>/<model>.json`: scores per task and per category (and per
+    length bucket for LongBench-E), examples, seconds."""
+
+    @field_validator("datasets")
+    @classmethod
+    def _known(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("empty: name LongBench tasks, or null for all")
+            unknown = [name for name in value if name not in LONGBENCH_DATASETS]
+            if unknown:
+                raise ValueError(f"unknown LongBench tasks {unknown}; known: {', '.join(LONGBENCH_DATASETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _in_longbench_e(self) -> Self:
+        if self.longbench_e and self.datasets is not None:
+            missing = [name for name in self.datasets if name not in LONGBENCH_E_DATASETS]
+            if missing:
+                raise ValueError(f"longbench_e: LongBench-E has no {missing}; it has {', '.join(LONGBENCH_E_DATASETS)}")
+        return self
+
+
 
 DEFAULT_EVAL_MODELS = {
     "base": EvalModel(path="data/base_model", interpolate=True),
@@ -721,6 +794,7 @@ class Params(Section):
     evaluation stages."""
     eval_perplexity: EvalPerplexityParams = EvalPerplexityParams()
     eval_passkey: EvalPasskeyParams = EvalPasskeyParams()
+    longbench: LongBenchParams = LongBenchParams()
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Self:
@@ -738,6 +812,7 @@ class Params(Section):
             "sft": {"data": self.prepare_sft.out_dir, "base_model": str(self.merge.extend.out_dir)},
             "eval_perplexity": {"lengths": self.prepare_eval.lengths or quarter_half_whole},
             "eval_passkey": {"lengths": quarter_half_whole},
+            "longbench": {"max_length": target - (self.longbench.max_new_tokens or 512)},
         }
         for name, defaults in derived.items():
             section = getattr(self, name)
@@ -754,6 +829,9 @@ class Params(Section):
             if not _NAME.match(name):
                 raise ValueError(f"model name {name!r}: use letters, digits, - and _ (it names dvc.yaml stages and "
                                  "files)")
+            if name in RESERVED_MODEL_NAMES:
+                raise ValueError(f"model name {name!r} is reserved (`python -m stages.longbench score PRED_DIR`); "
+                                 "name it otherwise")
         return value
 
     @model_validator(mode="after")
@@ -785,6 +863,9 @@ class Params(Section):
             raise ValueError(
                 f"prepare_sft.max_length {self.prepare_sft.max_length} exceeds model.target_context {target}"
             )
+        if self.longbench.max_length < 2:
+            raise KeyProblem("longbench.max_length", f"{self.longbench.max_length} tokens (model.target_context "
+                             f"{target} minus the generation length): set it, or max_new_tokens, explicitly")
         return self
 
     @model_validator(mode="after")
@@ -870,6 +951,9 @@ class Params(Section):
                 inputs.append(({f"{stage}@{name}" for stage in EVAL_STAGES}, f"eval_models.{name}.path", model.path))
         inputs.append(({f"eval_perplexity@{name}" for name in self.eval_models}, "prepare_eval.out_dir",
                        str(self.prepare_eval.out_dir)))
+        if not is_hub_name(self.longbench.input):
+            inputs.append(({f"longbench@{name}" for name in self.eval_models}, "longbench.input",
+                           self.longbench.input))
         return inputs
 
     @model_validator(mode="after")

@@ -11,7 +11,10 @@ other data stages read, in the formats real data comes in:
 - `longqa.json` (from the extend split) and `longqa_heldout.json` (held-out split) — LongAlpaca format
   ({"instruction", "output", "file"}, plus "meta" with the question kind, name and depth): long source code with
   one mechanically verifiable question each (see longlora/longqa.py), by default 50–85 % of
-  model.target_context tokens long.
+  model.target_context tokens long;
+- `longbench/<dataset>.jsonl` — LongBench format, small sets from the held-out split scored with LongBench's
+  prompts and metrics (lcc, passage_count, passage_retrieval_en, and the held-out LongQA as multifieldqa_en; see
+  longlora/longbench_data.py), contexts in the LongQA length range.
 
 Expected: 169 pretraining documents, 62 evaluation documents (the held-out split runs out before 64), 512 + 128
 questions spread evenly over five depth bands. Deterministic for a given seed, Python version and tokenizer (the
@@ -28,6 +31,7 @@ import numpy as np
 
 from longlora.errors import InputError
 from longlora.io import StageOutput
+from longlora.longbench_data import embedded_longbench
 from longlora.longqa import generate_longqa, long_documents
 from longlora.tokenizing import BatchEncoder, load_tokenizer, rust_parallelism
 from stages import _cli
@@ -67,6 +71,7 @@ def _run(params: Params, out: StageOutput) -> dict:
         metrics.update(eval_documents=len(eval_lengths), eval_shortest_tokens=min(eval_lengths),
                        eval_median_tokens=int(np.median(eval_lengths)))
 
+        longqa_sets = {}
         for split, count, filename in (("extend", p.longqa_examples, "longqa.json"),
                                        ("heldout", p.longqa_heldout_examples, "longqa_heldout.json")):
             files = [(d.name, d.text) for d in params.embedded_corpus.documents(split)]
@@ -83,10 +88,20 @@ def _run(params: Params, out: StageOutput) -> dict:
                     "embedded_corpus.max_documents or model.target_context"
                 )
             _write_json_list(tmp / filename, examples)
+            longqa_sets[split] = examples
             key = "longqa" if split == "extend" else "longqa_heldout"
             metrics[f"{key}_examples"] = len(examples)
             metrics[f"{key}_by_kind"] = qa.kinds
             metrics[f"{key}_by_depth_band"] = qa.depth_bands
+
+        if p.longbench_examples:
+            sets = embedded_longbench([(d.name, d.text) for d in heldout], longqa_sets["heldout"], count_tokens,
+                                      p.longbench_examples, p.longqa_min_tokens, p.longqa_max_tokens, seed=p.seed)
+            (tmp / "longbench").mkdir()
+            for dataset, records in sets.items():
+                if records:
+                    _write_jsonl(tmp / "longbench" / f"{dataset}.jsonl", records)
+            metrics["longbench_examples"] = {dataset: len(records) for dataset, records in sets.items()}
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     return out.write_metrics(metrics)
 
@@ -110,6 +125,12 @@ def _write_eval(folder: Path, files, count_tokens, min_tokens: int, max_document
         (folder / f"doc_{index:05d}.txt").write_text(text, encoding="utf-8")
         lengths.append(count_tokens([text])[0])
     return lengths
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _write_json_list(path: Path, records: list[dict]) -> None:

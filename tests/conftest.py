@@ -37,11 +37,12 @@ TINY_OVERRIDES = {
     # The tiny tokenizer (vocab 400) spends ~190 tokens on the LongQA preamble and question alone: LongQA
     # instructions longer than the 128-token context, cut in the middle by prepare_sft, keep the pipeline whole.
     "prepare_corpus": {"longqa_min_tokens": 240, "longqa_max_tokens": 400, "longqa_examples": 16,
-                      "longqa_heldout_examples": 4, "eval_documents": 4},
+                      "longqa_heldout_examples": 4, "eval_documents": 4, "longbench_examples": 2},
     "prepare_sft": {"truncation": "truncate_middle"},
     # The tiny tokenizer spends ~160 tokens on the passkey prompt's fixed lines: 32-token prompts cannot hold them.
     "eval_perplexity": {"windowed_step": 32},
     "eval_passkey": {"lengths": [200, 256], "depths": [0.0, 1.0], "trials": 1},
+    "longbench": {"max_examples": 2, "max_new_tokens": 4},
     "extend": {"max_steps": 6, "global_batch_size": 4, "per_device_batch_size": 2, "lr": 0.003, "warmup_steps": 1,
                "log_every": 1, "checkpoint_every": 2},
     "sft": {"max_steps": 4, "global_batch_size": 4, "per_device_batch_size": 2, "lr": 0.003, "warmup_steps": 1,

@@ -486,6 +486,12 @@ def test_prepare_corpus_writes_the_embedded_inputs(in_tmp, tiny_tokenizer, tiny_
         assert len(examples) == count == metrics[name.removesuffix(".json") + "_examples"]
         for example in examples:
             _verify_with_ast(example)
+    # The LongBench-format sets (tests/test_longbench.py checks their answers): held-out code only.
+    assert metrics["longbench_examples"] == dict.fromkeys(
+        ("multifieldqa_en", "passage_count", "passage_retrieval_en", "lcc"), 2)
+    for dataset, count in metrics["longbench_examples"].items():
+        records = [json.loads(line) for line in (corpus / "longbench" / f"{dataset}.jsonl").read_text().splitlines()]
+        assert len(records) == count and all(r["dataset"] == dataset and r["answers"] for r in records)
     assert not list((in_tmp / "data").glob(".*"))
 
     sft = prepare_sft.run(params)  # the default chain: prepare_sft reads what prepare_corpus wrote
