@@ -11,6 +11,11 @@ file is replaced only when it is one this stage wrote (a JSON object whose `"sta
 `StageOutput` holds a lock (`.<name>.lock` beside the folder, removed at the end) from the check to the end of the
 run, so a second run of the same stage on the same output fails at once; under the lock it removes the temporary
 folders a killed run left behind (`.<name>.tmp-*`, recognised by their marker).
+
+Outputs and metrics are reproducible: the same inputs and parameters give the same bytes, so DVC sees an unchanged
+stage. What a run measures that depends on the machine and the moment (wall-clock seconds, throughput, peak memory,
+a resume point, the training curves' dvclive logs with their timestamps) goes to the stage's run log instead,
+`data/logs/<stage>/` (`StageOutput.log_dir`; `timings.json` there), which no stage reads and DVC does not track.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +36,14 @@ from longlora.errors import InputError
 log = logging.getLogger(__name__)
 
 OUTPUT_MARKER = ".longlora-output.json"
+RUN_LOGS = Path("data/logs")
+"""Each stage's run log, `<RUN_LOGS>/<stage>/` (relative to the project): not a DVC output, never read by a stage."""
+TIMINGS_FILE = "timings.json"
+
+
+def run_log(stage: str) -> Path:
+    """The run log folder of `stage` (an instance: `eval_passkey@base`)."""
+    return RUN_LOGS / stage
 _SHOWN_ENTRIES = 5
 
 
@@ -126,7 +140,9 @@ class StageOutput:
             ...                                   # the work; nothing has been written yet
             with out.publish() as tmp:            # a fresh folder; it replaces data/eval if the block succeeds
                 ...
-            metrics = out.write_metrics(metrics)  # adds "stage", the metrics file's own marker, and "params"
+            metrics = out.write_metrics(metrics, timings={"tokens_per_second": speed})
+            # metrics: deterministic, with "stage" (the metrics file's own marker) and "params" added; timings: the
+            # run log's data/logs/prepare_eval/timings.json, with "seconds" since the claim added
     """
 
     def __init__(self, owner: str, path: str | Path, param: str, metrics_file: str | Path | None = None,
@@ -139,6 +155,12 @@ class StageOutput:
         self.metrics_file = Path(metrics_file).expanduser() if metrics_file is not None else None
         self.metrics_param = metrics_param
         self._lock: int | None = None
+        self._started: float | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        """The stage's run log folder: timings and logs that differ from run to run, kept out of its outputs."""
+        return run_log(self.owner)
 
     # --- checks -------------------------------------------------------------------------------------------------
 
@@ -225,6 +247,7 @@ class StageOutput:
         except BaseException:
             self._release()
             raise
+        self._started = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -321,18 +344,25 @@ class StageOutput:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def write_metrics(self, metrics: dict) -> dict:
-        """Write the metrics file (with `"stage"`, its marker, and `"params"` when given) atomically; return what
-        was written."""
+    def write_metrics(self, metrics: dict, timings: dict | None = None) -> dict:
+        """Write the metrics file (with `"stage"`, its marker, and `"params"` when given) atomically, and the run
+        log's timings (`timings` and the seconds since the output was claimed); return what the metrics file holds.
+
+        `metrics` must be the same for the same inputs and parameters (DVC hashes the file): anything measured on
+        the clock or the machine belongs in `timings`.
+        """
         if self.metrics_file is None:
             raise ValueError(f"stage {self.owner}: no metrics file was named")
-        if self._lock is None:
+        if self._lock is None or self._started is None:
             raise RuntimeError("use StageOutput as a context manager: the output is claimed in __enter__")
         self._check_metrics_file()
         written = {"stage": self.owner, **metrics}
         if self.params is not None:
             written["params"] = self.params
         write_json(self.metrics_file, written)
+        seconds = round(time.perf_counter() - self._started, 2)
+        write_json(self.log_dir / TIMINGS_FILE, {"stage": self.owner, **(timings or {}), "seconds": seconds})
+        log.info("stage %s took %.1f s (timings: %s)", self.owner, seconds, self.log_dir / TIMINGS_FILE)
         return written
 
 

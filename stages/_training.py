@@ -7,7 +7,8 @@ to write into extension.json. `train` does the rest the same way for both:
   checkpoint folder, the `resume` checkpoint) before the model is loaded, and nothing is written until then;
 - builds the model with the given config (RoPE scaling already in it), S²-Attn or dense attention, LoRA(+) or full;
 - trains with the Trainer (mixed precision, gradient accumulation, distributed sampling, DeepSpeed, checkpoints),
-  dvclive logging loss, learning rate and tokens/s without touching dvc.yaml;
+  dvclive logging loss, learning rate and tokens/s without touching dvc.yaml, into the stage's run log
+  (`data/logs/<stage>/dvclive/`, not the cached output: its timestamps and speeds differ from run to run);
 - checkpoints into `<checkpoint_dir>/<configuration hash>/`: a rerun after a kill continues from the latest one
   with the same data order and ends with the weights an uninterrupted run gets; removed when the run completes;
 - writes the PEFT adapter folder (or a full model folder) with the config, the tokenizer and extension.json.
@@ -23,7 +24,6 @@ import math
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +98,6 @@ def train(job: Job, out: StageOutput | None) -> dict:
     from longlora.training import peak_memory_mib, resolve_precision
 
     p = job.section
-    started = time.perf_counter()
     if rank() != 0:
         logging.getLogger().setLevel(logging.WARNING)
     # Every check that can fail on the input runs before the model is loaded, and nothing is written until then.
@@ -134,8 +133,8 @@ def train(job: Job, out: StageOutput | None) -> dict:
         return {}
     with out.publish() as tmp:
         _save(job, trainer, model, tokenizer, tmp)
-        if live is not None and live.dir and Path(live.dir).is_dir():
-            shutil.copytree(live.dir, tmp / "dvclive")
+    if live is not None and live.dir and Path(live.dir).is_dir():
+        _keep_logs(Path(live.dir), out.log_dir / "dvclive")
     shutil.rmtree(run_dir, ignore_errors=True)  # this configuration is done: its checkpoints are no longer needed
     if losses and not all(math.isfinite(loss) for loss in losses):
         log.warning("non-finite losses: %s", losses)
@@ -146,20 +145,19 @@ def train(job: Job, out: StageOutput | None) -> dict:
         "world_size": processes,
         "gradient_accumulation_steps": accumulation,
         "steps": trainer.state.global_step,
-        "resumed_from_step": _step_of(resume_from) if resume_from is not None else None,
         "first_loss": round(losses[0], 4) if losses else None,
         "final_loss": round(losses[-1], 4) if losses else None,
         "losses": [round(loss, 4) for loss in losses],
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_second": speed,
-        "peak_memory_mib": round(peak_memory_mib(), 1),
         "trainable_parameters": counts,
         "rope_parameters": rope_parameters(job.config),
         "s2attn_group_size": job.description.get("s2attn_group_size"),
         **(job.extra_metrics() if job.extra_metrics is not None else {}),
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    return out.write_metrics(metrics)
+    # Where a run resumed says how it ran, not what it made (the weights of an uninterrupted run): the run log's.
+    timings = {"tokens_per_second": speed, "peak_memory_mib": round(peak_memory_mib(), 1),
+               "resumed_from_step": _step_of(resume_from) if resume_from is not None else None}
+    return out.write_metrics(metrics, timings=timings)
 
 
 def rope_parameters(config) -> dict:
@@ -397,6 +395,16 @@ def _dvclive_callbacks(live) -> list:
 
     # On other ranks the callback holds no Live and logs nothing (it logs on the world's main process only).
     return [DVCLiveCallback(live=live, log_model=False)]
+
+
+def _keep_logs(source: Path, kept: Path) -> None:
+    """Replace the run log's dvclive folder with this run's (copied whole first, so a failed copy keeps the old)."""
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    staging = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    shutil.rmtree(kept, ignore_errors=True)
+    staging.rename(kept)
 
 
 def _save(job: Job, trainer, model, tokenizer, folder: Path) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,6 @@ def run(params: Params) -> dict:
 
 def _build(params: Params, out: StageOutput) -> dict:
     p = params.build_base_model
-    started = time.perf_counter()
     torch.manual_seed(p.seed)
     base_texts = [d.text for d in params.embedded_corpus.documents("base")]
     tokenizer = train_bpe_tokenizer(base_texts, p.vocab_size)
@@ -92,7 +90,6 @@ def _build(params: Params, out: StageOutput) -> dict:
         "initial_heldout_loss": round(initial_loss, 4),
         "final_train_loss": round(final_train_loss, 4),
         **context,
-        "seconds": round(time.perf_counter() - started, 1),
     }
     return out.write_metrics(metrics)
 

@@ -16,7 +16,6 @@ depth).
 from __future__ import annotations
 
 import csv
-import time
 from dataclasses import asdict
 
 from longlora.errors import InputError
@@ -34,7 +33,6 @@ def run(params: Params, model: str) -> dict:
 def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
     from longlora.passkey import cell_accuracy, passkey_grid, save_heatmap, trial_prompt
 
-    started = time.perf_counter()
     p = params.eval_passkey
     lengths = tuple(sorted(p.lengths))
     tokenizer = _eval.load_tokenizer(params, name)
@@ -71,7 +69,6 @@ def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
         "accuracy_by_length": {str(n): accuracy(lambda t, n=n: t.length == n) for n in lengths},
         "accuracy_by_depth": {f"{d:g}": accuracy(lambda t, d=d: t.depth == d) for d in p.depths},
         "prompts": len(trials),
-        "seconds": round(time.perf_counter() - started, 1),
     }
     return out.write_metrics(metrics)
 

@@ -14,7 +14,6 @@ one line per model) and `<metrics_dir>/<model>.json` (`dvc metrics show` puts th
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
 from longlora.errors import InputError
@@ -54,7 +53,6 @@ def _read_stream(params: Params, lengths: tuple[int, ...]):
 def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
     from longlora.perplexity import strided_perplexity, windowed_perplexity
 
-    started = time.perf_counter()
     p = params.eval_perplexity
     lengths = tuple(sorted(p.lengths))
     stream, tokens = _read_stream(params, lengths)  # before loading anything
@@ -86,8 +84,7 @@ def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
         writer.writerows(rows)
     by_length = {field: {str(row["length"]): row[field] for row in rows}
                  for field in ("perplexity", "windowed_perplexity", "tokens_scored", "windows")}
-    metrics = {"model": name, "path": path, "stream_tokens": len(tokens), **by_length,
-               "seconds": round(time.perf_counter() - started, 1)}
+    metrics = {"model": name, "path": path, "stream_tokens": len(tokens), **by_length}
     return out.write_metrics(metrics)
 
 

@@ -16,9 +16,10 @@ The training itself (Trainer, checkpoints and resume after a kill, dvclive, the 
 stages/_training.py.
 
 Output (`extend.out_dir`): the standard PEFT adapter folder (LoRA + embeddings + norms), with the extended
-config.json, the tokenizer, extension.json (base model, RoPE scaling, S² group size, the resolved params) and the
-dvclive logs; `longlora.extension.load_extended(out_dir)` rebuilds the extended model from it. `method: full` writes
-a full model folder instead. Metrics: first and final loss, tokens/s, peak memory, trainable parameters per group.
+config.json, the tokenizer and extension.json (base model, RoPE scaling, S² group size, the resolved params);
+`longlora.extension.load_extended(out_dir)` rebuilds the extended model from it. `method: full` writes a full model
+folder instead. Metrics: first and final loss, trainable parameters per group; tokens/s, peak memory, seconds and the
+dvclive logs go to the run log, data/logs/extend/.
 """
 
 from __future__ import annotations

@@ -75,7 +75,6 @@ def _run(params: Params, model_name: str, examples: dict[str, list], out: StageO
     from stages._eval import load_model
 
     p = params.longbench
-    started = time.perf_counter()
     model, tokenizer = load_model(params, model_name, p.dtype)  # on the GPU when there is one
     loaded = time.perf_counter()
     threads = torch.get_num_threads()
@@ -96,10 +95,8 @@ def _run(params: Params, model_name: str, examples: dict[str, list], out: StageO
         "model": model_name,
         **result,
         "examples": {dataset: len(records) for dataset, records in examples.items()},
-        "seconds": round(time.perf_counter() - started, 1),
-        "seconds_per_example": round(predicted / count, 3),
     }
-    return out.write_metrics(metrics)
+    return out.write_metrics(metrics, timings={"seconds_per_example": round(predicted / count, 3)})
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from longlora.errors import InputError
@@ -46,7 +45,6 @@ def _merge(params: Params, source: str, out: StageOutput) -> dict:
 
     from longlora.tokenizing import load_tokenizer
 
-    started = time.perf_counter()
     folder = Path(params.section(source).out_dir)
     param = f"{source}.out_dir"
     description = read_description(folder, param)  # before loading anything: is it a folder the stage wrote?
@@ -77,7 +75,6 @@ def _merge(params: Params, source: str, out: StageOutput) -> dict:
         "rope_parameters": dict(getattr(config, "rope_parameters", None) or {}),
         "tied_embeddings": model.get_output_embeddings() is not None
         and model.get_output_embeddings().weight is model.get_input_embeddings().weight,
-        "seconds": round(time.perf_counter() - started, 1),
     }
     return out.write_metrics(metrics)
 

@@ -528,10 +528,11 @@ class ExtendParams(TrainingParams):
     completes."""
     out_dir: OutPath = Path("data/extend")
     """PEFT adapter folder (adapter_config.json, adapter_model.safetensors) with the extended config.json, the
-    tokenizer, extension.json (base model, RoPE scaling, S² group size, these params) and the dvclive logs; a full
-    model folder for method full."""
+    tokenizer and extension.json (base model, RoPE scaling, S² group size, these params); a full model folder for
+    method full. The dvclive logs go to the run log, data/logs/extend/dvclive/."""
     metrics_file: OutPath = Path("data/metrics/extend.json")
-    """DVC metrics: first and final loss, tokens/s, peak memory, trainable parameters per group, seconds."""
+    """DVC metrics: first and final loss, trainable parameters per group (tokens/s, peak memory and seconds: the run
+    log's data/logs/extend/timings.json)."""
 
 
 class SftParams(TrainingParams):
@@ -554,9 +555,10 @@ class SftParams(TrainingParams):
     """Checkpoints, as extend.checkpoint_dir (persist: true, one subfolder per configuration)."""
     out_dir: OutPath = Path("data/sft_adapter")
     """PEFT adapter folder with config.json, the tokenizer, extension.json (base model, its RoPE scaling, the S²
-    group size, these params) and the dvclive logs; a full model folder for method full."""
+    group size, these params); a full model folder for method full. The dvclive logs go to data/logs/sft/dvclive/."""
     metrics_file: OutPath = Path("data/metrics/sft.json")
-    """DVC metrics: first and final loss, tokens/s, peak memory, padding share, trainable parameters per group."""
+    """DVC metrics: first and final loss, padding share, trainable parameters per group (tokens/s, peak memory and
+    seconds: data/logs/sft/timings.json)."""
 
 
 Launcher = Literal["none", "torchrun", "accelerate"]
@@ -613,7 +615,7 @@ class MergeOutput(Section):
     """Hugging Face model folder (safetensors, config with the composed RoPE scaling, tokenizer, generation config)
     that plain `AutoModelForCausalLM.from_pretrained` loads."""
     metrics_file: OutPath
-    """DVC metrics: parameters, context length, RoPE scaling, tied embeddings, seconds."""
+    """DVC metrics: parameters, context length, RoPE scaling, tied embeddings."""
 
 
 class MergeParams(Section):
@@ -665,7 +667,7 @@ class EvalPerplexityParams(Section):
     """One folder per model, `<out_dir>/<name>/perplexity.csv` (model, length, perplexity, windowed_perplexity,
     tokens_scored, windows): `dvc plots show` draws perplexity against context length, one line per model."""
     metrics_dir: OutPath = Path("data/metrics/eval_perplexity")
-    """DVC metrics, `<metrics_dir>/<name>.json`: both perplexities per length, tokens scored, windows, seconds."""
+    """DVC metrics, `<metrics_dir>/<name>.json`: both perplexities per length, tokens scored, windows."""
 
     def check_windows(self) -> None:
         """Raise ValueError unless the (resolved) lengths, stride and max_tokens leave windows to score."""
@@ -699,7 +701,7 @@ class EvalPasskeyParams(Section):
     """One folder per model, `<out_dir>/<name>/`: passkey.csv (accuracy per length and depth), trials.csv (every
     prompt: key, answer, prompt tokens, correct) and heatmap.png (length × depth), a DVC plot."""
     metrics_dir: OutPath = Path("data/metrics/eval_passkey")
-    """DVC metrics, `<metrics_dir>/<name>.json`: accuracy overall, per length and per depth, seconds."""
+    """DVC metrics, `<metrics_dir>/<name>.json`: accuracy overall, per length and per depth."""
 
     @model_validator(mode="after")
     def _grid(self) -> Self:
@@ -744,7 +746,7 @@ class LongBenchParams(Section):
     "answers", "all_classes", "length"}) and result.json (score per task, as LongBench's eval.py writes it)."""
     metrics_dir: OutPath = Path("data/metrics/longbench")
     """One DVC metrics file per model, `<metrics_dir>/<model>.json`: scores per task and per category (and per
-    length bucket for LongBench-E), examples, seconds."""
+    length bucket for LongBench-E), examples (seconds per example: data/logs/longbench@<model>/timings.json)."""
 
     @field_validator("datasets")
     @classmethod

@@ -24,7 +24,6 @@ tokenizer only measures lengths).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,6 @@ def run(params: Params) -> dict:
 
 def _run(params: Params, out: StageOutput) -> dict:
     p = params.prepare_corpus
-    started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
     encode = BatchEncoder(tokenizer)
 
@@ -102,7 +100,6 @@ def _run(params: Params, out: StageOutput) -> dict:
                 if records:
                     _write_jsonl(tmp / "longbench" / f"{dataset}.jsonl", records)
             metrics["longbench_examples"] = {dataset: len(records) for dataset, records in sets.items()}
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
     return out.write_metrics(metrics)
 
 

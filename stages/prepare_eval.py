@@ -15,7 +15,6 @@ model.target_context / 4, / 2, × 1). Expected on the default data: every docume
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 
@@ -36,7 +35,6 @@ def run(params: Params) -> dict:
 
 def _run(params: Params, out: StageOutput) -> dict:
     p = params.prepare_eval
-    started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
     eos_id, bos_id, _ = special_ids(tokenizer, p.bos, "prepare_eval.bos")
     dtype = token_dtype(len(tokenizer), p.dtype, "prepare_eval.dtype")
@@ -75,7 +73,6 @@ def _run(params: Params, out: StageOutput) -> dict:
         "longest": int(lengths.max()),
         "documents_reaching": reaching,
         **read.as_dict(),
-        "seconds": round(time.perf_counter() - started, 2),
     }
     return out.write_metrics(metrics)
 

@@ -41,7 +41,6 @@ def run(params: Params) -> dict:
 
 def _run(params: Params, out: StageOutput) -> dict:
     p = params.prepare_pretrain
-    started = time.perf_counter()
     tokenizer = load_tokenizer(params.model.name_or_path, params.model.trust_remote_code)
     eos_id, bos_id, pad_id = special_ids(tokenizer, p.bos, "prepare_pretrain.bos")
     dtype = token_dtype(len(tokenizer), p.dtype, "prepare_pretrain.dtype")
@@ -88,12 +87,11 @@ def _run(params: Params, out: StageOutput) -> dict:
         "dropped_tokens": packer.dropped_tokens,
         "padded_tokens": packer.padded_tokens,
         **read.as_dict(),
-        "tokens_per_second": round(packer.tokens / max(seconds, 1e-9)),
-        "seconds": round(time.perf_counter() - started, 2),
     }
+    speed = round(packer.tokens / max(seconds, 1e-9))
     log.info("%d documents → %d blocks of %d tokens (%s tokens/s)", packer.documents, packer.blocks, p.block_length,
-             f"{metrics['tokens_per_second']:,}")
-    return out.write_metrics(metrics)
+             f"{speed:,}")
+    return out.write_metrics(metrics, timings={"tokens_per_second": speed})
 
 
 if __name__ == "__main__":

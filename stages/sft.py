@@ -14,8 +14,8 @@ shuffled. Training, checkpoints and resume after a kill, dvclive and the saved f
 (stages/_training.py).
 
 Output (`sft.out_dir`): a PEFT adapter folder over the base model with its config, the tokenizer and extension.json;
-`merge@sft` folds it into the final model. Metrics: losses, tokens/s (real tokens), padding share, peak memory,
-trainable parameters per group.
+`merge@sft` folds it into the final model. Metrics: losses, padding share, trainable parameters per group; tokens/s
+(real tokens), peak memory, seconds and the dvclive logs go to the run log, data/logs/sft/.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from longlora.errors import InputError
 from longlora.extension import EXTENSION_FILE, load_extended
+from longlora.io import TIMINGS_FILE, run_log
 from longlora.packing import Packed, PackedBlocksWriter
 from longlora.rope import rotary_inv_freq
 from longlora.tokenizing import bos_opens_chat_turns
@@ -90,8 +91,9 @@ def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_int
     losses = metrics["losses"]
     assert len(losses) == 12 and metrics["steps"] == 12
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
-    assert metrics["tokens_seen"] == 12 * 4 * TARGET and metrics["tokens_per_second"] > 0
-    assert metrics["peak_memory_mib"] > 0 and metrics["gradient_accumulation_steps"] == 2
+    assert metrics["tokens_seen"] == 12 * 4 * TARGET and metrics["gradient_accumulation_steps"] == 2
+    timings = json.loads((run_log("extend") / TIMINGS_FILE).read_text())
+    assert timings["tokens_per_second"] > 0 and timings["peak_memory_mib"] > 0 and timings["seconds"] > 0
     counts = metrics["trainable_parameters"]
     assert counts["lora"] > 0 and counts["embeddings"] == 400 * 32 and counts["norms"] == 5 * 32
     assert metrics["rope_parameters"]["factor"] == TARGET / ORIGINAL and metrics["s2attn_group_size"] == TARGET // 4
@@ -100,7 +102,7 @@ def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_int
     out = project / "data/extend"
     names = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "config.json", EXTENSION_FILE,
-            "tokenizer.json", "dvclive"} <= names
+            "tokenizer.json"} <= names
     config_text = (out / "config.json").read_text()
     config = json.loads(config_text)
     assert config["max_position_embeddings"] == TARGET and config["rope_parameters"]["factor"] == 4
@@ -110,9 +112,12 @@ def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_int
     assert described["rope_parameters"]["rope_type"] == "linear" and described["s2attn_group_size"] == 32
     assert described["params"]["extend"]["max_steps"] == 12 and described["params"]["lora"]["r"] == 8
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "data/base_model"
-    logged = (out / "dvclive/plots/metrics/loss.tsv").read_text().splitlines()
+    # dvclive's logs (tokens/s: not the same twice) went to the run log, out of the cached output.
+    logs = run_log("extend") / "dvclive"
+    assert "dvclive" not in names
+    logged = (logs / "plots/metrics/loss.tsv").read_text().splitlines()
     assert logged[0] == "step\tloss" and len(logged) == 13
-    assert len((out / "dvclive/plots/metrics/train/tokens_per_second.tsv").read_text().splitlines()) == 13
+    assert len((logs / "plots/metrics/train/tokens_per_second.tsv").read_text().splitlines()) == 13
     # The run's checkpoints went when it completed; the folder (persist in dvc.yaml) and its marker stay.
     assert [p.name for p in (project / "data/checkpoints/extend").iterdir()] == [_training.CHECKPOINTS_MARKER]
 
@@ -318,7 +323,8 @@ def test_a_rerun_after_a_kill_resumes_and_ends_with_the_uninterrupted_weights(pr
     assert killed_at < 12
 
     resumed = extend.run(params)
-    assert resumed["resumed_from_step"] == killed_at and resumed["steps"] == 12
+    assert json.loads((run_log("extend") / TIMINGS_FILE).read_text())["resumed_from_step"] == killed_at
+    assert resumed["steps"] == 12 and "resumed_from_step" not in resumed
     _assert_same_weights(_adapter_weights(project / "data/extend"), expected, atol=1e-6)
     tail = 12 - killed_at
     assert resumed["losses"][-tail:] == pytest.approx(uninterrupted["losses"][-tail:], abs=1e-5)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from longlora.extension import EXTENSION_FILE, load_extended
+from longlora.io import run_log
 from longlora.s2attn import configure_s2attn
 from longlora.sft_data import IGNORE_INDEX, PaddedBatches, fit_example
 from stages import _cli, build_base_model, extend, merge, prepare_pretrain, prepare_sft, sft
@@ -92,8 +93,9 @@ def test_sft_fine_tunes_the_extended_model_and_merge_folds_it_into_the_final_mod
     assert [p.name for p in Path("data/checkpoints/sft").iterdir()] == [".longlora-checkpoints.json"]
 
     out = project / "data/sft_adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", EXTENSION_FILE, "tokenizer.json",
-            "dvclive"} <= {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", EXTENSION_FILE,
+            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert (run_log("sft") / "dvclive/plots/metrics/loss.tsv").is_file()  # the run log, not the cached output
     described = json.loads((out / EXTENSION_FILE).read_text())
     assert described["base_model"] == "data/extended_model" and described["original_context"] == ORIGINAL
     assert described["target_context"] == TARGET and described["s2attn_group_size"] == GROUP
