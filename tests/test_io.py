@@ -16,12 +16,14 @@ import pytest
 from longlora.errors import InputError
 from longlora.io import (
     OUTPUT_MARKER,
+    TIMINGS_FILE,
     OutputBusyError,
     OutputError,
     StageOutput,
     atomic_dir,
     atomic_file,
     protected_place,
+    run_log,
     same_path,
     write_json,
 )
@@ -188,7 +190,8 @@ def test_the_home_folder_is_never_an_output(tmp_path, monkeypatch):
         _publish("~", {"a": "1"})
 
 
-def test_metrics_file_is_replaced_only_when_this_stage_wrote_it(tmp_path):
+def test_metrics_file_is_replaced_only_when_this_stage_wrote_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run log, data/logs/, goes under the working directory
     mine, theirs = tmp_path / "m.json", tmp_path / "package.json"
     theirs.write_text('{"name": "not metrics"}')
     with StageOutput("stage_a", tmp_path / "out", "a.out_dir", mine, "a.metrics_file") as out:
@@ -278,3 +281,19 @@ def test_a_folder_that_cannot_be_listed_is_not_taken_for_an_empty_one(tmp_path, 
     monkeypatch.setattr("longlora.io.os.walk", unreadable)
     with pytest.raises(OutputError, match=r"cannot be read to check what it holds \(Permission denied\)"):
         _publish(tmp_path / "out", {"a": "1"})
+
+
+def test_timings_go_to_the_run_log_and_the_metrics_stay_the_same_from_run_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    written = []
+    for speed in (100.0, 120.0):
+        with StageOutput("stage_a@x", "out", "a.out_dir", "m.json", "a.metrics_file", params={"n": 1}) as out:
+            with out.publish() as tmp:
+                (tmp / "data.txt").write_text("same")
+            assert out.write_metrics({"loss": 1.5}, timings={"tokens_per_second": speed}) == {
+                "stage": "stage_a@x", "loss": 1.5, "params": {"n": 1}}
+        written.append((Path("m.json").read_bytes(), (tmp_path / "out/data.txt").read_bytes()))
+        timings = json.loads((tmp_path / "data/logs/stage_a@x" / TIMINGS_FILE).read_text())
+        assert timings["stage"] == "stage_a@x" and timings["tokens_per_second"] == speed and timings["seconds"] >= 0
+        assert out.log_dir == run_log("stage_a@x") == Path("data/logs/stage_a@x")
+    assert written[0] == written[1]

@@ -178,6 +178,6 @@ def test_a_killed_runs_temporary_folders_are_removed_by_the_next_run(project, ti
     (other / "mine.txt").write_text("mine")
     prepare_eval.run(parse_params(tiny_params_dict(model={"name_or_path": str(tiny_tokenizer_dir)},
                                                    prepare_eval={"input": _docs(project / "docs")})))
-    assert sorted(p.name for p in (project / "data").iterdir()) == [".eval.tmp-notes", ".gitignore", "eval",
+    assert sorted(p.name for p in (project / "data").iterdir()) == [".eval.tmp-notes", ".gitignore", "eval", "logs",
                                                                      "metrics"]
     assert (other / "mine.txt").read_text() == "mine"
