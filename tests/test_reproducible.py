@@ -44,7 +44,6 @@ RUNS = {
     "eval_passkey@extended": lambda params: eval_passkey.run(params, "extended"),
     "longbench@extended": lambda params: longbench.run(params, "extended"),
 }
-CHECKED = [stage for stage in RUNS if stage != "merge@extend"]
 
 
 def _params():
@@ -70,7 +69,7 @@ def first_run(tmp_path_factory, single_torch_thread):
     return root
 
 
-@pytest.mark.parametrize("stage", CHECKED)
+@pytest.mark.parametrize("stage", RUNS)
 def test_a_rerun_into_fresh_folders_writes_the_same_bytes(first_run, stage, tmp_path, monkeypatch):
     params = _params()
     out_dir, _, metrics_file, _ = params.destination(stage)
