@@ -14,7 +14,7 @@ folders a killed run left behind (`.<name>.tmp-*`, recognised by their marker).
 
 Outputs and metrics are reproducible: the same inputs and parameters give the same bytes, so DVC sees an unchanged
 stage. What a run measures that depends on the machine and the moment (wall-clock seconds, throughput, peak memory,
-a resume point, the training curves' dvclive logs with their timestamps) goes to the stage's run log instead,
+a resume point, the training curves' dvclive logs with their speeds and run times) goes to the stage's run log instead,
 `data/logs/<stage>/` (`StageOutput.log_dir`; `timings.json` there), which no stage reads and DVC does not track.
 """
 
@@ -36,6 +36,7 @@ from longlora.errors import InputError
 log = logging.getLogger(__name__)
 
 OUTPUT_MARKER = ".longlora-output.json"
+_SHOWN_ENTRIES = 5
 RUN_LOGS = Path("data/logs")
 """Each stage's run log, `<RUN_LOGS>/<stage>/` (relative to the project): not a DVC output, never read by a stage."""
 TIMINGS_FILE = "timings.json"
@@ -44,7 +45,6 @@ TIMINGS_FILE = "timings.json"
 def run_log(stage: str) -> Path:
     """The run log folder of `stage` (an instance: `eval_passkey@base`)."""
     return RUN_LOGS / stage
-_SHOWN_ENTRIES = 5
 
 
 class OutputError(InputError):

@@ -8,7 +8,7 @@ to write into extension.json. `train` does the rest the same way for both:
 - builds the model with the given config (RoPE scaling already in it), S²-Attn or dense attention, LoRA(+) or full;
 - trains with the Trainer (mixed precision, gradient accumulation, distributed sampling, DeepSpeed, checkpoints),
   dvclive logging loss, learning rate and tokens/s without touching dvc.yaml, into the stage's run log
-  (`data/logs/<stage>/dvclive/`, not the cached output: its timestamps and speeds differ from run to run);
+  (`data/logs/<stage>/dvclive/`, not the cached output: its speeds and run times differ from run to run);
 - checkpoints into `<checkpoint_dir>/<configuration hash>/`: a rerun after a kill continues from the latest one
   with the same data order and ends with the weights an uninterrupted run gets; removed when the run completes;
 - writes the PEFT adapter folder (or a full model folder) with the config, the tokenizer and extension.json.
