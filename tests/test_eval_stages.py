@@ -206,27 +206,34 @@ def test_params_refuse_windows_that_cannot_fit():
 @pytest.mark.slow
 def test_dvc_plots_show_reads_the_perplexity_lines_and_the_heatmaps(project):
     """The real `dvc plots show` on the project's dvc.yaml: one line per model in each perplexity plot, the PNGs."""
-    params = _params(eval_perplexity={**EVALS["eval_perplexity"], "lengths": [32, 64, 128]})
-    for name in MODELS:
+    # Every model the project's dvc.yaml plots (params.yaml's eval_models), the later ones on the extended test model.
+    names = yaml.safe_load((ROOT / "params.yaml").read_text())["eval_models"]
+    models = {name: MODELS.get(name, MODELS["extended"]) for name in names}
+    evals = {**EVALS, "eval_models": models}
+    params = parse_params(tiny_params_dict(**{**evals, "eval_perplexity": {**EVALS["eval_perplexity"],
+                                                                            "lengths": [32, 64, 128]}}))
+    passkey = parse_params(tiny_params_dict(**{**evals, "eval_passkey": {"lengths": [200], "depths": [0.5],
+                                                                         "trials": 1}}))
+    for name in models:
         eval_perplexity.run(params, name)
-        eval_passkey.run(_params(eval_passkey={"lengths": [200], "depths": [0.5], "trials": 1}), name)
+        eval_passkey.run(passkey, name)
     shutil.copy(ROOT / "dvc.yaml", "dvc.yaml")
-    Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(**EVALS)), encoding="utf-8")
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(**evals)), encoding="utf-8")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(project / "dvc-site-cache")}
     dvc = str(Path(sys.executable).parent / "dvc")
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
         subprocess.run(cmd, check=True, env=env)
     shown = subprocess.run([dvc, "plots", "show", "--json"], capture_output=True, text=True, env=env, check=True)
     plots = json.loads(shown.stdout)
-    errors = [e for e in plots.get("errors", []) if "dvclive" not in e["name"]]  # no extend run here
+    errors = [e for e in plots.get("errors", []) if "dvclive" not in e["name"]]  # no training run here
     assert not errors, errors
     for title, field in (("perplexity (strided) vs context length", "perplexity"),
                          ("perplexity (LongLoRA eval.py) vs context length", "windowed_perplexity")):
         points = plots["data"][title][0]["content"]["data"]["values"]
         lines = {(p["model"], p["filename"]) for p in points}
-        assert {model for model, _ in lines} == set(MODELS) and len(lines) == 2
+        assert {model for model, _ in lines} == set(models) and len(lines) == len(models)
         assert sorted(int(p["length"]) for p in points if p["model"] == "base") == [32, 64, 128]
         assert all(float(p[field]) > 1 for p in points)
-    for name in MODELS:
+    for name in models:
         image = plots["data"][f"data/eval_results/passkey/{name}/heatmap.png"][0]
         assert image["type"] == "image" and Path(image["url"]).exists()
