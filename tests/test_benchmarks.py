@@ -59,7 +59,7 @@ def test_quick_run_prints_the_table(train_step, monkeypatch, capsys, tmp_path):
     out = tmp_path / "rows.json"
     threads = torch.get_num_threads()
     monkeypatch.setattr(sys, "argv", ["train_step.py", "--quick", "--seqs", "256", "--threads", str(threads),
-                                      "--json", str(out)])
+                                      "--clock", "cpu", "--json", str(out)])
     try:
         train_step.main()
     finally:
