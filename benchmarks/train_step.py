@@ -65,6 +65,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 from longlora.lora import apply_lora_plus  # noqa: E402
+from longlora.recipe import DEFAULT_GROUP_SIZE_RATIO  # noqa: E402
 from longlora.rope import interpolated_config  # noqa: E402
 from longlora.s2attn import configure_s2attn, s2attn_mask, shifted_sparse_attention  # noqa: E402
 from stages.params import Params, load_params  # noqa: E402
@@ -107,11 +108,13 @@ def model_config(params: Params, seq: int) -> LlamaConfig:
 class Trained:
     """One model copy with its attention implementation and optimizer, stepped the way extend's Trainer steps."""
 
-    def __init__(self, params: Params, base: LlamaForCausalLM, variant: str, method: str, checkpointing: bool):
+    def __init__(self, params: Params, base: LlamaForCausalLM, variant: str, method: str, checkpointing: bool,
+                 device: torch.device):
         model = copy.deepcopy(base)
         if variant == "s2attn":
             s2 = params.s2attn
-            configure_s2attn(model, group_size_ratio=s2.group_size_ratio or 0.25, group_size=s2.group_size)
+            configure_s2attn(model, group_size_ratio=s2.group_size_ratio or DEFAULT_GROUP_SIZE_RATIO,
+                             group_size=s2.group_size)
         else:
             model.set_attn_implementation(variant if variant == "sdpa" else NO_ATTENTION)
         if checkpointing:
@@ -122,7 +125,7 @@ class Trained:
             model = apply_lora_plus(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                                     target_modules=lora.target_modules, train_embeddings=lora.train_embeddings,
                                     train_norms=lora.train_norms)
-        model.train()
+        model.to(device).train()
         p = params.extend
         self.model, self.max_grad_norm = model, p.max_grad_norm
         self.trainable = [w for w in model.parameters() if w.requires_grad]
@@ -138,13 +141,17 @@ class Trained:
         return loss.item()
 
 
-def build(params: Params, seq: int, method: str, checkpointing: bool, variants=VARIANTS) -> dict[str, Trained]:
+CPU = torch.device("cpu")
+
+
+def build(params: Params, seq: int, method: str, checkpointing: bool, device: torch.device = CPU,
+          variants=VARIANTS) -> dict[str, Trained]:
     torch.manual_seed(params.build_base_model.seed)
     base = LlamaForCausalLM(model_config(params, seq))
     trained = {}
     for variant in variants:
         torch.manual_seed(1)  # LoRA's A matrices: the same in every copy
-        trained[variant] = Trained(params, base, variant, method, checkpointing)
+        trained[variant] = Trained(params, base, variant, method, checkpointing, device)
     return trained
 
 
@@ -205,11 +212,10 @@ def _proc_status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def peak_memory_child(variant: str, seq: int, method: str, checkpointing: bool) -> None:
+def peak_memory_child(params: Params, variant: str, seq: int, method: str, checkpointing: bool) -> None:
     """Runs in a fresh subprocess: prints the peak resident memory (bytes) the second step adds."""
-    params = load_params(ROOT / "params.yaml")
     trained = build(params, seq, method, checkpointing, variants=(variant,))[variant]
-    ids = tokens(params, seq, torch.device("cpu"))
+    ids = tokens(params, seq, CPU)
     trained.step(ids)  # creates the optimizer state
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _proc_status_kib("VmRSS")
@@ -217,9 +223,9 @@ def peak_memory_child(variant: str, seq: int, method: str, checkpointing: bool) 
     print(json.dumps({"peak_bytes": (_proc_status_kib("VmHWM") - before) * 1024}))
 
 
-def peak_memory(params, variant, seq, method, checkpointing, device) -> float | None:
+def peak_memory(params, params_file, variant, seq, method, checkpointing, device) -> float | None:
     if device.type == "cuda":
-        trained = build(params, seq, method, checkpointing, variants=(variant,))[variant]
+        trained = build(params, seq, method, checkpointing, device, variants=(variant,))[variant]
         ids = tokens(params, seq, device)
         trained.step(ids)
         torch.cuda.synchronize()
@@ -231,7 +237,8 @@ def peak_memory(params, variant, seq, method, checkpointing, device) -> float | 
     if not Path("/proc/self/clear_refs").exists():
         return None
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    child = [sys.executable, __file__, "--_memory-child", variant, str(seq), method, str(int(checkpointing))]
+    child = [sys.executable, __file__, "--params", str(params_file), "--threads", str(torch.get_num_threads()),
+             "--_memory-child", variant, str(seq), method, str(int(checkpointing))]
     result = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
@@ -240,11 +247,9 @@ def _spread(values: list[float]) -> str:
     return f"{min(values):.2f}–{max(values):.2f}"
 
 
-def measure(params, seq, method, checkpointing, repeats, memory, device, clock="wall") -> dict:
-    trained = build(params, seq, method, checkpointing)
+def measure(params, seq, method, checkpointing, repeats, memory, device, clock="wall", params_file=None) -> dict:
+    trained = build(params, seq, method, checkpointing, device)
     ids = tokens(params, seq, device)
-    for t in trained.values():
-        t.model.to(device)
     losses = {variant: t.step(ids) for variant, t in trained.items()}  # warm-up
     times = {variant: [] for variant in VARIANTS}
     for round_ in range(repeats):
@@ -268,7 +273,7 @@ def measure(params, seq, method, checkpointing, repeats, memory, device, clock="
     peaks = {}
     if memory:
         for variant in ("sdpa", "s2attn"):
-            peak = peak_memory(params, variant, seq, method, checkpointing, device)
+            peak = peak_memory(params, params_file, variant, seq, method, checkpointing, device)
             peaks[variant] = None if peak is None else peak / 2**20
     return {
         "seq": seq, "method": method, "gradient_checkpointing": checkpointing,
@@ -324,7 +329,7 @@ def main() -> None:
     register_no_attention()
     if args._memory_child:
         variant, seq, method, checkpointing = args._memory_child
-        peak_memory_child(variant, int(seq), method, checkpointing == "1")
+        peak_memory_child(load_params(args.params), variant, int(seq), method, checkpointing == "1")
         return
     if args.quick:
         args.seqs, args.repeats, args.no_memory = args.seqs or [256, 512], 1, True
@@ -350,7 +355,8 @@ def main() -> None:
     for method in args.methods:
         for ckpt in checkpointing:
             for seq in args.seqs:
-                row = measure(params, seq, method, ckpt, args.repeats, not args.no_memory, device, args.clock)
+                row = measure(params, seq, method, ckpt, args.repeats, not args.no_memory, device, args.clock,
+                              args.params)
                 rows.append(row)
                 print(f"{method} ckpt={'on' if ckpt else 'off'} {seq}: sdpa {row['ms']['sdpa']:.0f} ms, "
                       f"s2 {row['ms']['s2attn']:.0f} ms, none {row['ms']['none']:.0f} ms, ratio {row['ratio']:.2f}× "
