@@ -247,7 +247,8 @@ def _spread(values: list[float]) -> str:
     return f"{min(values):.2f}–{max(values):.2f}"
 
 
-def measure(params, seq, method, checkpointing, repeats, memory, device, clock="wall", params_file=None) -> dict:
+def measure(params, seq, method, checkpointing, repeats, memory, device, clock="wall",
+            params_file=ROOT / "params.yaml") -> dict:
     trained = build(params, seq, method, checkpointing, device)
     ids = tokens(params, seq, device)
     losses = {variant: t.step(ids) for variant, t in trained.items()}  # warm-up
