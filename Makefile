@@ -39,6 +39,7 @@ flow: setup
 bench: setup
 	$(BIN)/python benchmarks/s2attn_speed.py
 	$(BIN)/python benchmarks/pack_speed.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean-venv:
 	rm -rf $(VENV)
