@@ -327,7 +327,7 @@ def _logs(task_run_id) -> list[str]:
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
     from prefect.logging.handlers import APILogHandler
 
-    APILogHandler.flush()  # log lines travel to the server in batches
+    APILogHandler().flush()  # log lines travel to the server in batches
     with get_client(sync_client=True) as client:
         return [log.message for log in client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))]
 
@@ -388,6 +388,7 @@ def test_prefect_run_attaches_logs_and_artifacts(flow_runs):
     logs = _logs(runs["build_base_model"].id)
     assert "Running stage 'build_base_model':" in logs  # DVC's own line
     assert any('"heldout_loss"' in line for line in logs)  # the stage's own output
+    assert any("'loss':" in line for line in _logs(runs["extend"].id)), "the Trainer's loss lines reach the log"
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[first.state_details.flow_run_id])))
