@@ -34,7 +34,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from stages.params import EVAL_STAGES, TRAINING_STAGES, ParamsError, load_params
@@ -245,7 +245,9 @@ def run_stage(stage: str, metrics_file: str) -> dict | State:
         # dependency, a locked repository), else the last lines (a crash).
         own = [line for line in error_lines if _ERROR_LINE.match(line)]
         message = (own or error_lines or ["\n".join(tail[-5:])])[-1]
-        raise StageFailed(f"{stage} failed (exit {process.returncode}): {message}")
+        # A Failed state rather than a raise: Prefect retries it all the same, without logging a traceback that
+        # would only show this function.
+        return Failed(message=f"{stage} failed: {message}", data=StageFailed(f"{stage} failed: {message}"))
     metrics = json.loads(Path(metrics_file).read_text(encoding="utf-8")) if Path(metrics_file).exists() else {}
     _attach_metrics(stage, metrics)
     if skipped:
@@ -310,7 +312,11 @@ def longlora_flow(set_params: list[str] | None = None, stages: list[str] | None 
             runner = run_stage.with_options(retries=training_retries, retry_delay_seconds=retry_delay_seconds)
         futures[stage] = runner.submit(stage, str(params.destination(stage)[2]),
                                        wait_for=[futures[up] for up in graph[stage] if up in futures])
-    results = {stage: future.result() for stage, future in futures.items()}
+    states = {stage: future.wait() or future.state for stage, future in futures.items()}
+    failed = [state for state in states.values() if state.is_failed()]
+    if failed:  # the first failed stage's own message, as the flow's; no second traceback in the flow's log
+        return Failed(message=failed[0].message, data=failed[0].result(raise_on_failure=False))
+    results = {stage: state.result() for stage, state in states.items()}
     models = list(params.eval_models)
     _attach_comparison(results, models)
     _attach_plots([params.destination(f"{stage}@{m}")[0] for stage in EVAL_STAGES for m in models
