@@ -1,6 +1,7 @@
 # `make repro` — set up .venv/ and run the whole pipeline (dvc repro) on the embedded tiny default.
 # `make test`  — set up .venv/, lint, and run the test suite.
-# `make bench` — the speed benchmarks (run on an idle machine); `make flow` — the pipeline as a Prefect flow.
+# `make bench` — the speed benchmarks (run on an idle machine); `make flow` — the pipeline as a Prefect flow;
+# `make server` — the Prefect UI on 127.0.0.1:4200; `make serve` — the flow as a deployment runnable from the UI.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -12,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test lint bench flow clean-venv
+.PHONY: setup repro test lint bench flow server serve clean-venv
 
 setup: $(VENV)/.installed
 
@@ -35,6 +36,13 @@ repro: setup
 
 flow: setup
 	$(BIN)/python -m pipelines.longlora_flow
+
+# Local only: the server has no authentication, so it listens on the loopback interface.
+server: setup
+	$(BIN)/prefect server start --host 127.0.0.1
+
+serve: setup
+	$(BIN)/python -m pipelines.longlora_flow --serve longlora
 
 bench: setup
 	$(BIN)/python benchmarks/s2attn_speed.py

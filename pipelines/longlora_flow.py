@@ -1,34 +1,51 @@
-"""The pipeline as a Prefect flow: the stages of dvc.yaml, in dependency order, each a Prefect task.
+"""The pipeline as a Prefect flow: the stages of dvc.yaml, each a Prefect task that runs it through DVC.
 
-    .venv/bin/python -m pipelines.longlora_flow                      # whole pipeline, default params (2 CPU cores)
-    .venv/bin/python -m pipelines.longlora_flow --stages build_base_model
+    .venv/bin/python -m pipelines.longlora_flow                      # whole pipeline, params.yaml (2 CPU cores)
+    .venv/bin/python -m pipelines.longlora_flow -S extend.max_steps=10 --stages build_base_model extend
 
-With PREFECT_API_URL set, the run shows in that Prefect server's UI; without it, Prefect starts a temporary local
-server for the run. The stage list and order come from dvc.yaml, so the DAG is written down once: a `foreach` stage
-becomes one task per instance, as DVC names them (`merge@extend`; `eval_perplexity@base` for each model of
-params.yaml's eval_models, which the flow reads from its params file). Each task calls the stage's `run(params)` (an
-instance: `run(params, key)`) — the same function `dvc repro` runs — and returns its small metrics dict. A training
-stage runs as `python -m stages.launch <stage>` does: in-process with `launch.launcher: none`, else the torchrun /
-accelerate command it builds, as a child process of the task. Prefect's
-result caching is off on purpose: it hashes arguments, not file contents, so it would serve stale results; `dvc
-repro` is the tool that decides what is stale.
+Run in the project's git+DVC repository. Each task runs `dvc repro --single-item <stage>`, so DVC alone decides what
+is stale: after a flow run `dvc status` is clean, a rerun with nothing changed shows every task as `Skipped` (a
+Completed state), and a `dvc repro` after it has nothing to do. The task graph comes from dvc.yaml (a `foreach` stage
+becomes one task per instance, as DVC names them: `merge@extend`, `eval_perplexity@base`), each task waiting for the
+stages whose outputs it reads, so the UI draws dvc.yaml's DAG. A stage's output lines (progress lines at most every
+PROGRESS_EVERY_S) go to its task's log; a failing stage fails its task with the stage's own `stages.<name>: error:`
+line. Each task attaches its metrics as a table artifact; the flow attaches one comparison table of the evaluated
+models and the evaluations' CSV plots. `-S key=value` (the flow's `set_params`) edits params.yaml as `dvc exp run -S`
+does, after checking that the result is valid: the change stays in params.yaml, where `dvc status` sees it.
+
+With PREFECT_API_URL set (`make server`, then export what it prints), the run shows in that server's UI; without it,
+Prefect starts a temporary local server for the run. `make serve` serves the flow as a deployment that the UI can run
+with parameter overrides.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import os
 import re
+import subprocess
+import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from stages.launch import run_launched
-from stages.params import DEFAULT_PARAMS_FILE, TRAINING_STAGES, load_params
+from stages.params import EVAL_STAGES, TRAINING_STAGES, ParamsError, load_params
 
 DVC_FILE = Path("dvc.yaml")
+PARAMS_FILE = Path("params.yaml")  # what the stages' commands read: DVC runs them beside dvc.yaml
+PROGRESS_EVERY_S = 5.0
+_BIN = Path(sys.executable).parent  # the venv's bin: its dvc, and first on PATH so the stages' `python` is this one
+_ERROR_LINE = re.compile(r"^stages\.[\w.]+: error: ")
+_SKIPPED_LINE = re.compile(r"Stage '[^']+' didn't change, skipping")
+_RESTORED_LINE = re.compile(r"Stage '[^']+' is cached - skipping run, checking out outputs")  # DVC's run-cache
 _TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 
 
@@ -87,9 +104,10 @@ def launched_command(stage: str) -> str | None:
     return f"python -m stages.launch {stage}" if stage in TRAINING_STAGES else None
 
 
-def stage_order(dvc_file: Path = DVC_FILE, params_file: Path | None = None) -> list[str]:
-    """Stage names of dvc.yaml in dependency order (file order among independent stages); a `foreach` over params
-    (`${eval_models}`) expands from `params_file` (default: the params.yaml beside dvc.yaml, as DVC does)."""
+def stage_graph(dvc_file: Path = DVC_FILE, params_file: Path | None = None) -> dict[str, set[str]]:
+    """Stage names of dvc.yaml in dependency order (file order among independent stages), each with the stages whose
+    outputs it reads; a `foreach` over params (`${eval_models}`) expands from `params_file` (default: the params.yaml
+    beside dvc.yaml, as DVC does)."""
     spec = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
     params_file = Path(params_file) if params_file is not None else dvc_file.parent / "params.yaml"
     params = yaml.safe_load(params_file.read_text(encoding="utf-8")) if params_file.exists() else {}
@@ -110,47 +128,219 @@ def stage_order(dvc_file: Path = DVC_FILE, params_file: Path | None = None) -> l
             cycle = sorted(set(stages) - set(order))
             raise ValueError(f"{dvc_file}: the stages {cycle} depend on each other in a cycle")
         order.append(ready[0])
-    return order
+    return {name: needs[name] for name in order}
+
+
+def stage_order(dvc_file: Path = DVC_FILE, params_file: Path | None = None) -> list[str]:
+    """dvc.yaml's stage names in dependency order (see stage_graph)."""
+    return list(stage_graph(dvc_file, params_file))
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message is the stage's own error line."""
+
+
+def _flatten(metrics: dict, prefix: str = "") -> dict[str, object]:
+    """The scalar entries of a nested metrics dict, keys dotted (lists and tables left out: they belong in plots)."""
+    flat: dict[str, object] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value).replace("|", "\\|")
+
+
+def _artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def _attach_metrics(stage: str, metrics: dict) -> None:
+    rows = "\n".join(f"| {key} | {_cell(value)} |" for key, value in _flatten(metrics).items())
+    create_markdown_artifact(key=_artifact_key(f"{stage}-metrics"), description=f"{stage}: metrics",
+                             markdown=f"### {stage}\n\n| metric | value |\n|---|---|\n{rows}\n")
+
+
+def _attach_comparison(results: dict[str, dict], models: list[str]) -> None:
+    """One table per evaluation stage: its scalar metrics (perplexity per length, passkey accuracy, LongBench scores)
+    side by side for every evaluated model."""
+    sections = []
+    for stage in EVAL_STAGES:
+        per_model = {m: _flatten(results[f"{stage}@{m}"]) for m in models if f"{stage}@{m}" in results}
+        if not per_model:
+            continue
+        keys = list(dict.fromkeys(k for flat in per_model.values() for k in flat))
+        header = "| metric | " + " | ".join(per_model) + " |\n|---|" + "---|" * len(per_model)
+        rows = "\n".join(f"| {k} | " + " | ".join(_cell(flat.get(k)) for flat in per_model.values()) + " |"
+                         for k in keys)
+        sections.append(f"### {stage}\n\n{header}\n{rows}\n")
+    if sections:
+        create_markdown_artifact(key="model-comparison", description="evaluation metrics per model",
+                                 markdown="\n".join(sections))
+
+
+def _attach_plots(folders: list[Path], max_rows: int = 50) -> None:
+    """The evaluations' plot data: each CSV as a table, each image by its path (`dvc plots show` renders them)."""
+    sections = []
+    for folder in folders:
+        for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            if not lines:
+                continue
+            header = lines[0].split(",")
+            rows = "\n".join("| " + " | ".join(_cell(c) for c in line.split(",")) + " |" for line in lines[1:max_rows])
+            sections.append(f"### {path}\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + f"\n{rows}\n")
+        for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+            sections.append(f"### {path}\n\n`{path.resolve()}` (`dvc plots show` renders it)\n")
+    if sections:
+        create_markdown_artifact(key="plots", description="the evaluations' plots", markdown="\n".join(sections))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
-def run_stage(stage: str, params_file: str) -> dict:
-    """Run one stage's `run(params)` (an instance `name@key`: `run(params, key)`); returns its metrics (small,
-    JSON-able: safe to persist)."""
-    name, _, key = stage.partition("@")
-    if launched_command(stage):
-        # In this process with launcher none; a distributed launcher's command in child processes (torch.distributed
-        # must never be initialised in the flow's own process).
-        metrics = run_launched(stage, params_file)
-    else:
-        module = importlib.import_module(f"stages.{name}")
-        params = load_params(params_file)
-        metrics = module.run(params, key) if key else module.run(params)
-    get_run_logger().info("%s: %s", stage, metrics)
+def run_stage(stage: str, metrics_file: str) -> dict | State:
+    """`dvc repro --single-item <stage>` in the current repository, its output lines streamed into this task's log;
+    returns the stage's metrics (read from its metrics file), as a `Skipped` (Completed) state when DVC found nothing
+    changed, `Restored` when it checked the outputs out of its run-cache instead of running the stage."""
+    logger = get_run_logger()
+    env = {**os.environ, "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+           "PYTHONUNBUFFERED": "1"}  # the stages' lines reach the log as they are printed
+    command = [str(_BIN / "dvc"), "repro", "--single-item", stage]
+    logger.info("%s", " ".join(command))
+    error_lines: list[str] = []
+    tail: list[str] = []
+    skipped = restored = False
+    last_progress = 0.0
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
+        pending = b""
+        while chunk := process.stdout.read1(65536):
+            *lines, pending = re.split(rb"(\r\n|\r|\n)", pending + chunk)
+            # re.split keeps the separators: pairs of (text, separator).
+            for text, separator in zip(lines[::2], lines[1::2], strict=True):
+                line = text.decode("utf-8", "replace").rstrip()
+                if not line:
+                    continue
+                if separator == b"\r":  # a progress bar redrawing its line: one log line every few seconds
+                    if time.monotonic() - last_progress < PROGRESS_EVERY_S:
+                        continue
+                    last_progress = time.monotonic()
+                logger.info("%s", line)
+                tail = [*tail[-19:], line]
+                if _ERROR_LINE.match(line) or line.startswith("ERROR: "):
+                    error_lines.append(line)
+                skipped = skipped or bool(_SKIPPED_LINE.search(line))
+                restored = restored or bool(_RESTORED_LINE.search(line))
+        if pending.strip():
+            line = pending.decode("utf-8", "replace").rstrip()
+            logger.info("%s", line)
+            tail.append(line)
+    if process.returncode != 0:
+        # The stage's own `stages.<name>: error: …` line when it printed one, else DVC's own ERROR line (a missing
+        # dependency, a locked repository), else the last lines (a crash).
+        own = [line for line in error_lines if _ERROR_LINE.match(line)]
+        message = (own or error_lines or ["\n".join(tail[-5:])])[-1]
+        # A Failed state rather than a raise: Prefect retries it all the same, without logging a traceback that
+        # would only show this function.
+        return Failed(message=f"{stage} failed: {message}", data=StageFailed(f"{stage} failed: {message}"))
+    metrics = json.loads(Path(metrics_file).read_text(encoding="utf-8")) if Path(metrics_file).exists() else {}
+    _attach_metrics(stage, metrics)
+    if skipped:
+        return Completed(name="Skipped", message=f"{stage}: dvc.lock is up to date, nothing to run", data=metrics)
+    if restored:
+        return Completed(name="Restored", message=f"{stage}: outputs restored from DVC's run-cache", data=metrics)
     return metrics
 
 
-@flow(name="longlora", log_prints=True)
-def longlora_flow(params_file: str = str(DEFAULT_PARAMS_FILE), stages: list[str] | None = None) -> dict[str, dict]:
-    """Run the pipeline's stages (all, or the named ones in pipeline order); returns metrics per stage."""
-    params = load_params(params_file)  # fail before any task starts if params.yaml is invalid
-    order = stage_order(DVC_FILE, Path(params_file))
-    unknown = sorted(set(stages or ()) - set(order))
+def _run_name() -> str:
+    """`<model> <context> [overrides] <time>`: which profile ran, with what changed, when."""
+    from prefect.runtime import flow_run
+
+    overrides = flow_run.parameters.get("set_params") or []
+    try:
+        model = (yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8")) or {}).get("model") or {}
+        profile = f"{Path(str(model.get('name_or_path', '?'))).name} {model.get('target_context', '?')}"
+    except (OSError, yaml.YAMLError, AttributeError):
+        profile = "longlora"
+    return " ".join([profile, *overrides, f"{datetime.now():%Y-%m-%d %H:%M:%S}"])
+
+
+def apply_overrides(overrides: list[str]) -> None:
+    """Apply `key=value` overrides to params.yaml as `dvc exp run -S` does (DVC's own Hydra-syntax editor, comments
+    kept), after checking on a copy that the result is valid: a bad override leaves params.yaml untouched."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    trial = PARAMS_FILE.with_name(".params-overrides.yaml")  # beside params.yaml: relative paths resolve the same
+    trial.write_bytes(PARAMS_FILE.read_bytes())
+    try:
+        dvc_apply_overrides(trial, list(overrides))
+        try:
+            load_params(trial)
+        except ParamsError as err:  # name the file the user knows, and what changed it
+            raise ParamsError(str(err).replace(trial.name, f"{PARAMS_FILE} with -S {' '.join(overrides)}", 1)) from None
+        trial.replace(PARAMS_FILE)
+    finally:
+        trial.unlink(missing_ok=True)
+
+
+# One stage at a time: `dvc repro` holds the repository's lock while it runs, so a second one would fail to start.
+@flow(name="longlora", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def longlora_flow(set_params: list[str] | None = None, stages: list[str] | None = None, training_retries: int = 2,
+                  retry_delay_seconds: float = 60.0) -> dict[str, dict]:
+    """Run the pipeline's stages (all, or the named ones in pipeline order) through `dvc repro --single-item`, after
+    applying `set_params` (`key=value`, as `dvc exp run -S`) to params.yaml; returns the metrics per stage. A training
+    stage that fails is retried `training_retries` times (it resumes from its checkpoint_dir)."""
+    if set_params:
+        apply_overrides(set_params)
+    params = load_params(PARAMS_FILE)  # fail before any task starts if params.yaml is invalid
+    graph = stage_graph(DVC_FILE, PARAMS_FILE)
+    unknown = sorted(set(stages or ()) - set(graph))
     if unknown:
-        raise ValueError(f"unknown stages {unknown}; dvc.yaml has {order}")
-    selected = [s for s in order if stages is None or s in stages]
+        raise ValueError(f"unknown stages {unknown}; dvc.yaml has {list(graph)}")
+    selected = [s for s in graph if stages is None or s in stages]
     for stage in selected:
         params.output(stage).check()  # an output a late stage may not write stops the flow before the first
-    return {stage: run_stage(stage, params_file) for stage in selected}
+    futures = {}
+    for stage in selected:
+        runner = run_stage
+        if stage in TRAINING_STAGES:
+            runner = run_stage.with_options(retries=training_retries, retry_delay_seconds=retry_delay_seconds)
+        futures[stage] = runner.submit(stage, str(params.destination(stage)[2]),
+                                       wait_for=[futures[up] for up in graph[stage] if up in futures])
+    states = {stage: future.wait() or future.state for stage, future in futures.items()}
+    failed = [state for state in states.values() if state.is_failed()]
+    if failed:  # the first failed stage's own message, as the flow's; no second traceback in the flow's log
+        return Failed(message=failed[0].message, data=failed[0].result(raise_on_failure=False))
+    results = {stage: state.result() for stage, state in states.items()}
+    models = list(params.eval_models)
+    _attach_comparison(results, models)
+    _attach_plots([params.destination(f"{stage}@{m}")[0] for stage in EVAL_STAGES for m in models
+                   if f"{stage}@{m}" in results])
+    return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.longlora_flow", description=longlora_flow.__doc__)
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS_FILE), help="parameters file (params.yaml)")
+    parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml value, as `dvc exp run -S` (repeatable)")
     parser.add_argument("--stages", nargs="*", help="run only these stages (default: all)")
+    parser.add_argument("--serve", metavar="NAME", help="serve the flow as deployment NAME (runs from the UI)")
     args = parser.parse_args(argv)
-    longlora_flow(params_file=args.params, stages=args.stages)
+    if args.serve:
+        longlora_flow.serve(name=args.serve, parameters={"set_params": args.set_param, "stages": args.stages})
+        return 0
+    try:
+        longlora_flow(set_params=args.set_param, stages=args.stages)
+    except StageFailed as err:  # the task's log has the stage's output; here one line, no second traceback
+        print(f"longlora_flow: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@ both run every stage of dvc.yaml on tiny parameters and write the artifacts."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import shutil
@@ -207,14 +208,45 @@ def test_foreach_over_params_expands_from_the_params_file(tmp_path):
         stage_order(tmp_path / "dvc.yaml")
 
 
+def test_flow_overrides_edit_params_like_dvc_exp_run(tmp_path, monkeypatch):
+    """`-S key=value` changes params.yaml as `dvc exp run -S` does, comments kept; an invalid result changes nothing."""
+    from pipelines.longlora_flow import apply_overrides
+    from stages.params import ParamsError
+
+    monkeypatch.chdir(tmp_path)
+    _write_tiny_params(tmp_path)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("# mine\n" + params_file.read_text())
+    apply_overrides(["build_base_model.steps=6", "model.target_context=256"])
+    assert params_file.read_text().startswith("# mine\n")
+    params = load_params(params_file)
+    assert (params.build_base_model.steps, params.model.target_context) == (6, 256)
+    before = params_file.read_text()
+    with pytest.raises(ParamsError, match=r"^params\.yaml with -S model\.target_context=1002: .*1002"):
+        apply_overrides(["model.target_context=1002"])
+    assert params_file.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
 
 
-@pytest.mark.slow
-def test_dvc_repro_runs_the_pipeline_in_a_fresh_repo(tmp_path):
+def _repo_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        # The stages' `python` must be this interpreter, whatever else is on PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+    }
+
+
+def _make_repo(tmp_path: Path) -> Path:
+    """A git+DVC repository with the project's code and dvc.yaml and the tiny params.yaml, committed."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in PROJECT_FILES:
@@ -223,18 +255,18 @@ def test_dvc_repro_runs_the_pipeline_in_a_fresh_repo(tmp_path):
     for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     _write_tiny_params(repo)
-    env = {
-        **os.environ,
-        # The stages' `python` must be this interpreter, whatever else is on PATH.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    dvc = [str(Path(sys.executable).parent / "dvc")]
+    env = _repo_env(tmp_path)
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-q", "-m", "init"], repo, env)
+    return repo
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_pipeline_in_a_fresh_repo(tmp_path):
+    repo = _make_repo(tmp_path)
+    env = _repo_env(tmp_path)
+    dvc = [str(Path(sys.executable).parent / "dvc")]
 
     _run([*dvc, "repro"], repo, env)
     for out in _final_outputs():
@@ -270,18 +302,126 @@ def prefect_harness():
         yield
 
 
-@pytest.mark.slow
-def test_prefect_flow_runs_the_same_stages(prefect_harness, tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _in_repo(repo: Path):
+    """Run in `repo` with the env DVC and git need there (the flow runs `dvc repro` in the current directory)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in _repo_env(repo.parent).items():
+            if key != "PATH":  # the flow puts the interpreter's bin first itself
+                patch.setenv(key, value)
+        patch.chdir(repo)
+        yield
+
+
+def _task_runs(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
+
+
+def _logs(task_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # log lines travel to the server in batches
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))]
+
+
+@pytest.fixture(scope="module")
+def flow_runs(prefect_harness, tmp_path_factory):
+    """The tiny pipeline run twice by the flow in a fresh git+DVC repository: (repo, first state, second state)."""
     from pipelines.longlora_flow import longlora_flow
 
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    _write_tiny_params(tmp_path)
-    results = longlora_flow(params_file="params.yaml")
+    repo = _make_repo(tmp_path_factory.mktemp("flow"))
+    with _in_repo(repo):
+        first = longlora_flow(retry_delay_seconds=0, return_state=True)
+        second = longlora_flow(retry_delay_seconds=0, return_state=True)
+    return repo, first, second
+
+
+@pytest.mark.slow
+def test_prefect_flow_runs_every_stage_through_dvc(flow_runs):
+    repo, first, second = flow_runs
+    assert first.is_completed(), first.message
+    results = first.result()
     assert list(results) == stage_order(ROOT / "dvc.yaml")
     assert results["build_base_model"]["heldout_loss"] < results["build_base_model"]["initial_heldout_loss"]
     for out in _final_outputs():
-        assert (tmp_path / out).exists(), f"the flow did not produce {out}"
+        assert (repo / out).exists(), f"the flow did not produce {out}"
+    runs = _task_runs(first.state_details.flow_run_id)
+    assert {name: run.state.name for name, run in runs.items()} == dict.fromkeys(results, "Completed")
+    # DVC ran every stage: it agrees that nothing is stale.
+    env = _repo_env(repo.parent)
+    assert "Data and pipelines are up to date" in _run([str(Path(sys.executable).parent / "dvc"), "status"], repo, env)
+    # Nothing changed: the second run skips every stage, and returns the same metrics.
+    assert second.is_completed(), second.message
+    assert second.result() == results
+    runs = _task_runs(second.state_details.flow_run_id)
+    assert {name: run.state.name for name, run in runs.items()} == dict.fromkeys(results, "Skipped")
+
+
+@pytest.mark.slow
+def test_prefect_task_runs_have_the_edges_of_dvc_yaml(flow_runs):
+    from pipelines.longlora_flow import stage_graph
+
+    _, first, _ = flow_runs
+    runs = _task_runs(first.state_details.flow_run_id)
+    names = {run.id: name for name, run in runs.items()}
+    graph = stage_graph(ROOT / "dvc.yaml", flow_runs[0] / "params.yaml")
+    assert any(graph.values()), "the project's stages depend on each other"
+    for name, run in runs.items():
+        assert {names[ref.id] for ref in run.task_inputs.get("wait_for", [])} == graph[name], name
+
+
+@pytest.mark.slow
+def test_prefect_run_attaches_logs_and_artifacts(flow_runs):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    repo, first, _ = flow_runs
+    runs = _task_runs(first.state_details.flow_run_id)
+    logs = _logs(runs["build_base_model"].id)
+    assert "Running stage 'build_base_model':" in logs  # DVC's own line
+    assert any('"heldout_loss"' in line for line in logs)  # the stage's own output
+    assert any("'loss':" in line for line in _logs(runs["extend"].id)), "the Trainer's loss lines reach the log"
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[first.state_details.flow_run_id])))
+    by_key = {artifact.key: artifact.data for artifact in artifacts}
+    assert "| heldout_loss |" in by_key["build-base-model-metrics"]
+    assert {f"eval-perplexity-{m}-metrics" for m in load_params(repo / "params.yaml").eval_models} <= set(by_key)
+    assert "### eval_passkey" in by_key["model-comparison"]
+    assert "perplexity.csv" in by_key["plots"] and "heatmap.png" in by_key["plots"]
+
+
+@pytest.mark.slow
+def test_prefect_failing_stage_fails_its_task_with_its_message(flow_runs):
+    from pipelines.longlora_flow import StageFailed, longlora_flow
+
+    repo, _, _ = flow_runs
+    config = repo / "data/base_model/config.json"
+    kept = config.read_text()
+    config.write_text("{not json")
+    try:
+        with _in_repo(repo), pytest.raises(StageFailed, match=r"stages\.prepare_corpus: error: .*config\.json"):
+            longlora_flow(stages=["prepare_corpus"], retry_delay_seconds=0)
+    finally:
+        config.write_text(kept)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        latest = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    assert latest.state.is_failed()
+    task_run = _task_runs(latest.id)["prepare_corpus"]
+    assert task_run.state.is_failed()
+    assert "stages.prepare_corpus: error:" in task_run.state.message
+    assert any(line.startswith("stages.prepare_corpus: error:") for line in _logs(task_run.id))
 
 
 @pytest.mark.slow
@@ -293,7 +433,7 @@ def test_prefect_flow_rejects_bad_params_before_any_stage(prefect_harness, tmp_p
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     (tmp_path / "params.yaml").write_text("model:\n  target_context: 1002\n", encoding="utf-8")
     with pytest.raises(ParamsError, match="1002"):
-        longlora_flow(params_file="params.yaml")
+        longlora_flow()
     assert not (tmp_path / "data").exists()
 
 
@@ -309,6 +449,6 @@ def test_prefect_flow_checks_every_output_before_the_first_stage(prefect_harness
     (tmp_path / "results/keep.txt").write_text("mine")
     with pytest.raises(OutputError,
                        match=r"prepare_eval\.out_dir 'results' holds files that stage prepare_eval did not"):
-        longlora_flow(params_file="params.yaml")
+        longlora_flow()
     assert not (tmp_path / "data").exists(), "the last stage's output is checked before the first stage runs"
     assert (tmp_path / "results/keep.txt").read_text() == "mine"
