@@ -1,4 +1,4 @@
-# `make repro` — set up .venv/ and run the whole pipeline (dvc repro) on the embedded tiny default.
+# `make repro` — set up .venv/, run the whole pipeline (dvc repro) on the embedded tiny default, print the summary.
 # `make test`  — set up .venv/, lint, and run the test suite.
 # `make bench` — the speed benchmarks (run on an idle machine); `make flow` — the pipeline as a Prefect flow;
 # `make server` — the Prefect UI on 127.0.0.1:4200; `make serve` — the flow as a deployment runnable from the UI.
@@ -31,8 +31,10 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -q
 
+# Ends with the report's summary: perplexity at each length, passkey accuracy and LongBench average per model.
 repro: setup
 	$(BIN)/dvc repro
+	@$(BIN)/python -m stages.report summary
 
 flow: setup
 	$(BIN)/python -m pipelines.longlora_flow

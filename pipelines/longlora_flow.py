@@ -37,7 +37,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from longlora.report import comparison_markdown, markdown_table, model_results
 from stages.params import EVAL_STAGES, TRAINING_STAGES, ParamsError, load_params
+from stages.report import REPORT_FILE
 
 DVC_FILE = Path("dvc.yaml")
 PARAMS_FILE = Path("params.yaml")  # what the stages' commands read: DVC runs them beside dvc.yaml
@@ -120,7 +122,10 @@ def stage_graph(dvc_file: Path = DVC_FILE, params_file: Path | None = None) -> d
             raise ValueError(f"{dvc_file}: stage {name!r} must run `{expected}`, got {stage.get('cmd')!r}")
     outs = {n: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for n, s in stages.items()}
     deps = {name: _paths(stage.get("deps")) for name, stage in stages.items()}
-    needs = {name: {o for o in stages for out in outs[o] for dep in deps[name] if _under(dep, out)} for name in stages}
+    # A dep inside another stage's output, or a folder holding other stages' outputs (the report's evaluation
+    # folders), as DVC links them.
+    needs = {name: {o for o in stages for out in outs[o] for dep in deps[name] if _under(dep, out) or _under(out, dep)}
+             for name in stages}
     order: list[str] = []
     while len(order) < len(stages):
         ready = [n for n in stages if n not in order and needs[n] <= set(order)]
@@ -151,39 +156,32 @@ def _flatten(metrics: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else str(value).replace("|", "\\|")
-
-
 def _artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
 def _attach_metrics(stage: str, metrics: dict) -> None:
-    rows = "\n".join(f"| {key} | {_cell(value)} |" for key, value in _flatten(metrics).items())
+    rows = [[key, value] for key, value in _flatten(metrics).items()]
     create_markdown_artifact(key=_artifact_key(f"{stage}-metrics"), description=f"{stage}: metrics",
-                             markdown=f"### {stage}\n\n| metric | value |\n|---|---|\n{rows}\n")
+                             markdown=f"### {stage}\n\n" + markdown_table(["metric", "value"], rows))
 
 
 def _attach_comparison(results: dict[str, dict], models: list[str]) -> None:
-    """One table per evaluation stage: its scalar metrics (perplexity per length, passkey accuracy, LongBench scores)
-    side by side for every evaluated model."""
-    sections = []
-    for stage in EVAL_STAGES:
-        per_model = {m: _flatten(results[f"{stage}@{m}"]) for m in models if f"{stage}@{m}" in results}
-        if not per_model:
-            continue
-        keys = list(dict.fromkeys(k for flat in per_model.values() for k in flat))
-        header = "| metric | " + " | ".join(per_model) + " |\n|---|" + "---|" * len(per_model)
-        rows = "\n".join(f"| {k} | " + " | ".join(_cell(flat.get(k)) for flat in per_model.values()) + " |"
-                         for k in keys)
-        sections.append(f"### {stage}\n\n{header}\n{rows}\n")
-    if sections:
-        create_markdown_artifact(key="model-comparison", description="evaluation metrics per model",
-                                 markdown="\n".join(sections))
+    """The evaluations of every model side by side (perplexity by length, passkey accuracy, LongBench scores): the
+    report stage's tables (longlora/report.py), from the metrics the evaluation tasks returned."""
+    compared = {m: model_results({stage: results.get(f"{stage}@{m}") for stage in EVAL_STAGES}) for m in models
+                if any(f"{stage}@{m}" in results for stage in EVAL_STAGES)}
+    markdown = comparison_markdown(compared)
+    if markdown:
+        create_markdown_artifact(key="model-comparison", description="evaluation metrics per model", markdown=markdown)
+
+
+def _attach_report(report: Path) -> None:
+    """The report stage's README.md (its images are files beside it, which the artifact cannot show)."""
+    if report.is_file():
+        create_markdown_artifact(key="report", description=f"the report ({report})",
+                                 markdown=report.read_text(encoding="utf-8"))
 
 
 def _attach_plots(folders: list[Path], max_rows: int = 50) -> None:
@@ -195,8 +193,8 @@ def _attach_plots(folders: list[Path], max_rows: int = 50) -> None:
             if not lines:
                 continue
             header = lines[0].split(",")
-            rows = "\n".join("| " + " | ".join(_cell(c) for c in line.split(",")) + " |" for line in lines[1:max_rows])
-            sections.append(f"### {path}\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + f"\n{rows}\n")
+            rows = [line.split(",") for line in lines[1:max_rows]]
+            sections.append(f"### {path}\n\n" + markdown_table(header, rows))
         for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
             sections.append(f"### {path}\n\n`{path.resolve()}` (`dvc plots show` renders it)\n")
     if sections:
@@ -321,6 +319,8 @@ def longlora_flow(set_params: list[str] | None = None, stages: list[str] | None 
     _attach_comparison(results, models)
     _attach_plots([params.destination(f"{stage}@{m}")[0] for stage in EVAL_STAGES for m in models
                    if f"{stage}@{m}" in results])
+    if "report" in results:
+        _attach_report(Path(params.report.out_dir) / REPORT_FILE)
     return results
 
 

@@ -8,7 +8,9 @@ writing where its `merge.<stage>` params say. The folder the training stage wrot
 itself (extension.json: base model, RoPE scaling), so the merge needs nothing else: the extended model is rebuilt
 with `longlora.extension.load_extended` (fp32), the adapter folded in (`merge_and_unload`: LoRA, embeddings, norms;
 tied embeddings stay one matrix) and the result saved with safetensors, the tokenizer, a generation config and the
-source's extension.json (base model, RoPE scaling, the training run's params; `merged_from` added). Its
+source's extension.json (base model, RoPE scaling, the training run's params; `merged_from` and `training_data`
+added), and a Hugging Face model card, README.md (longlora/modelcard.py: base model, method, context length, RoPE
+scaling, data and recipe of every training step, the reproducing command; `dvc repro report` adds the results). Its
 config carries the composed RoPE scaling and the new `max_position_embeddings` and names no S²-Attn attribute or
 backend: plain `AutoModelForCausalLM.from_pretrained(folder)` loads it, in a process that never imports this project.
 
@@ -24,10 +26,14 @@ import sys
 from pathlib import Path
 
 from longlora.errors import InputError
-from longlora.extension import describe, is_adapter, load_extended, plain_config, read_description
-from longlora.io import StageOutput
+from longlora.extension import EXTENSION_FILE, describe, is_adapter, load_extended, plain_config, read_description
+from longlora.io import StageOutput, same_path
+from longlora.modelcard import CARD_FILE, merged_model_card
 from stages import _cli
-from stages.params import MERGE_SOURCES, Params
+from stages.params import MERGE_SOURCES, TRAINING_STAGES, Params
+
+PREPARED_BY = {"extend": "prepare_pretrain", "sft": "prepare_sft"}
+"""The data stage that prepares each training stage's default data (its `input` is where that data came from)."""
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +63,23 @@ def _merge(params: Params, source: str, out: StageOutput) -> dict:
     dtype = _dtype(params.merge.dtype, folder)
     model = model.to(dtype)
     tokenizer = load_tokenizer(str(folder), trust)
+    described = {**{k: v for k, v in description.items() if k != "format"}, "merged_from": str(folder),
+                 "training_data": _training_data(params, source, description)}
+    config = model.config
+    parameters = sum(t.numel() for t in model.parameters())
     with out.publish() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         generation = model.generation_config if model.generation_config is not None else GenerationConfig()
         generation.save_pretrained(tmp)
         # Where it came from travels with it: the base model, the RoPE scaling, the training run's params.
-        describe(tmp, {**{k: v for k, v in description.items() if k != "format"}, "merged_from": str(folder)})
-    config = model.config
+        describe(tmp, described)
+        _card(described, source, tmp, parameters, str(dtype).removeprefix("torch.")).save(tmp / CARD_FILE)
     metrics = {
         "source": source,
         "merged_adapter": adapter,
         "base_model": description["base_model"],
-        "parameters": sum(t.numel() for t in model.parameters()),
+        "parameters": parameters,
         "dtype": str(dtype).removeprefix("torch."),
         "max_position_embeddings": config.max_position_embeddings,
         "rope_parameters": dict(getattr(config, "rope_parameters", None) or {}),
@@ -77,6 +87,43 @@ def _merge(params: Params, source: str, out: StageOutput) -> dict:
         and model.get_output_embeddings().weight is model.get_input_embeddings().weight,
     }
     return out.write_metrics(metrics)
+
+
+def _training_data(params: Params, source: str, description: dict) -> str:
+    """What the training run learned from: the `input` of the data stage that prepared its data (a hub name or a
+    local file), or the data folder itself when it was not that stage's output."""
+    data = str((description.get("params") or {}).get(source, {}).get("data") or params.section(source).data)
+    prepare = params.section(PREPARED_BY[source])
+    return str(prepare.input) if same_path(data, prepare.out_dir) else data
+
+
+def _card(description: dict, source: str, folder: Path, parameters: int, dtype: str):
+    """The model card: every training step from the first base model to this one (a base model that is itself a
+    merged folder carries its own steps in its extension.json), the merged config's facts, the base's license."""
+    steps = [(source, description)]
+    base = str(description["base_model"])
+    while (Path(base) / EXTENSION_FILE).is_file():  # a longlora-merged model (the extended model under sft)
+        earlier = read_description(base, f"{source}: base model")
+        stage = next((name for name in earlier.get("params") or {} if name in TRAINING_STAGES), "extend")
+        steps.insert(0, (stage, earlier))
+        base = str(earlier["base_model"])
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return merged_model_card(steps, base, config, parameters=parameters, dtype=dtype,
+                             command=f"dvc repro merge@{source}    # or: make repro (the whole pipeline)",
+                             license=_license(base))
+
+
+def _license(model: str) -> str | None:
+    """The license a local base model's own card declares (README.md metadata), which derived weights inherit."""
+    from huggingface_hub import ModelCard
+
+    card = Path(model) / CARD_FILE
+    if not card.is_file():
+        return None
+    try:
+        return ModelCard.load(card).data.license
+    except (ValueError, OSError):  # a README without (valid) metadata: no license stated
+        return None
 
 
 def _dtype(choice: str, folder: Path):

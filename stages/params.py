@@ -70,6 +70,9 @@ EVAL_STAGES = ("eval_perplexity", "eval_passkey", "longbench")
 instances reading the stage's section, each writing `<out_dir>/<name>/` and `<metrics_dir>/<name>.json` of it
 (`Params.stages` lists every instance, `Params.destination` gives its paths)."""
 
+FINAL_STAGES = ("report",)
+"""The stages after the evaluations, reading their results: each reads and writes as a STAGES stage does."""
+
 RESERVED_MODEL_NAMES = ("score",)
 """Not a model name: `python -m stages.longbench score PRED_DIR` scores a folder of predictions."""
 
@@ -768,6 +771,18 @@ class LongBenchParams(Section):
         return self
 
 
+class ReportParams(Section):
+    """Stage `report`: the evaluations of every eval_models model side by side (tables, the perplexity plot, the
+    passkey heatmaps, LongBench), each merged model's card with its results, and the short summary `make repro`
+    prints (stages/report.py)."""
+
+    out_dir: OutPath = Path("data/report")
+    """README.md (the report), perplexity.png, passkey/<model>.png (the heatmaps), models/<merge source>/README.md
+    (each merged model's Hugging Face card with its evaluation results, to copy into the model folder before
+    uploading it) and summary.txt (perplexity per length, passkey accuracy and LongBench average per model)."""
+    metrics_file: OutPath = Path("data/metrics/report.json")
+    """DVC metrics: the models reported, the evaluations found for each, the cards written."""
+
 
 DEFAULT_EVAL_MODELS = {
     "base": EvalModel(path="data/base_model", interpolate=True),
@@ -797,6 +812,7 @@ class Params(Section):
     eval_perplexity: EvalPerplexityParams = EvalPerplexityParams()
     eval_passkey: EvalPasskeyParams = EvalPasskeyParams()
     longbench: LongBenchParams = LongBenchParams()
+    report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Self:
@@ -896,8 +912,9 @@ class Params(Section):
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """Every stage instance of dvc.yaml in pipeline order: STAGES, then each evaluation per eval_models name."""
-        return STAGES + tuple(f"{stage}@{name}" for stage in EVAL_STAGES for name in self.eval_models)
+        """Every stage instance of dvc.yaml in pipeline order: STAGES, each evaluation per eval_models name, then
+        FINAL_STAGES."""
+        return STAGES + tuple(f"{stage}@{name}" for stage in EVAL_STAGES for name in self.eval_models) + FINAL_STAGES
 
     def section(self, stage: str) -> Section:
         """The stage's own section (`merge@extend`: `merge.extend`; `eval_passkey@base`: `eval_passkey`)."""

@@ -22,12 +22,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from longlora.errors import InputError
 from longlora.extension import EXTENSION_FILE, load_extended
 from longlora.io import TIMINGS_FILE, run_log
+from longlora.modelcard import CARD_FILE
 from longlora.packing import Packed, PackedBlocksWriter
 from longlora.rope import rotary_inv_freq
 from longlora.tokenizing import bos_opens_chat_turns
@@ -151,6 +153,19 @@ def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_int
     assert "s2attn" not in (merged / "config.json").read_text()
     provenance = json.loads((merged / EXTENSION_FILE).read_text())
     assert provenance["base_model"] == "data/base_model" and provenance["merged_from"] == "data/extend"
+    assert provenance["training_data"] == "data/corpus/pretrain.jsonl"  # prepare_pretrain.input made data/pretrain
+    # Its model card states the facts of the folder it sits in.
+    card = ModelCard.load(merged / CARD_FILE)
+    config = json.loads((merged / "config.json").read_text())
+    assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "text-generation")
+    assert card.data.base_model is None  # a local base model: named in the text, not as a hub reference
+    assert {"longlora", "s2-attn", "lora", "rope-linear"} <= set(card.data.tags)
+    assert f"| context length | {ORIGINAL} → {TARGET} tokens (`max_position_embeddings` {TARGET}) |" in card.text
+    assert config["max_position_embeddings"] == TARGET and config["rope_parameters"]["factor"] == TARGET / ORIGINAL
+    assert f"| RoPE scaling | `{json.dumps(config['rope_parameters'], sort_keys=True)}`" in card.text
+    assert f"{merged_metrics['parameters']:,} parameters" in card.text
+    assert "| training data | `data/corpus/pretrain.jsonl` |" in card.text and "12 steps, global batch 4" in card.text
+    assert "dvc repro merge@extend" in card.text
     with safe_open(merged / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in list(f.keys())  # tied: one matrix
     # Loaded by a process that never imports this project, on an input longer than the original context.

@@ -12,7 +12,7 @@ import yaml
 
 from longlora.io import OUTPUT_MARKER, OutputBusyError, OutputError
 from stages import _cli, build_base_model, prepare_eval, prepare_pretrain
-from stages.params import STAGES, parse_params, stage_key
+from stages.params import FINAL_STAGES, STAGES, parse_params, stage_key
 from tests.conftest import tiny_params_dict
 
 DOCS = ["def f():\n    return 1\n" * 40, "class A:\n    x = 2\n" * 60]
@@ -52,7 +52,7 @@ def _docs(folder: Path, texts=DOCS) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", STAGES + FINAL_STAGES)
 def test_out_dir_holding_an_unrelated_file_is_refused_and_the_file_stays(project, tiny_tokenizer_dir, stage, capsys):
     user = project / "my_results"
     user.mkdir()

@@ -25,12 +25,14 @@ from stages import (
     prepare_eval,
     prepare_pretrain,
     prepare_sft,
+    report,
     sft,
 )
 from stages.params import parse_params
 from tests.conftest import tiny_params_dict
 
-# Each stage once, in the pipeline's order (merge@extend makes the model sft trains), and the evaluations of one model.
+# Each stage once, in the pipeline's order (merge@extend makes the model sft trains), the evaluations of one model, and
+# the report of them.
 RUNS = {
     "build_base_model": build_base_model.run,
     "prepare_corpus": prepare_corpus.run,
@@ -43,6 +45,7 @@ RUNS = {
     "eval_perplexity@extended": lambda params: eval_perplexity.run(params, "extended"),
     "eval_passkey@extended": lambda params: eval_passkey.run(params, "extended"),
     "longbench@extended": lambda params: longbench.run(params, "extended"),
+    "report": report.run,
 }
 
 
@@ -122,3 +125,22 @@ def test_length_grouped_sft_data_is_written_the_same_way_twice(first_run, tmp_pa
         written.append((_digests(Path("data/sft")), Path("data/metrics/prepare_sft.json").read_bytes()))
     assert written[0] == written[1]
     assert (tmp_path / "a/data/sft/order.json").is_file()
+
+
+def test_the_report_shows_the_numbers_the_real_evaluations_wrote(first_run):
+    """The report reads the evaluation stages' metrics as they really write them (a change of their shape shows
+    here), and the merged model's card carries them."""
+    from huggingface_hub import ModelCard
+
+    written = {stage: json.loads((first_run / f"data/metrics/{stage}/extended.json").read_text(encoding="utf-8"))
+               for stage in ("eval_perplexity", "eval_passkey", "longbench")}
+    perplexity = written["eval_perplexity"]["perplexity"]
+    scores = written["longbench"]["scores"]
+    expected = ["extended", *(f"{perplexity[n]:.2f}" for n in sorted(perplexity, key=int)),
+                f"{written['eval_passkey']['accuracy']:.2f}", f"{sum(scores.values()) / len(scores):.2f}"]
+    summary = (first_run / "data/report/summary.txt").read_text(encoding="utf-8").splitlines()
+    assert summary[0].split() == ["model", *(f"ppl@{n}" for n in sorted(perplexity, key=int)), "passkey", "LongBench"]
+    assert next(line for line in summary if line.startswith("extended")).split() == expected
+    card = ModelCard.load(first_run / "data/report/models/extend/README.md")
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert all(values[f"perplexity (strided) at {n} tokens"] == v for n, v in perplexity.items())

@@ -1,0 +1,167 @@
+"""The evaluations side by side: tables, the perplexity plot and the short summary, from the evaluation stages'
+metrics.
+
+`model_results` is the one place that knows the shape of the evaluation stages' metrics files (eval_perplexity,
+eval_passkey, longbench); everything else here works on the `ModelResults` it returns. The report stage
+(stages/report.py) and the Prefect flow's comparison artifact (pipelines/longlora_flow.py) both build their tables
+with `comparison_markdown`, so the two show the same numbers the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PERPLEXITY_DIGITS = 2
+ACCURACY_DIGITS = 2
+SCORE_DIGITS = 2
+"""Decimals shown (LongBench reports its 0-100 scores with two)."""
+
+
+@dataclass(frozen=True)
+class ModelResults:
+    """One model's evaluation results; an empty mapping / None where that evaluation has not run."""
+
+    perplexity: dict[int, float] = field(default_factory=dict)
+    """The standard strided perplexity, by context length (tokens)."""
+    windowed_perplexity: dict[int, float] = field(default_factory=dict)
+    """LongLoRA's own (its eval.py: windows every `windowed_step` tokens), by context length."""
+    passkey_accuracy: float | None = None
+    """Share of passkey prompts answered exactly, over every length and depth."""
+    passkey_by_length: dict[int, float] = field(default_factory=dict)
+    longbench: dict[str, float] = field(default_factory=dict)
+    """LongBench score (0-100, as its eval.py) by task."""
+
+    @property
+    def longbench_average(self) -> float | None:
+        """LongBench's headline number: the mean over the tasks run."""
+        return round(sum(self.longbench.values()) / len(self.longbench), SCORE_DIGITS) if self.longbench else None
+
+
+def _by_length(values: dict | None) -> dict[int, float]:
+    return {int(length): float(value) for length, value in sorted((values or {}).items(), key=lambda kv: int(kv[0]))}
+
+
+def model_results(metrics: dict[str, dict | None]) -> ModelResults:
+    """A model's results from what its evaluation stages wrote: the parsed metrics file (`<metrics_dir>/<model>.json`)
+    by stage, `eval_perplexity`, `eval_passkey` and `longbench`; a stage missing or None has not run."""
+    perplexity = metrics.get("eval_perplexity") or {}
+    passkey = metrics.get("eval_passkey") or {}
+    longbench = metrics.get("longbench") or {}
+    return ModelResults(
+        perplexity=_by_length(perplexity.get("perplexity")),
+        windowed_perplexity=_by_length(perplexity.get("windowed_perplexity")),
+        passkey_accuracy=passkey.get("accuracy"),
+        passkey_by_length=_by_length(passkey.get("accuracy_by_length")),
+        longbench={task: float(score) for task, score in (longbench.get("scores") or {}).items()},
+    )
+
+
+def cell(value) -> str:
+    """A markdown table cell: floats to 6 significant digits, None empty, pipes escaped."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value).replace("|", "\\|")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None, digits: int) -> str:
+    """A result as shown in tables and the summary: fixed decimals, `-` for one not measured."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _lengths(values: list[dict[int, float]]) -> list[int]:
+    return sorted({length for by_length in values for length in by_length})
+
+
+def comparison_sections(results: dict[str, ModelResults]) -> dict[str, str]:
+    """Markdown tables by evaluation stage, the models as rows: `eval_perplexity` (both numbers by context length),
+    `eval_passkey` (accuracy by prompt length and overall), `longbench` (score by task and their average). A stage
+    no model has results of is left out."""
+    sections = {}
+    tables = []
+    for title, attribute in (("perplexity (strided) by context length", "perplexity"),
+                             ("perplexity as LongLoRA's eval.py computes it, by context length",
+                              "windowed_perplexity")):
+        lengths = _lengths([getattr(r, attribute) for r in results.values()])
+        if lengths:
+            rows = [[name, *(_number(getattr(r, attribute).get(n), PERPLEXITY_DIGITS) for n in lengths)]
+                    for name, r in results.items()]
+            tables.append(f"### eval_perplexity: {title}\n\n" + markdown_table(["model", *map(str, lengths)], rows))
+    if tables:
+        sections["eval_perplexity"] = "\n".join(tables)
+    lengths = _lengths([r.passkey_by_length for r in results.values()])
+    if lengths or any(r.passkey_accuracy is not None for r in results.values()):
+        rows = [[name, *(_number(r.passkey_by_length.get(n), ACCURACY_DIGITS) for n in lengths),
+                 _number(r.passkey_accuracy, ACCURACY_DIGITS)]
+                for name, r in results.items()]
+        sections["eval_passkey"] = ("### eval_passkey: passkey accuracy by prompt length (tokens)\n\n"
+                                    + markdown_table(["model", *map(str, lengths), "all"], rows))
+    tasks = list(dict.fromkeys(task for r in results.values() for task in r.longbench))
+    if tasks:
+        rows = [[name, *(_number(r.longbench.get(task), SCORE_DIGITS) for task in tasks),
+                 _number(r.longbench_average, SCORE_DIGITS)]
+                for name, r in results.items()]
+        sections["longbench"] = ("### longbench: score by task (0-100, LongBench's metrics)\n\n"
+                                 + markdown_table(["model", *tasks, "average"], rows))
+    return sections
+
+
+def comparison_markdown(results: dict[str, ModelResults]) -> str:
+    """Every table of `comparison_sections`, one after the other."""
+    return "\n".join(comparison_sections(results).values())
+
+
+def summary_text(results: dict[str, ModelResults]) -> str:
+    """A few lines for a terminal: per model, the perplexity at each length, the passkey accuracy and the LongBench
+    average."""
+    lengths = _lengths([r.perplexity for r in results.values()])
+    header = ["model", *(f"ppl@{n}" for n in lengths), "passkey", "LongBench"]
+    rows = [[name, *(_number(r.perplexity.get(n), PERPLEXITY_DIGITS) for n in lengths),
+             _number(r.passkey_accuracy, ACCURACY_DIGITS), _number(r.longbench_average, SCORE_DIGITS)]
+            for name, r in results.items()]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths,
+                                                                                                     strict=True)))
+             for row in [header, *rows]]
+    notes = ["ppl@N: strided perplexity at N tokens of context; passkey: share of keys retrieved (every length and",
+             "depth); LongBench: mean score over its tasks (0-100); -: not evaluated"]
+    return "\n".join([*lines, *notes]) + "\n"
+
+
+def perplexity_plot(results: dict[str, ModelResults], path: str | Path) -> bool:
+    """A PNG of perplexity against context length, one colour per model (solid: strided; dashed: LongLoRA's own);
+    byte-identical for the same results (no timestamp, no software tag). False, and no file, when no model has
+    perplexity."""
+    if not any(r.perplexity or r.windowed_perplexity for r in results.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, whatever the environment says
+    import matplotlib.pyplot as plt
+
+    lengths = _lengths([r.perplexity for r in results.values()] + [r.windowed_perplexity for r in results.values()])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    for index, (name, r) in enumerate(results.items()):
+        color = f"C{index % 10}"
+        for values, style, label in ((r.perplexity, "-", name),
+                                     (r.windowed_perplexity, "--", f"{name} (LongLoRA eval.py)")):
+            if values:
+                ax.plot(list(values), list(values.values()), style, marker="o", color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity vs context length")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return True

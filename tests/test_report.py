@@ -1,0 +1,237 @@
+"""The report stage on the evaluation stages' outputs of three models, and the model cards (longlora/modelcard.py):
+what the report, the cards with results and the summary say, and that they say it the same way twice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from longlora.modelcard import CARD_FILE, EVALUATION_HEADING, merged_model_card, with_evaluation
+from longlora.report import comparison_markdown, model_results, summary_text
+from stages import report
+from stages.params import load_params, parse_params
+from tests.conftest import tiny_params_dict
+
+LENGTHS = (32, 64, 128)
+PERPLEXITY = {"base": (90.0, 95.5, 140.25), "extended": (60.0, 58.5, 61.125), "sft": (70.0, 68.0, 72.0)}
+PASSKEY = {"base": (0.5, 0.0, 0.0), "extended": (1.0, 0.5, 0.5), "sft": (1.0, 1.0, 0.5)}
+LONGBENCH = {"base": {"lcc": 10.0, "passage_count": 0.0}, "extended": {"lcc": 20.5, "passage_count": 5.0},
+             "sft": {"lcc": 30.0, "passage_count": 2.5}}
+ROPE = {"factor": 4.0, "rope_theta": 10000.0, "rope_type": "linear"}
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 128,
+          "rope_parameters": ROPE, "tie_word_embeddings": True}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _step(stage: str, data: str, base: str) -> dict:
+    """A training step as extension.json describes it (what extend and sft write, `training_data` added by merge)."""
+    run = {"adam_beta1": 0.9, "adam_beta2": 0.95, "adam_epsilon": 1e-08, "data": "data/packed", "deepspeed": None,
+           "global_batch_size": 64, "gradient_checkpointing": True, "lr": 2e-05, "lr_schedule": "constant_with_warmup",
+           "max_grad_norm": 1.0, "max_steps": 1000 if stage == "extend" else 560, "precision": "bf16", "seed": 0,
+           "warmup_steps": 20, "weight_decay": 0.0}
+    return {"attention_in_training": "s2", "base_model": base, "method": "lora_plus", "original_context": 32,
+            "target_context": 128, "rope_parameters": ROPE, "s2attn_group_size": 32, "training_data": data,
+            "params": {stage: run, "lora": {"alpha": 16, "r": 8, "target_modules": ["q_proj", "k_proj"]}}}
+
+
+def _card(stages: list[str]) -> ModelCard:
+    data = {"extend": "togethercomputer/RedPajama-Data-1T-Sample", "sft": "data/corpus/longqa.json"}
+    steps = [(stage, _step(stage, data[stage], "meta-llama/Llama-2-7b-hf")) for stage in stages]
+    return merged_model_card(steps, "meta-llama/Llama-2-7b-hf", CONFIG, parameters=1234567, dtype="bfloat16",
+                             command=f"dvc repro merge@{stages[-1]}", license="llama2")
+
+
+@pytest.fixture
+def evaluated(tmp_path, monkeypatch):
+    """A project whose three eval_models were evaluated (metrics files and heatmaps as the evaluation stages write
+    them) and whose two merged folders carry merge's card; the tiny params; cwd is the project."""
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict()), encoding="utf-8")
+    params = load_params("params.yaml")
+    for name in params.eval_models:
+        _write_json(params.destination(f"eval_perplexity@{name}")[2], {
+            "stage": f"eval_perplexity@{name}", "model": name,
+            "perplexity": {str(n): v for n, v in zip(LENGTHS, PERPLEXITY[name], strict=True)},
+            "windowed_perplexity": {str(n): v + 1 for n, v in zip(LENGTHS, PERPLEXITY[name], strict=True)},
+            "tokens_scored": dict.fromkeys(map(str, LENGTHS), 1000)})
+        _write_json(params.destination(f"eval_passkey@{name}")[2], {
+            "stage": f"eval_passkey@{name}", "model": name, "accuracy": sum(PASSKEY[name]) / 3,
+            "accuracy_by_length": {str(n): v for n, v in zip(LENGTHS, PASSKEY[name], strict=True)}})
+        _write_json(params.destination(f"longbench@{name}")[2], {
+            "stage": f"longbench@{name}", "model": name, "scores": LONGBENCH[name],
+            "categories": {"code": LONGBENCH[name]["lcc"]}})
+        heatmap = params.destination(f"eval_passkey@{name}")[0] / "heatmap.png"
+        heatmap.parent.mkdir(parents=True)
+        heatmap.write_bytes(f"png of {name}".encode())
+    for source, stages in (("extend", ["extend"]), ("sft", ["extend", "sft"])):
+        folder = params.section(f"merge@{source}").out_dir
+        folder.mkdir(parents=True)
+        _card(stages).save(folder / CARD_FILE)
+    return params
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_report_puts_every_evaluation_side_by_side(evaluated, tmp_path, capsys):
+    metrics = report.run(evaluated)
+    out = Path("data/report")
+    text = (out / "README.md").read_text(encoding="utf-8")
+    assert "| extended | 60.00 | 58.50 | 61.12 |" in text  # strided perplexity by length
+    assert "| base | 91.00 | 96.50 | 141.25 |" in text  # LongLoRA's own
+    assert "| sft | 1.00 | 1.00 | 0.50 | 0.83 |" in text  # passkey by length, then overall
+    assert "| model | lcc | passage_count | average |" in text and "| extended | 20.50 | 5.00 | 12.75 |" in text
+    # The plot it drew and the heatmaps it copied are beside it, linked relatively.
+    assert "![perplexity vs context length](perplexity.png)" in text
+    png = (out / "perplexity.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and b"Software" not in png and b"atplotlib" not in png
+    for name in evaluated.eval_models:
+        assert f"![passkey retrieval: {name}](passkey/{name}.png)" in text
+        assert (out / f"passkey/{name}.png").read_bytes() == f"png of {name}".encode()
+    assert "cp data/report/models/sft/README.md /tmp/upload/README.md" in text
+
+    summary = (out / "summary.txt").read_text(encoding="utf-8").splitlines()
+    assert summary[:4] == ["model     ppl@32  ppl@64  ppl@128  passkey  LongBench",
+                           "base       90.00   95.50   140.25     0.17       5.00",
+                           "extended   60.00   58.50    61.12     0.67      12.75",
+                           "sft        70.00   68.00    72.00     0.83      16.25"]
+    assert "\n".join(summary[:4]) in text
+    assert report.main(["summary"]) == 0
+    assert "sft        70.00   68.00    72.00     0.83      16.25" in capsys.readouterr().out
+
+    assert metrics["models"]["extended"] == {"evaluated": ["eval_perplexity", "eval_passkey", "longbench"],
+                                             "longbench_average": 12.75}
+    assert metrics["cards"] == {"extend": "data/report/models/extend/README.md",
+                                "sft": "data/report/models/sft/README.md"}
+    assert json.loads(Path("data/metrics/report.json").read_text()) == metrics
+
+
+def test_the_cards_with_results_parse_and_carry_the_evaluated_models_numbers(evaluated):
+    report.run(evaluated)
+    card = ModelCard.load(Path("data/report/models/sft") / CARD_FILE)
+    merged = ModelCard.load(Path("data/sft_model") / CARD_FILE)
+    # Everything merge wrote is kept; the Evaluation section now holds the tables, the metadata the results.
+    assert card.data.base_model == merged.data.base_model == "meta-llama/Llama-2-7b-hf"
+    assert card.data.license == "llama2" and card.data.pipeline_tag == "text-generation"
+    assert card.text.split(EVALUATION_HEADING)[0] == merged.text.split(EVALUATION_HEADING)[0]
+    assert card.text.endswith(merged.text[merged.text.index("## Reproduce"):])
+    assert "This model is `sft` in the tables below" in card.text and "| sft | 70.00 | 68.00 | 72.00 |" in card.text
+    results = {(r.task_name, r.metric_name): r.metric_value for r in card.data.eval_results}
+    assert results[("Language modelling", "perplexity (strided) at 128 tokens")] == 72.0
+    assert results[("Language modelling", "perplexity (LongLoRA eval.py) at 32 tokens")] == 71.0
+    assert results[("Passkey retrieval", "passkey accuracy at 128 tokens")] == 0.5
+    assert results[("LongBench", "LongBench lcc")] == 30.0
+    assert {r.metric_type for r in card.data.eval_results if r.task_name == "LongBench"} == {"code_sim", "count"}
+    assert card.data.model_name == "Llama-2-7b-hf-longlora-128-sft"
+    extended = ModelCard.load(Path("data/report/models/extend") / CARD_FILE)
+    assert "This model is `extended`" in extended.text and extended.data.model_name == "Llama-2-7b-hf-longlora-128"
+
+
+def test_the_report_is_the_same_bytes_twice_and_says_what_was_not_evaluated(evaluated, tmp_path):
+    report.run(evaluated)
+    first = _snapshot(Path("data/report"))
+    shutil.rmtree("data/report")
+    Path("data/metrics/report.json").unlink()
+    report.run(evaluated)
+    assert _snapshot(Path("data/report")) == first
+
+    Path("data/metrics/longbench/sft.json").unlink()
+    metrics = report.run(evaluated)
+    assert metrics["models"]["sft"] == {"evaluated": ["eval_perplexity", "eval_passkey"], "longbench_average": None}
+    summary = Path("data/report/summary.txt").read_text(encoding="utf-8")
+    assert "sft        70.00   68.00    72.00     0.83          -" in summary
+    text = Path("data/report/README.md").read_text(encoding="utf-8")
+    assert "Not evaluated (left out; `dvc repro` runs them): longbench@sft (no data/metrics/longbench/sft.json)" in text
+    assert "| sft | - | - | - |" in text
+
+
+def test_a_merged_model_that_no_evaluation_names_gets_a_card_that_says_so(evaluated):
+    raw = tiny_params_dict()
+    raw["eval_models"] = {"sft": {"path": "data/sft_model"}}
+    report.run(parse_params(raw))
+    card = ModelCard.load(Path("data/report/models/extend") / CARD_FILE)
+    assert "Not evaluated: no `eval_models` entry names `data/extended_model`" in card.text
+    assert card.data.eval_results is None
+    assert "| base |" not in Path("data/report/README.md").read_text(encoding="utf-8")
+
+
+def test_merges_card_states_the_base_model_method_context_rope_data_recipe_and_command(tmp_path):
+    card = _card(["extend", "sft"])
+    card.save(tmp_path / CARD_FILE)
+    loaded = ModelCard.load(tmp_path / CARD_FILE)
+    assert loaded.data.base_model == "meta-llama/Llama-2-7b-hf" and loaded.data.library_name == "transformers"
+    assert loaded.data.datasets == ["togethercomputer/RedPajama-Data-1T-Sample"]  # hub names only: local paths in text
+    assert loaded.data.license == "llama2" and loaded.data.pipeline_tag == "text-generation"
+    assert {"longlora", "long-context", "s2-attn", "lora", "rope-linear", "sft"} <= set(loaded.data.tags)
+    text = loaded.text
+    assert "| context length | 32 → 128 tokens (`max_position_embeddings` 128) |" in text
+    assert '`{"factor": 4.0, "rope_theta": 10000.0, "rope_type": "linear"}`' in text
+    assert "1,234,567 parameters, bfloat16 weights" in text
+    assert "### 1. Context extension (stage `extend`)" in text and "### 2. Supervised fine-tuning (stage `sft`)" in text
+    assert "| training data | `data/corpus/longqa.json` |" in text
+    assert "| steps and batch | 1000 steps, global batch 64 sequences |" in text
+    assert "S²-Attn (shifted sparse attention), groups of 32 tokens" in text
+    assert "LoRA on q_proj, k_proj, r=8, alpha=16" in text
+    assert "```bash\ndvc repro merge@sft\n```" in text
+    assert f"{EVALUATION_HEADING}\n\nNot in this folder" in text
+    # A local base model is no hub reference: it is named in the text, not in the metadata the hub validates.
+    steps = [("extend", _step("extend", "data/corpus/pretrain.jsonl", "data/base_model"))]
+    (tmp_path / "data/base_model").mkdir(parents=True)
+    local = merged_model_card(steps, str(tmp_path / "data/base_model"), CONFIG, parameters=1, dtype="float32",
+                              command="dvc repro merge@extend")
+    assert local.data.base_model is None and local.data.datasets is None and local.data.license is None
+    assert "sft" not in local.data.tags
+
+
+def test_with_evaluation_replaces_only_the_evaluation_section():
+    card = with_evaluation(_card(["extend"]), "the tables", [])
+    assert f"{EVALUATION_HEADING}\n\nthe tables\n\n## Reproduce" in card.text
+    assert card.text.count("## ") == _card(["extend"]).text.count("## ")
+
+
+def test_results_are_read_from_the_evaluation_metrics_and_shown_the_same_way_everywhere():
+    """The report and the Prefect flow's comparison artifact share these tables."""
+    results = {"a": model_results({"eval_perplexity": {"perplexity": {"64": 2.5, "32": 3.0}},
+                                   "longbench": {"scores": {"lcc": 40.0, "trec": 50.0}}}),
+               "b": model_results({"eval_passkey": {"accuracy": 0.25, "accuracy_by_length": {"32": 0.5, "64": 0.0}}})}
+    assert results["a"].perplexity == {32: 3.0, 64: 2.5} and results["a"].longbench_average == 45.0
+    markdown = comparison_markdown(results)
+    assert "| model | 32 | 64 |\n|---|---|---|\n| a | 3.00 | 2.50 |\n| b | - | - |" in markdown
+    assert "| a | - | - | - |\n| b | 0.50 | 0.00 | 0.25 |" in markdown
+    assert "| a | 40.00 | 50.00 | 45.00 |\n| b | - | - | - |" in markdown
+    assert summary_text(results).splitlines()[1:3] == ["a        3.00    2.50        -      45.00",
+                                                       "b           -       -     0.25          -"]
+
+
+def test_merge_traces_every_training_step_back_to_the_first_base_model(tmp_path, monkeypatch):
+    from longlora.extension import describe
+    from stages import merge
+
+    monkeypatch.chdir(tmp_path)
+    describe("data/extended_model", _step("extend", "togethercomputer/RedPajama-Data-1T-Sample", "models/llama"))
+    Path("models/llama").mkdir(parents=True)
+    Path("models/llama/README.md").write_text("---\nlicense: llama2\n---\n# Llama\n", encoding="utf-8")
+    _write_json(Path("data/sft_model/config.json"), CONFIG)
+    sft = _step("sft", "Yukang/LongAlpaca-12k", "data/extended_model")
+    card = merge._card(sft, "sft", Path("data/sft_model"), 7, "bfloat16")
+    assert card.data.base_model is None and card.data.license == "llama2"  # a local base: its card's license
+    assert card.data.datasets == ["togethercomputer/RedPajama-Data-1T-Sample", "Yukang/LongAlpaca-12k"]
+    assert "`models/llama` with its context window extended from 32 to 128 tokens" in card.text
+    assert "### 1. Context extension (stage `extend`)" in card.text
+    assert "### 2. Supervised fine-tuning (stage `sft`)" in card.text
+    assert "dvc repro merge@sft" in card.text
+    # The training data the card names: the input of the data stage that prepared it, else the folder itself.
+    params = parse_params(tiny_params_dict())
+    assert merge._training_data(params, "extend", {"params": {"extend": {"data": "data/pretrain"}}}) == \
+        "data/corpus/pretrain.jsonl"
+    assert merge._training_data(params, "sft", {"params": {"sft": {"data": "mine/sft"}}}) == "mine/sft"
