@@ -235,3 +235,17 @@ def test_merge_traces_every_training_step_back_to_the_first_base_model(tmp_path,
     assert merge._training_data(params, "extend", {"params": {"extend": {"data": "data/pretrain"}}}) == \
         "data/corpus/pretrain.jsonl"
     assert merge._training_data(params, "sft", {"params": {"sft": {"data": "mine/sft"}}}) == "mine/sft"
+
+
+def test_the_report_waits_for_every_evaluation_and_merge():
+    """Its deps are the evaluations' folders (whatever eval_models holds): the flow links it, as DVC does, to every
+    stage writing inside them."""
+    from pipelines.longlora_flow import stage_graph
+    from stages.params import EVAL_STAGES
+    from tests.conftest import ROOT
+
+    graph = stage_graph(ROOT / "dvc.yaml")
+    names = load_params(ROOT / "params.yaml").eval_models
+    assert graph["report"] == {f"{stage}@{name}" for stage in EVAL_STAGES for name in names} | {"merge@extend",
+                                                                                                "merge@sft"}
+    assert list(graph)[-1] == "report"
