@@ -345,10 +345,10 @@ def _flash_attn_varlen_func() -> Callable | None:
 
 
 def _bucket_quantum(group_size: int) -> int:
-    # Segments are padded up to a multiple of G/8 (never beyond G) so that a packed block needs a handful of kernel
+    # Segments are padded up to a multiple of G/32 (never beyond G) so that a packed block needs a handful of kernel
     # calls rather than one per distinct document length; the padding comes after the real tokens, so causal
-    # attention keeps it from reaching them, at most G/8 extra rows per short segment.
-    return max(1, group_size // 8)
+    # attention keeps it from reaching them, at most G/32 extra rows per short segment.
+    return max(1, group_size // 32)
 
 
 def _varlen_attention(
@@ -366,18 +366,24 @@ def _varlen_attention(
     quantum = _bucket_quantum(group_size)
     padded = torch.clamp((lengths + quantum - 1) // quantum * quantum, max=group_size)
     padded = torch.maximum(padded, lengths)  # only when a segment is longer than G (a caller's own cu)
-    sizes = torch.unique(padded).tolist()
-    location = torch.empty_like(starts)  # where each segment's first token lands in the concatenated outputs
-    outputs, base = [], 0
-    for size in sizes:
-        chosen = (padded == size).nonzero().flatten()
-        count = len(chosen)
-        index = (starts[chosen, None] + torch.arange(size, device=cu.device)).clamp(max=total - 1).flatten()
-        qs, ks, vs = (x.index_select(0, index).unflatten(0, (count, size)).transpose(1, 2) for x in (q, k, v))
+    # Segments sorted by padded length: each bucket of equal length is then a contiguous run of one gather of q, k
+    # and v (one gather each: the backward of every separate gather would fill a zero buffer of the full input).
+    order = torch.argsort(padded, stable=True)
+    sizes, counts = torch.unique_consecutive(padded[order], return_counts=True)
+    sizes, counts = sizes.tolist(), counts.tolist()
+    rows = padded[order]
+    location = torch.empty_like(starts)  # where each segment's first token lands in the gathered tokens
+    location[order] = torch.cumsum(rows, 0) - rows
+    within = torch.arange(int(rows.sum()), device=cu.device) - torch.repeat_interleave(location[order], rows)
+    index = (torch.repeat_interleave(starts[order], rows) + within).clamp(max=total - 1)
+    # split, not slicing: its backward concatenates the pieces' gradients instead of filling a zero buffer per piece.
+    pieces = [x.index_select(0, index).split([size * count for size, count in zip(sizes, counts, strict=True)])
+              for x in (q, k, v)]
+    outputs = []
+    for i, (size, count) in enumerate(zip(sizes, counts, strict=True)):
+        qs, ks, vs = (x[i].unflatten(0, (count, size)).transpose(1, 2) for x in pieces)
         out = _causal_attention(qs, ks, vs, scale, dropout_p)
-        outputs.append(out.transpose(1, 2).reshape(count * size, *out.shape[1:2], out.shape[-1]))
-        location[chosen] = base + torch.arange(count, device=cu.device) * size
-        base += count * size
+        outputs.append(out.transpose(1, 2).reshape(count * size, out.shape[1], out.shape[-1]))
     segment = torch.repeat_interleave(torch.arange(len(starts), device=cu.device), lengths)
     token_at = location[segment] + torch.arange(total, device=cu.device) - starts[segment]
     merged = outputs[0] if len(outputs) == 1 else torch.cat(outputs)

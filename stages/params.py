@@ -522,6 +522,10 @@ class ExtendParams(TrainingParams):
     data: InPath | None = None
     """Packed blocks to train on (prepare_pretrain's format, read memory-mapped with PackedBlocks); None:
     prepare_pretrain.out_dir. Their block length must be model.target_context."""
+    document_attention: bool = False
+    """false: the documents packed into a block attend to the documents before them (the paper's recipe); true:
+    each document attends only to itself, its positions restarting at 0 and its S² groups laid out from its own start
+    (document-aware S²-Attn: exactly as if alone in its row; fewer FLOPs), and its first token is no target."""
     checkpoint_dir: OutPath = Path("data/checkpoints/extend")
     """Checkpoints, one subfolder per configuration (a hash of everything that shapes training), outside the
     DVC-cached output so that they survive `dvc repro` (persist: true). A run's own subfolder is removed when it
