@@ -648,7 +648,12 @@ def s2attn_attention_forward(
     if attention_mask is not None:
         _check_right_padding(attention_mask)
     documents = _documents(query, kwargs)
-    group_size = s2attn_group_size(module.config, query.shape[2], whole_groups=documents is None)
+    batch, seq_len = query.shape[0], query.shape[2]
+    group_size = s2attn_group_size(module.config, seq_len, whole_groups=False)
+    if documents is None and seq_len % group_size:
+        # A fixed group that does not divide the rows (e.g. a padding-free batch of single examples): each row is
+        # computed as if right-padded to a multiple of the group, i.e. as one document.
+        documents = torch.arange(0, batch * seq_len + 1, seq_len, device=query.device)
     sliding_window = kwargs.get("sliding_window")
     if sliding_window is not None and sliding_window < group_size:
         _warn_once(

@@ -541,7 +541,8 @@ class ExtendParams(TrainingParams):
 
 class SftParams(TrainingParams):
     """Stage `sft`: supervised fine-tuning on prepare_sft's examples (LongAlpaca/LongQA format), loss on the answer
-    tokens only, in right-padded batches; S²-Attn with a fixed group size (each batch padded to a multiple of it).
+    tokens only, in padding-free packed rows (document-aware S²-Attn) or right-padded batches; S²-Attn with a fixed
+    group size.
     Output: a self-describing PEFT adapter folder over `base_model` (as `extend` writes), merged by `merge@sft`.
     Defaults as the reference's supervised-fine-tune.py (lr 2e-5, 20 warm-up steps, constant, global batch 64)."""
 
@@ -553,6 +554,11 @@ class SftParams(TrainingParams):
     """Tokenized examples (prepare_sft's Hugging Face dataset); None: prepare_sft.out_dir. With its group_by_length
     on they are read in the order written, in batches of per_device_batch_size (= prepare_sft.group_batch_size);
     otherwise shuffled."""
+    padding_free: bool = True
+    """true: each batch's examples are packed back to back into rows of up to the longest example's length, every
+    example computed exactly as if alone (document-aware S²-Attn, positions restarting per example): the same loss
+    and gradients as padded batches, without computing the padding (needs attention s2). false: each example
+    right-padded to the batch's longest, rounded up to a multiple of the S² group."""
     max_steps: int = Field(560, gt=0)
     """Optimizer steps; 560 at a global batch of 64 is about 3 epochs of LongAlpaca-12k."""
     checkpoint_dir: OutPath = Path("data/checkpoints/sft")

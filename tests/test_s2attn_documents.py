@@ -322,3 +322,13 @@ def test_cuda_kernels_match_reference(dtype, heads, heads_kv):
     expected = reference(q, k, v, 64, documents)
     got = shifted_sparse_attention(*(x.detach().to("cuda", dtype) for x in (q, k, v)), 64, documents=documents)
     torch.testing.assert_close(got.double().cpu(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_rows_the_fixed_group_does_not_divide_are_computed_as_if_padded():
+    """A fixed group of 8 on rows of 21 tokens (a padding-free batch of single examples): each row as if
+    right-padded to 24."""
+    model = tiny("llama", heads=9, kv_heads=3).train()
+    ids = tokens(2, 21)
+    logits = model(ids).logits
+    for row in range(2):
+        torch.testing.assert_close(logits[row], _alone(model, ids[row]).logits[0, :21], rtol=0, atol=1e-5)
