@@ -21,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 import weakref
@@ -351,52 +352,90 @@ def _bucket_quantum(group_size: int) -> int:
     return max(1, group_size // 32)
 
 
-def _varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, group_size: int, scale, dropout_p
-) -> torch.Tensor:
-    """Causal attention within each segment ``[cu[i], cu[i+1])`` of the flat tokens; q (T, h, d), k/v (T, h_kv, d);
-    returns (T, h, d)."""
-    if _use_flash_attn(q) and _flash_attn_varlen_func() is not None:
-        cu32 = cu.to(torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
-        return _flash_attn_varlen_func()(q, k, v, cu32, cu32, longest, longest, dropout_p, softmax_scale=scale,
-                                         causal=True)
-    total = q.shape[0]
+@dataclasses.dataclass(frozen=True)
+class _SegmentPlan:
+    """How one head half's segments run: flash-attn's varlen arguments, or the CPU path's buckets of equal padded
+    length (``sizes`` × ``counts`` segments, gathered by ``index``, read back by ``token_at``)."""
+
+    cu_seqlens: torch.Tensor
+    longest: int
+    sizes: list[int]
+    counts: list[int]
+    index: torch.Tensor | None
+    token_at: torch.Tensor | None
+
+
+def _segment_plan(cu: torch.Tensor, group_size: int, buckets: bool) -> _SegmentPlan:
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    longest = int(lengths.max())
+    if not buckets:
+        return _SegmentPlan(cu.to(torch.int32), longest, [], [], None, None)
+    total = int(cu[-1])
     quantum = _bucket_quantum(group_size)
     padded = torch.clamp((lengths + quantum - 1) // quantum * quantum, max=group_size)
-    padded = torch.maximum(padded, lengths)  # only when a segment is longer than G (a caller's own cu)
+    padded = torch.maximum(padded, lengths)  # only when a segment is longer than G (a caller's own boundaries)
     # Segments sorted by padded length: each bucket of equal length is then a contiguous run of one gather of q, k
     # and v (one gather each: the backward of every separate gather would fill a zero buffer of the full input).
     order = torch.argsort(padded, stable=True)
-    sizes, counts = torch.unique_consecutive(padded[order], return_counts=True)
-    sizes, counts = sizes.tolist(), counts.tolist()
     rows = padded[order]
+    sizes, counts = torch.unique_consecutive(rows, return_counts=True)
     location = torch.empty_like(starts)  # where each segment's first token lands in the gathered tokens
     location[order] = torch.cumsum(rows, 0) - rows
     within = torch.arange(int(rows.sum()), device=cu.device) - torch.repeat_interleave(location[order], rows)
     index = (torch.repeat_interleave(starts[order], rows) + within).clamp(max=total - 1)
+    segment = torch.repeat_interleave(torch.arange(len(starts), device=cu.device), lengths)
+    token_at = location[segment] + torch.arange(total, device=cu.device) - starts[segment]
+    return _SegmentPlan(cu, longest, sizes.tolist(), counts.tolist(), index, token_at)
+
+
+def _varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _SegmentPlan, scale, dropout_p
+) -> torch.Tensor:
+    """Causal attention within each segment of the plan over the flat tokens; q (T, h, d), k/v (T, h_kv, d);
+    returns (T, h, d)."""
+    if plan.index is None:
+        cu = plan.cu_seqlens
+        return _flash_attn_varlen_func()(q, k, v, cu, cu, plan.longest, plan.longest, dropout_p, softmax_scale=scale,
+                                         causal=True)
     # split, not slicing: its backward concatenates the pieces' gradients instead of filling a zero buffer per piece.
-    pieces = [x.index_select(0, index).split([size * count for size, count in zip(sizes, counts, strict=True)])
+    pieces = [x.index_select(0, plan.index).split([size * count for size, count in zip(plan.sizes, plan.counts,
+                                                                                          strict=True)])
               for x in (q, k, v)]
     outputs = []
-    for i, (size, count) in enumerate(zip(sizes, counts, strict=True)):
+    for i, (size, count) in enumerate(zip(plan.sizes, plan.counts, strict=True)):
         qs, ks, vs = (x[i].unflatten(0, (count, size)).transpose(1, 2) for x in pieces)
         out = _causal_attention(qs, ks, vs, scale, dropout_p)
         outputs.append(out.transpose(1, 2).reshape(count * size, out.shape[1], out.shape[-1]))
-    segment = torch.repeat_interleave(torch.arange(len(starts), device=cu.device), lengths)
-    token_at = location[segment] + torch.arange(total, device=cu.device) - starts[segment]
     merged = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return merged.index_select(0, token_at)
+    return merged.index_select(0, plan.token_at)
+
+
+_plans: tuple[weakref.ref, int, dict] | None = None
+
+
+def _plans_for(documents: torch.Tensor, total: int, group_size: int, buckets: bool) -> tuple[_SegmentPlan, ...]:
+    """The (unshifted, shifted) plans of these documents. Every layer gets the same documents tensor: planned once
+    per forward (host syncs on GPU), not once per layer."""
+    global _plans
+    key = (total, group_size, buckets, documents.device)
+    if _plans is None or _plans[0]() is not documents or _plans[1] != documents._version:
+        _plans = (weakref.ref(documents), documents._version, {})
+    cache = _plans[2]
+    if key not in cache:
+        cu = documents.to(dtype=torch.long)
+        if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError(f"documents must be increasing cumulative lengths from 0 to batch × seq = {total}, got "
+                             f"{cu.tolist()[:8]}{'…' if len(cu) > 8 else ''}")
+        cache[key] = tuple(_segment_plan(s2_segments(cu, group_size, shifted), group_size, buckets)
+                           for shifted in (False, True))
+    return cache[key]
 
 
 def _document_sparse_attention(query, key, value, group_size, documents, scale, dropout_p) -> torch.Tensor:
     _validate(query, key, value, group_size, whole_groups=False)
     b, heads, n, _ = query.shape
-    documents = documents.to(device=query.device, dtype=torch.long)
-    if documents.dim() != 1 or len(documents) < 2 or int(documents[0]) != 0 or int(documents[-1]) != b * n:
-        raise ValueError(f"documents must be cumulative lengths from 0 to batch × seq = {b * n}, got "
-                         f"{documents.tolist()[:8]}{'…' if len(documents) > 8 else ''}")
+    buckets = not (_use_flash_attn(query) and _flash_attn_varlen_func() is not None)
+    plans = _plans_for(documents.to(query.device), b * n, group_size, buckets)
     half = heads // 2
     key, value, kv_unshifted, kv_shifted = _kv_halves(key, value, heads)
 
@@ -404,14 +443,11 @@ def _document_sparse_attention(query, key, value, group_size, documents, scale, 
         return x.transpose(1, 2).reshape(b * n, x.shape[1], x.shape[-1])
 
     q, k, v = flat(query), flat(key), flat(value)
-    halves = [(slice(half, heads), kv_shifted, True)]
+    halves = [(slice(half, heads), kv_shifted, plans[1])]
     if half:
-        halves.insert(0, (slice(0, half), kv_unshifted, False))
-    outs = [
-        _varlen_attention(q[:, heads_q], k[:, heads_kv], v[:, heads_kv], s2_segments(documents, group_size, shifted),
-                          group_size, scale, dropout_p)
-        for heads_q, heads_kv, shifted in halves
-    ]
+        halves.insert(0, (slice(0, half), kv_unshifted, plans[0]))
+    outs = [_varlen_attention(q[:, heads_q], k[:, heads_kv], v[:, heads_kv], plan, scale, dropout_p)
+            for heads_q, heads_kv, plan in halves]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out.view(b, n, heads, out.shape[-1]).transpose(1, 2)
 
@@ -566,6 +602,12 @@ def _documents(query: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
     return documents
 
 
+@functools.lru_cache(maxsize=8)
+def _row_documents(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    # Cached: the same tensor for every layer, so that its segment plans are made once per shape.
+    return torch.arange(0, batch * seq_len + 1, seq_len, device=device)
+
+
 def _dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
     q_length, kv_length = query.shape[2], key.shape[2]
     if (attention_mask is None or attention_mask.dim() == 2) and q_length == kv_length:
@@ -653,7 +695,7 @@ def s2attn_attention_forward(
     if documents is None and seq_len % group_size:
         # A fixed group that does not divide the rows (e.g. a padding-free batch of single examples): each row is
         # computed as if right-padded to a multiple of the group, i.e. as one document.
-        documents = torch.arange(0, batch * seq_len + 1, seq_len, device=query.device)
+        documents = _row_documents(batch, seq_len, query.device)
     sliding_window = kwargs.get("sliding_window")
     if sliding_window is not None and sliding_window < group_size:
         _warn_once(

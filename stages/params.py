@@ -555,7 +555,7 @@ class SftParams(TrainingParams):
     on they are read in the order written, in batches of per_device_batch_size (= prepare_sft.group_batch_size);
     otherwise shuffled."""
     padding_free: bool = True
-    """true: each batch's examples are packed back to back into rows of up to the longest example's length, every
+    """true: each batch's examples are packed back to back into rows of up to the model's context, every
     example computed exactly as if alone (document-aware S²-Attn, positions restarting per example): the same loss
     and gradients as padded batches, without computing the padding (needs attention s2). false: each example
     right-padded to the batch's longest, rounded up to a multiple of the S² group."""

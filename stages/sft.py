@@ -8,7 +8,7 @@ Loads `sft.base_model` (default: the merged extended model of `merge@extend`; a 
 than model.target_context is interpolated to it at load time), selects S²-Attn with a fixed group size (the group
 size extension trained with, `s2attn` at model.target_context), wraps it with LoRA+ and trains it on prepare_sft's
 examples: loss on the answer tokens only (the prompt's labels are −100). `sft.padding_free` (default): each batch's
-examples packed back to back into rows of up to the longest example's length, every example computed as if alone by
+examples packed back to back into rows of up to the model's context, every example computed as if alone by
 document-aware S²-Attn (position_ids restarting per example); otherwise right-padded batches whose length is
 rounded up to a multiple of the group, so that each row computes exactly what it computes alone. When prepare_sft
 stored the examples in length-grouped batches (order.json), they are read in that order, in batches of that size;
@@ -57,9 +57,10 @@ def _job(params: Params) -> Job:
     if p.padding_free and p.attention != "s2":
         raise InputError("sft.padding_free: packed rows need document-aware S²-Attn (sft.attention s2); with "
                          f"sft.attention {p.attention} set sft.padding_free false")
-    # Padding-free rows hold up to the longest example's length: no example is ever cut, and a row of several
-    # examples costs no more than the longest one padded.
-    collator = PaddedBatches(pad_id, group_size, row_length=meta["longest"] if p.padding_free else None)
+    # Padding-free rows hold up to the model's context (the longest a padded row may be; _examples checked that every
+    # example fits): document-aware S² costs a row of several examples what those examples cost alone.
+    collator = PaddedBatches(pad_id, group_size,
+                             row_length=config.max_position_embeddings if p.padding_free else None)
     return Job(
         stage="sft", params=params, model_source=p.base_model, config=config, dataset=dataset, collator=collator,
         data_meta=meta, s2attn={"group_size": group_size}, sequential=grouped is not None, count_padding=True,
