@@ -114,6 +114,21 @@ def test_forward_and_gradients_match_reference(heads, heads_kv, group_size, docs
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("heads", "heads_kv"), [(8, 2), (9, 3), (15, 5)])
+def test_random_documents_match_reference(seed, heads, heads_kv):
+    lengths = random_lengths(4, 8, seed)
+    n, documents = rows_of([lengths[: len(lengths) // 2], lengths[len(lengths) // 2:]])
+    q, k, v = make_qkv(2, heads, heads_kv, n, seed=seed)
+    out = shifted_sparse_attention(q, k, v, 8, documents=documents)
+    expected = reference(q, k, v, 8, documents)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out),
+                         torch.autograd.grad(expected, (q, k, v), grad_out), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize(("heads", "heads_kv"), [(8, 4), (9, 3)])
 def test_random_documents_equal_each_document_alone(seed, heads, heads_kv):
     """The output on a document's tokens equals shifted_sparse_attention on that document alone, right-padded to a
