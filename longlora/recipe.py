@@ -37,10 +37,13 @@ def check_group_size_ratio(ratio: object) -> float:
     return float(ratio)
 
 
-def group_size_for(seq_len: int, group_size: int | None = None, ratio: float | None = None) -> int:
+def group_size_for(
+    seq_len: int, group_size: int | None = None, ratio: float | None = None, whole_groups: bool = True
+) -> int:
     """The S²-Attn group size on `seq_len` tokens: `group_size` when given, else `ratio` (default 0.25) × `seq_len`.
 
-    Raises ValueError naming the numbers unless the result is an even integer dividing `seq_len`.
+    Raises ValueError naming the numbers unless the result is an even integer dividing `seq_len` (dividing is not
+    needed with `whole_groups=False`: document-aware S² lays groups out per document, cut at its end).
     """
     if group_size is None:
         ratio = DEFAULT_GROUP_SIZE_RATIO if ratio is None else check_group_size_ratio(ratio)
@@ -53,7 +56,7 @@ def group_size_for(seq_len: int, group_size: int | None = None, ratio: float | N
                 "a fixed group size)"
             )
     group_size = check_group_size(group_size)
-    if seq_len % group_size:
+    if whole_groups and seq_len % group_size:
         raise ValueError(f"sequence length {seq_len} is not divisible by S²-Attn group size {group_size}")
     return group_size
 

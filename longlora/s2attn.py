@@ -6,6 +6,11 @@ Half the heads attend causally within fixed groups ``[kG, (k+1)G)``; the other h
 
 Every group is a fused causal kernel call on a *view* of the projected tensors: no masks, no score matrices.
 
+Document-aware S²-Attn (packed rows, padding-free batches): when a row holds several documents back to back (told by
+``position_ids`` restarting, or flash-attn style cumulative lengths ``cu_seq_lens_q``), each document is computed
+exactly as if it were alone in its own row: its groups are laid out from its own start and cut at its end, with the
+same group size. See ``s2_segments`` and ``shifted_sparse_attention(..., documents=...)``.
+
 Usage::
 
     import longlora.s2attn as s2
@@ -16,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 import weakref
@@ -28,7 +34,12 @@ import transformers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import (
     AttentionMaskInterface,
+    and_masks,
     causal_mask_function,
+    find_packed_sequence_indices,
+    packed_sequence_compatibility_function,
+    packed_sequence_mask_function,
+    remap_positions_for_packed_sequence,
     sdpa_mask,
     sliding_window_causal_mask_function,
 )
@@ -38,10 +49,12 @@ from longlora.recipe import DEFAULT_GROUP_SIZE_RATIO, check_group_size, check_gr
 __all__ = [
     "S2ATTN",
     "configure_s2attn",
+    "document_boundaries",
     "register_s2attn",
     "s2attn_attention_forward",
     "s2attn_group_size",
     "s2attn_mask",
+    "s2_segments",
     "shifted_sparse_attention",
 ]
 
@@ -181,7 +194,9 @@ def _kv_halves(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torc
     return key, value, slice(0, half), slice(half, heads)
 
 
-def _validate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int) -> None:
+def _validate(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int, whole_groups: bool = True
+) -> None:
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(
             f"S²-Attn expects 4D (batch, heads, seq, head_dim) tensors, got query {tuple(query.shape)}, "
@@ -197,7 +212,7 @@ def _validate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group
     if heads_kv == 0 or heads % heads_kv:
         raise ValueError(f"key/value heads {heads_kv} do not divide attention heads {heads}")
     check_group_size(group_size)
-    if n == 0 or n % group_size:
+    if n == 0 or (whole_groups and n % group_size):
         raise ValueError(f"sequence length {n} is not divisible by S²-Attn group size {group_size}")
 
 
@@ -209,6 +224,7 @@ def shifted_sparse_attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """S²-Attn with the layout of ``F.scaled_dot_product_attention(query, key, value, is_causal=True)``.
 
@@ -216,7 +232,15 @@ def shifted_sparse_attention(
     attend causally within groups ``[kG, (k+1)G)``, heads ``[h//2, h)`` within ``[0, G/2), [G/2, 3G/2), …,
     [n−G/2, n)`` (with an odd h the shifted half has one head more, as in the reference's ``num_heads // 2`` split).
     Raises ValueError when n is not a multiple of ``group_size``, ``group_size`` is odd or h_kv does not divide h.
+
+    ``documents``: the boundaries of the documents packed into the rows, as cumulative lengths over the b·n tokens
+    taken row after row (``document_boundaries`` makes them; every row start is a boundary). Each document is then
+    computed exactly as ``shifted_sparse_attention`` computes it alone, right-padded to a multiple of G, on its real
+    tokens: groups laid out from the document's start, cut at its end (``s2_segments``). n need not be a multiple
+    of G then.
     """
+    if documents is not None:
+        return _document_sparse_attention(query, key, value, group_size, documents, scale, dropout_p)
     _validate(query, key, value, group_size)
     b, heads, n, _ = query.shape
     half, shift = heads // 2, group_size // 2
@@ -257,15 +281,188 @@ def shifted_sparse_attention(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Document-aware kernel
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def document_boundaries(
+    batch: int,
+    seq_len: int,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """Cumulative document lengths over the ``batch``·``seq_len`` tokens taken row after row: ``[0, …, b·n]``,
+    int64, every row start included. None when every row holds a single document (nothing to be aware of).
+
+    From ``cu_seqlens`` (flash-attn style, as transformers' ``DataCollatorWithFlattening`` gives them: batch 1, the
+    last entry may fall short of n when the row is padded) or from ``position_ids`` (b or 1, n): a document starts
+    wherever the position does not follow the previous one (transformers' ``find_packed_sequence_indices`` rule).
+    """
+    total = batch * seq_len
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long).flatten()
+        row_starts = torch.arange(0, total, seq_len, device=cu.device)
+        starts = torch.cat((cu[:-1][cu[:-1] < total], cu[-1:][cu[-1:] < total], row_starts))
+    elif position_ids is not None:
+        positions = position_ids.to(device=device).expand(batch, seq_len)
+        restart = torch.ones(batch, seq_len, dtype=torch.bool, device=positions.device)
+        restart[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        starts = restart.flatten().nonzero().flatten()
+    else:
+        return None
+    starts = torch.unique(starts)  # sorted
+    if len(starts) == batch:
+        return None
+    return torch.cat((starts, starts.new_tensor([total])))
+
+
+def s2_segments(documents: torch.Tensor, group_size: int, shifted: bool) -> torch.Tensor:
+    """The token ranges that attend among themselves (causally) in one head half, as cumulative boundaries: each
+    document ``[s, e)`` of ``documents`` (cumulative lengths) cut into ``[s + kG, s + (k+1)G)`` (unshifted), or
+    ``[s, s + G/2), [s + G/2, s + 3G/2), …`` (shifted), each cut at e. These are the flash-attn varlen
+    ``cu_seqlens`` of the half; pure torch, no loop over documents."""
+    check_group_size(group_size)
+    documents = documents.long()
+    starts, lengths = documents[:-1], documents[1:] - documents[:-1]
+    shift = group_size // 2 if shifted else 0
+    # Pieces per document: the (possibly empty) leading half-group, then whole groups, the last one cut short.
+    pieces = (lengths + shift + group_size - 1) // group_size
+    doc = torch.repeat_interleave(torch.arange(len(starts), device=documents.device), pieces)
+    first = torch.cumsum(pieces, 0) - pieces
+    k = torch.arange(len(doc), device=documents.device) - first[doc]
+    offsets = (k * group_size - shift).clamp(min=0)
+    return torch.cat((starts[doc] + offsets, documents[-1:]))
+
+
+@functools.cache
+def _flash_attn_varlen_func() -> Callable | None:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # ImportError, or a broken build raising anything at import
+        return None
+    return flash_attn_varlen_func
+
+
+def _bucket_quantum(group_size: int) -> int:
+    # Segments are padded up to a multiple of G/32 (never beyond G) so that a packed block needs a handful of kernel
+    # calls rather than one per distinct document length; the padding comes after the real tokens, so causal
+    # attention keeps it from reaching them, at most G/32 extra rows per short segment.
+    return max(1, group_size // 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentPlan:
+    """How one head half's segments run: flash-attn's varlen arguments, or the CPU path's buckets of equal padded
+    length (``sizes`` × ``counts`` segments, gathered by ``index``, read back by ``token_at``)."""
+
+    cu_seqlens: torch.Tensor
+    longest: int
+    sizes: list[int]
+    counts: list[int]
+    index: torch.Tensor | None
+    token_at: torch.Tensor | None
+
+
+def _segment_plan(cu: torch.Tensor, group_size: int, buckets: bool) -> _SegmentPlan:
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    longest = int(lengths.max())
+    if not buckets:
+        return _SegmentPlan(cu.to(torch.int32), longest, [], [], None, None)
+    total = int(cu[-1])
+    quantum = _bucket_quantum(group_size)
+    padded = torch.clamp((lengths + quantum - 1) // quantum * quantum, max=group_size)
+    padded = torch.maximum(padded, lengths)  # only when a segment is longer than G (a caller's own boundaries)
+    # Segments sorted by padded length: each bucket of equal length is then a contiguous run of one gather of q, k
+    # and v (one gather each: the backward of every separate gather would fill a zero buffer of the full input).
+    order = torch.argsort(padded, stable=True)
+    rows = padded[order]
+    sizes, counts = torch.unique_consecutive(rows, return_counts=True)
+    location = torch.empty_like(starts)  # where each segment's first token lands in the gathered tokens
+    location[order] = torch.cumsum(rows, 0) - rows
+    within = torch.arange(int(rows.sum()), device=cu.device) - torch.repeat_interleave(location[order], rows)
+    index = (torch.repeat_interleave(starts[order], rows) + within).clamp(max=total - 1)
+    segment = torch.repeat_interleave(torch.arange(len(starts), device=cu.device), lengths)
+    token_at = location[segment] + torch.arange(total, device=cu.device) - starts[segment]
+    return _SegmentPlan(cu, longest, sizes.tolist(), counts.tolist(), index, token_at)
+
+
+def _varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _SegmentPlan, scale, dropout_p
+) -> torch.Tensor:
+    """Causal attention within each segment of the plan over the flat tokens; q (T, h, d), k/v (T, h_kv, d);
+    returns (T, h, d)."""
+    if plan.index is None:
+        cu = plan.cu_seqlens
+        return _flash_attn_varlen_func()(q, k, v, cu, cu, plan.longest, plan.longest, dropout_p, softmax_scale=scale,
+                                         causal=True)
+    # split, not slicing: its backward concatenates the pieces' gradients instead of filling a zero buffer per piece.
+    pieces = [x.index_select(0, plan.index).split([size * count for size, count in zip(plan.sizes, plan.counts,
+                                                                                          strict=True)])
+              for x in (q, k, v)]
+    outputs = []
+    for i, (size, count) in enumerate(zip(plan.sizes, plan.counts, strict=True)):
+        qs, ks, vs = (x[i].unflatten(0, (count, size)).transpose(1, 2) for x in pieces)
+        out = _causal_attention(qs, ks, vs, scale, dropout_p)
+        outputs.append(out.transpose(1, 2).reshape(count * size, out.shape[1], out.shape[-1]))
+    merged = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return merged.index_select(0, plan.token_at)
+
+
+_plans: tuple[weakref.ref, int, dict] | None = None
+
+
+def _plans_for(documents: torch.Tensor, total: int, group_size: int, buckets: bool) -> tuple[_SegmentPlan, ...]:
+    """The (unshifted, shifted) plans of these documents. Every layer gets the same documents tensor: planned once
+    per forward (host syncs on GPU), not once per layer."""
+    global _plans
+    key = (total, group_size, buckets, documents.device)
+    if _plans is None or _plans[0]() is not documents or _plans[1] != documents._version:
+        _plans = (weakref.ref(documents), documents._version, {})
+    cache = _plans[2]
+    if key not in cache:
+        cu = documents.to(dtype=torch.long)
+        if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError(f"documents must be increasing cumulative lengths from 0 to batch × seq = {total}, got "
+                             f"{cu.tolist()[:8]}{'…' if len(cu) > 8 else ''}")
+        cache[key] = tuple(_segment_plan(s2_segments(cu, group_size, shifted), group_size, buckets)
+                           for shifted in (False, True))
+    return cache[key]
+
+
+def _document_sparse_attention(query, key, value, group_size, documents, scale, dropout_p) -> torch.Tensor:
+    _validate(query, key, value, group_size, whole_groups=False)
+    b, heads, n, _ = query.shape
+    buckets = not (_use_flash_attn(query) and _flash_attn_varlen_func() is not None)
+    plans = _plans_for(documents.to(query.device), b * n, group_size, buckets)
+    half = heads // 2
+    key, value, kv_unshifted, kv_shifted = _kv_halves(key, value, heads)
+
+    def flat(x):  # (b, h, n, d) → (b·n, h, d): a view for the (b, n, h, d) memory transformers produces
+        return x.transpose(1, 2).reshape(b * n, x.shape[1], x.shape[-1])
+
+    q, k, v = flat(query), flat(key), flat(value)
+    halves = [(slice(half, heads), kv_shifted, plans[1])]
+    if half:
+        halves.insert(0, (slice(0, half), kv_unshifted, plans[0]))
+    outs = [_varlen_attention(q[:, heads_q], k[:, heads_kv], v[:, heads_kv], plan, scale, dropout_p)
+            for heads_q, heads_kv, plan in halves]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out.view(b, n, heads, out.shape[-1]).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # transformers backend
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def s2attn_group_size(config: Any, seq_len: int) -> int:
+def s2attn_group_size(config: Any, seq_len: int, whole_groups: bool = True) -> int:
     """Group size for a sequence of ``seq_len`` tokens from a model config: ``config.s2attn_group_size`` if set,
     else ``config.s2attn_group_size_ratio`` (default 0.25) × ``seq_len`` (see ``longlora.recipe.group_size_for``)."""
     return group_size_for(
-        seq_len, getattr(config, "s2attn_group_size", None), getattr(config, "s2attn_group_size_ratio", None)
+        seq_len, getattr(config, "s2attn_group_size", None), getattr(config, "s2attn_group_size_ratio", None),
+        whole_groups,
     )
 
 
@@ -292,7 +489,31 @@ def _same_function(a: Callable, b: Callable) -> bool:
     return True
 
 
+def _closure(function: Callable) -> dict[str, Any]:
+    return dict(zip(function.__code__.co_freevars, (c.cell_contents for c in function.__closure__ or ()),
+                    strict=True))
+
+
+_AND_CODE = and_masks(causal_mask_function).__code__
+_PACKED_CODE = packed_sequence_mask_function(None).__code__
+_REMAP_CODE = remap_positions_for_packed_sequence(causal_mask_function, None).__code__
+
+
+def _without_packing(mask_function: Callable) -> Callable:
+    """The mask function inside transformers' packed-sequence wrapper (built when position_ids restart per document
+    and there is neither a 2D mask nor a cache), else ``mask_function`` itself. Document-aware S² takes the
+    documents from position_ids itself, so the wrapper needs no N×N mask."""
+    if getattr(mask_function, "__code__", None) is not _AND_CODE:
+        return mask_function
+    parts = _closure(mask_function).get("mask_functions", ())
+    if (len(parts) == 2 and getattr(parts[0], "__code__", None) is _PACKED_CODE
+            and getattr(parts[1], "__code__", None) is _REMAP_CODE):
+        return _closure(parts[1])["mask_function"]
+    return mask_function
+
+
 def _is_plain_causal(mask_function: Callable, local_size: int | None) -> bool:
+    mask_function = _without_packing(mask_function)
     if mask_function is causal_mask_function:
         return True
     return local_size is not None and _same_function(mask_function, sliding_window_causal_mask_function(local_size))
@@ -311,9 +532,10 @@ def s2attn_mask(
     """Mask builder registered with ``AttentionMaskInterface`` under ``"s2attn"``.
 
     Without a KV cache (``q_length == kv_length``, no offsets) it returns the 2D boolean padding mask
-    ``(batch, kv_length)``, or None without padding: S² needs no N×N mask. Otherwise (cache in use, or a mask
-    pattern that is not plain (sliding-window) causal, such as packed sequences) it returns transformers'
-    ``sdpa_mask``, and the attention runs dense.
+    ``(batch, kv_length)``, or None without padding: S² needs no N×N mask. That includes packed sequences
+    (position_ids restarting per document): the attention reads the documents from position_ids. Otherwise (cache
+    in use, or a mask pattern that is not plain (sliding-window) causal) it returns transformers' ``sdpa_mask``, and
+    the attention runs dense.
     """
     plain = (
         q_length == kv_length
@@ -357,20 +579,60 @@ def _check_right_padding(mask: torch.Tensor) -> None:
     _checked_mask = (weakref.ref(mask), mask._version)
 
 
+_documents_cache: tuple[weakref.ref, int, tuple, torch.Tensor | None] | None = None
+
+
+def _documents(query: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """The document boundaries of a packed batch from what the decoder layer passes (``cu_seq_lens_q`` of a
+    flattened batch, else ``position_ids``), or None for one document per row. Every layer gets the same tensor:
+    found once per forward (a host sync on GPU), not once per layer."""
+    global _documents_cache
+    source = kwargs.get("cu_seq_lens_q")
+    name = "cu_seqlens"
+    if source is None:
+        source, name = kwargs.get("position_ids"), "position_ids"
+    if not isinstance(source, torch.Tensor):
+        return None
+    shape = (query.shape[0], query.shape[2], name)
+    cached = _documents_cache
+    if cached is not None and cached[0]() is source and cached[1] == source._version and cached[2] == shape:
+        return cached[3]
+    documents = document_boundaries(query.shape[0], query.shape[2], device=query.device, **{name: source})
+    _documents_cache = (weakref.ref(source), source._version, shape, documents)
+    return documents
+
+
+@functools.lru_cache(maxsize=8)
+def _row_documents(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    # Cached: the same tensor for every layer, so that its segment plans are made once per shape.
+    return torch.arange(0, batch * seq_len + 1, seq_len, device=device)
+
+
 def _dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
     q_length, kv_length = query.shape[2], key.shape[2]
     if (attention_mask is None or attention_mask.dim() == 2) and q_length == kv_length:
-        # s2attn_mask gave the light form: build what the "sdpa" backend would have received.
+        # s2attn_mask gave the light form: build what the "sdpa" backend would have received, documents kept apart
+        # when position_ids restart (as transformers does for packed sequences).
         sliding_window = kwargs.get("sliding_window")
+        mask_function = (causal_mask_function if sliding_window is None
+                         else sliding_window_causal_mask_function(sliding_window))
+        position_ids, packed = kwargs.get("position_ids"), None
+        # _documents: once per forward, not a host sync per layer.
+        if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == q_length and _documents(
+            query, {"position_ids": position_ids}
+        ) is not None:
+            position_ids = position_ids.to(query.device).expand(query.shape[0], -1)
+            packed = find_packed_sequence_indices(position_ids)
+            if packed is not None:
+                mask_function = packed_sequence_compatibility_function(mask_function, position_ids, packed)
         attention_mask = sdpa_mask(
             batch_size=query.shape[0],
             q_length=q_length,
             kv_length=kv_length,
-            mask_function=causal_mask_function
-            if sliding_window is None
-            else sliding_window_causal_mask_function(sliding_window),
+            mask_function=mask_function,
             attention_mask=attention_mask,
             local_size=sliding_window,
+            allow_is_causal_skip=packed is None,  # the packed mask is not plain causal
             device=query.device,
         )
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -395,8 +657,10 @@ def s2attn_attention_forward(
     """Attention function registered with ``AttentionInterface`` under ``"s2attn"``.
 
     Training without a KV cache: S²-Attn with the group size from ``module.config`` (see ``s2attn_group_size``) on
-    the full, right-padded batch. Eval mode (unless ``config.s2attn_in_eval``), a KV cache or a 4D mask: dense causal
-    attention through transformers' SDPA backend (the paper evaluates with dense attention). Returns
+    the full, right-padded batch; document-aware when the rows are packed (``position_ids`` restarting per
+    document, or ``cu_seq_lens_q`` of a flattened batch): every document computed as if alone in its row. Eval mode
+    (unless ``config.s2attn_in_eval``), a KV cache or a 4D mask: dense causal attention through transformers' SDPA
+    backend (the paper evaluates with dense attention), packed documents kept apart. Returns
     ``(output (b, seq, heads, d), None)``.
     """
     is_causal = kwargs.get("is_causal")
@@ -416,7 +680,7 @@ def s2attn_attention_forward(
     if not s2 or query.shape[2] != key.shape[2] or four_d:
         if module.training and four_d:
             _warn_once(
-                "S²-Attn received a 4D attention mask in training (packed sequences or a custom mask pattern); "
+                "S²-Attn received a 4D attention mask in training (a custom mask pattern); "
                 "running dense attention instead"
             )
         return _dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -425,14 +689,21 @@ def s2attn_attention_forward(
     # the padded batch runs as is (no unpadding, no per-row segment boundaries to get wrong).
     if attention_mask is not None:
         _check_right_padding(attention_mask)
-    group_size = s2attn_group_size(module.config, query.shape[2])
+    documents = _documents(query, kwargs)
+    batch, seq_len = query.shape[0], query.shape[2]
+    group_size = s2attn_group_size(module.config, seq_len, whole_groups=False)
+    if documents is None and seq_len % group_size:
+        # A fixed group that does not divide the rows (e.g. a padding-free batch of single examples): each row is
+        # computed as if right-padded to a multiple of the group, i.e. as one document.
+        documents = _row_documents(batch, seq_len, query.device)
     sliding_window = kwargs.get("sliding_window")
     if sliding_window is not None and sliding_window < group_size:
         _warn_once(
             f"S²-Attn group size {group_size} exceeds the model's sliding window {sliding_window}: in training, "
             "tokens attend further back than the window allows"
         )
-    out = shifted_sparse_attention(query, key, value, group_size, scale=scaling, dropout_p=dropout)
+    out = shifted_sparse_attention(query, key, value, group_size, scale=scaling, dropout_p=dropout,
+                                   documents=documents)
     return out.transpose(1, 2).contiguous(), None
 
 

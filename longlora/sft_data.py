@@ -153,20 +153,67 @@ def pad_batch(
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Example indices per row, rows of at most `row_length` tokens: first-fit decreasing (longest example first,
+    each into the first row it fits)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > row_length:
+            raise ValueError(f"an example of {lengths[i]} tokens does not fit a row of {row_length}")
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(row_length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def pack_batch(examples: Sequence[dict], pad_id: int, row_length: int) -> dict[str, np.ndarray]:
+    """Padding-free batch: the examples packed back to back into rows of at most `row_length` tokens (`pack_rows`),
+    `position_ids` restarting at 0 at every example (document-aware S²-Attn computes each as if alone), the rows
+    right-padded to the longest one (pad ids: label −100, attention_mask 0, positions of their own). An example's
+    first token is no target (nothing before it in its example predicts it), as in a padded row."""
+    rows = pack_rows([len(e["input_ids"]) for e in examples], row_length)
+    longest = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    input_ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), longest), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    position_ids = np.zeros((len(rows), longest), dtype=np.int64)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = len(examples[i]["input_ids"])
+            input_ids[r, start: start + n] = examples[i]["input_ids"]
+            labels[r, start: start + n] = examples[i]["labels"]
+            labels[r, start] = IGNORE_INDEX
+            position_ids[r, start: start + n] = np.arange(n)
+            start += n
+        mask[r, :start] = 1
+        position_ids[r, start:] = np.arange(longest - start)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids}
+
+
 class PaddedBatches:
     """The Trainer's collator of tokenized examples (`input_ids`, `labels`): right-padded batches (`pad_batch`) as
     tensors, pad ids masked from the loss and the attention, the length rounded up to a multiple of `multiple` (the
     S²-Attn group size, so that every padded row computes exactly what it computes alone, padded to that multiple).
-    Counts the real and padded tokens it has produced."""
+    With `row_length`: padding-free batches instead (`pack_batch`: the examples packed into rows of at most that
+    many tokens, for document-aware S²-Attn). Counts the real and padded tokens it has produced."""
 
-    def __init__(self, pad_id: int, multiple: int | None = None):
-        self.pad_id, self.multiple = pad_id, multiple
+    def __init__(self, pad_id: int, multiple: int | None = None, row_length: int | None = None):
+        self.pad_id, self.multiple, self.row_length = pad_id, multiple, row_length
         self.tokens = self.padded_tokens = 0
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        batch = pad_batch(examples, self.pad_id, self.multiple)
+        if self.row_length:
+            batch = pack_batch(examples, self.pad_id, self.row_length)
+        else:
+            batch = pad_batch(examples, self.pad_id, self.multiple)
         real = int(batch["attention_mask"].sum())
         self.tokens += real
         self.padded_tokens += batch["attention_mask"].size - real

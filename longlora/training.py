@@ -29,12 +29,17 @@ class BlockDataset(torch.utils.data.Dataset):
     """Packed blocks (memory-mapped, read one block at a time) as causal-LM examples: labels = inputs, with the pad
     tokens that `remainder: pad` put at the end of the last block masked from the loss.
 
-    Documents inside a block attend to the documents before them, as in LongLoRA's training (it concatenates
-    RedPajama documents the same way); document starts are not used.
+    By default documents inside a block attend to the documents before them, as in LongLoRA's training (it
+    concatenates RedPajama documents the same way). With `document_attention` each example also carries
+    `position_ids` restarting at 0 at every document start (`PackedBlocks.segments`), which makes the model's
+    attention document-aware (document-aware S²-Attn in training, a block-diagonal mask with dense attention): every
+    document is trained as if alone in its row, and the first token of a document is not a target (nothing before
+    it in its document predicts it).
     """
 
-    def __init__(self, blocks: PackedBlocks):
+    def __init__(self, blocks: PackedBlocks, document_attention: bool = False):
         self.blocks = blocks
+        self.document_attention = document_attention
         self.padded = int(blocks.meta.get("padded_tokens") or 0)
 
     def __len__(self) -> int:
@@ -45,7 +50,14 @@ class BlockDataset(torch.utils.data.Dataset):
         labels = ids.clone()
         if self.padded and i == len(self.blocks) - 1:
             labels[-self.padded:] = IGNORE_INDEX
-        return {"input_ids": ids, "labels": labels}
+        if not self.document_attention:
+            return {"input_ids": ids, "labels": labels}
+        bounds = self.blocks.segments(i)
+        starts = torch.from_numpy(bounds[:-1].astype(np.int64))
+        lengths = torch.from_numpy(np.diff(bounds).astype(np.int64))
+        position_ids = torch.arange(len(ids)) - torch.repeat_interleave(starts, lengths)
+        labels[starts[starts > 0]] = IGNORE_INDEX
+        return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
 
 
 def open_blocks(folder: str | Path, block_length: int, vocab_size: int, param: str = "data") -> PackedBlocks:

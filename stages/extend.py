@@ -9,7 +9,9 @@ interpolation alone (README, "Extend and merge").
 
 Loads the base model (`model.name_or_path`, a local folder or a hub id) with its RoPE interpolated to
 `model.target_context` (written into the config before the model is built), selects S²-Attn (`extend.attention`),
-wraps it with LoRA+ (`extend.method`), and trains it on the packed blocks of prepare_pretrain, read memory-mapped.
+wraps it with LoRA+ (`extend.method`), and trains it on the packed blocks of prepare_pretrain, read memory-mapped:
+documents see the documents before them in their block (the paper's recipe), or, with `extend.document_attention`,
+each only itself (document-aware S²-Attn, README "Document-aware attention").
 Under torchrun or accelerate (stages/launch.py) every process runs this module; the Trainer reads RANK and
 WORLD_SIZE, and the main process alone claims and writes the outputs.
 The training itself (Trainer, checkpoints and resume after a kill, dvclive, the saved folder) is shared with `sft`:
@@ -48,7 +50,8 @@ def _job(params: Params) -> Job:
     group_size = s2.group_size_for(params.model.target_context) if params.extend.attention == "s2" else None
     return Job(
         stage="extend", params=params, model_source=params.model.name_or_path, config=config,
-        dataset=BlockDataset(blocks), collator=default_data_collator, data_meta=blocks.meta,
+        dataset=BlockDataset(blocks, params.extend.document_attention), collator=default_data_collator,
+        data_meta=blocks.meta,
         s2attn={"group_size_ratio": s2.group_size_ratio or DEFAULT_GROUP_SIZE_RATIO, "group_size": s2.group_size},
         description={
             "original_context": original_context,

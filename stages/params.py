@@ -525,6 +525,10 @@ class ExtendParams(TrainingParams):
     data: InPath | None = None
     """Packed blocks to train on (prepare_pretrain's format, read memory-mapped with PackedBlocks); None:
     prepare_pretrain.out_dir. Their block length must be model.target_context."""
+    document_attention: bool = False
+    """false: the documents packed into a block attend to the documents before them (the paper's recipe); true:
+    each document attends only to itself, its positions restarting at 0 and its S² groups laid out from its own start
+    (document-aware S²-Attn: exactly as if alone in its row; fewer FLOPs), and its first token is no target."""
     checkpoint_dir: OutPath = Path("data/checkpoints/extend")
     """Checkpoints, one subfolder per configuration (a hash of everything that shapes training), outside the
     DVC-cached output so that they survive `dvc repro` (persist: true). A run's own subfolder is removed when it
@@ -540,7 +544,8 @@ class ExtendParams(TrainingParams):
 
 class SftParams(TrainingParams):
     """Stage `sft`: supervised fine-tuning on prepare_sft's examples (LongAlpaca/LongQA format), loss on the answer
-    tokens only, in right-padded batches; S²-Attn with a fixed group size (each batch padded to a multiple of it).
+    tokens only, in padding-free packed rows (document-aware S²-Attn) or right-padded batches; S²-Attn with a fixed
+    group size.
     Output: a self-describing PEFT adapter folder over `base_model` (as `extend` writes), merged by `merge@sft`.
     Defaults as the reference's supervised-fine-tune.py (lr 2e-5, 20 warm-up steps, constant, global batch 64)."""
 
@@ -552,6 +557,11 @@ class SftParams(TrainingParams):
     """Tokenized examples (prepare_sft's Hugging Face dataset); None: prepare_sft.out_dir. With its group_by_length
     on they are read in the order written, in batches of per_device_batch_size (= prepare_sft.group_batch_size);
     otherwise shuffled."""
+    padding_free: bool = True
+    """true: each batch's examples are packed back to back into rows of up to the model's context, every
+    example computed exactly as if alone (document-aware S²-Attn, positions restarting per example): the same loss
+    and gradients as padded batches, without computing the padding (needs attention s2). false: each example
+    right-padded to the batch's longest, rounded up to a multiple of the S² group."""
     max_steps: int = Field(560, gt=0)
     """Optimizer steps; 560 at a global batch of 64 is about 3 epochs of LongAlpaca-12k."""
     checkpoint_dir: OutPath = Path("data/checkpoints/sft")

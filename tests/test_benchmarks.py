@@ -76,3 +76,20 @@ def test_quick_run_prints_the_table(train_step, monkeypatch, capsys, tmp_path):
         assert all(abs(x - math.log(1024)) < 0.5 for x in row["first_losses"].values())
         assert row["bound"] == pytest.approx(1 / ((1 - row["attention_share"])
                                                   + row["attention_share"] / row["r_attn"]))
+
+
+def test_s2attn_speed_packed_case_runs_on_a_real_packed_block(monkeypatch, capsys, single_torch_thread):
+    """benchmarks/s2attn_speed.py's packed case: the block's document boundaries come from the embedded corpus, and
+    the three variants run and print one row (no timing is asserted)."""
+    spec = importlib.util.spec_from_file_location("s2attn_speed", ROOT / "benchmarks/s2attn_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    documents = module.packed_documents(16384).tolist()
+    assert documents[0] == 0 and documents[-1] == 16384 and len(documents) > 2
+    assert all(a < b for a, b in zip(documents, documents[1:], strict=False))
+    monkeypatch.setattr(sys, "argv", ["s2attn_speed.py", "--seqs", "--repeats", "1", "--packed", "512"])
+    module.main()
+    printed = capsys.readouterr().out
+    assert "packed block of 512 tokens" in printed and "S²/doc-S²" in printed
+    row = printed.strip().splitlines()[-1].split()
+    assert len(row) == 5 and all(float(x.rstrip("×")) > 0 for x in row)

@@ -211,6 +211,50 @@ def test_plain_lora_trains_the_adapter_only(project):
     assert counts["lora"] > 0 and counts["embeddings"] == counts["norms"] == 0
 
 
+def test_document_attention_trains_every_document_as_if_alone(project, monkeypatch):
+    """extend.document_attention: position_ids restart at each document start of the block, a document's first token
+    is no target, and every S² call gets the documents."""
+    from longlora import s2attn
+    from longlora.packing import PackedBlocks
+    from longlora.training import BlockDataset
+
+    # The tiny corpus' documents (whole source files) span many blocks: write blocks of short documents (shorter
+    # than half a group, a group, several groups) from its tokens.
+    source = PackedBlocks("data/pretrain")
+    doc_starts = [0, 5, 37, 64, 100]
+    (project / "short_docs").mkdir()
+    writer = PackedBlocksWriter(project / "short_docs", TARGET, source.tokens.dtype)
+    writer.write(Packed(np.asarray(source.tokens[:8]), np.tile(np.array(doc_starts, np.int32), 8),
+                        np.full(8, len(doc_starts), np.int64)))
+    writer.close({k: v for k, v in source.meta.items() if k not in ("format", "dtype", "block_length", "blocks")})
+    blocks = PackedBlocks(project / "short_docs")
+    plain, aware = BlockDataset(blocks)[3], BlockDataset(blocks, document_attention=True)[3]
+    assert "position_ids" not in plain and torch.equal(plain["input_ids"], aware["input_ids"])
+    bounds = [*doc_starts, TARGET]
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        assert aware["position_ids"][start:end].tolist() == list(range(end - start))
+    starts = doc_starts[1:]
+    assert (aware["labels"][starts] == -100).all()
+    keep = torch.ones(TARGET, dtype=torch.bool)
+    keep[starts] = False
+    assert torch.equal(aware["labels"][keep], plain["labels"][keep])
+
+    seen = []
+    original = s2attn.shifted_sparse_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("documents"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(s2attn, "shifted_sparse_attention", recording)
+    metrics = extend.run(_params(extend={"max_steps": 2, "document_attention": True, "log_every": 1,
+                                         "data": str(project / "short_docs")}))
+    assert metrics["steps"] == 2 and all(np.isfinite(metrics["losses"]))
+    assert seen and all(d is not None for d in seen)
+    described = json.loads((project / "data/extend" / EXTENSION_FILE).read_text())
+    assert described["params"]["extend"]["document_attention"] is True
+
+
 CHAT_SPECIALS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                  "unk_token": "<|unk|>"}
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from longlora.extension import EXTENSION_FILE, load_extended
 from longlora.io import run_log
 from longlora.s2attn import configure_s2attn
-from longlora.sft_data import IGNORE_INDEX, PaddedBatches, fit_example
+from longlora.sft_data import IGNORE_INDEX, PaddedBatches, fit_example, pack_rows
 from stages import _cli, build_base_model, extend, merge, prepare_pretrain, prepare_sft, sft
 from stages.params import parse_params
 from tests.conftest import _merge, tiny_params_dict
@@ -172,6 +172,45 @@ def test_the_loss_is_on_answer_tokens_only_and_padded_rows_compute_what_they_com
     torch.testing.assert_close(loss, total / count, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (9, 3)])
+def test_a_padding_free_batch_has_the_loss_and_gradients_of_the_same_examples_padded(heads, kv_heads):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=8 * heads, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    model = configure_s2attn(LlamaForCausalLM(config), group_size=8).train()
+    rng = np.random.default_rng(1)
+    examples = []
+    # Shorter than half a group, a group, several groups: 3 rows of at most 40 tokens instead of 6 padded ones.
+    for prompt_len, answer_len in ((20, 5), (2, 1), (9, 3), (30, 10), (5, 3), (14, 2)):
+        fitted = fit_example(rng.integers(1, 64, prompt_len), rng.integers(1, 64, answer_len), 64)
+        examples.append({"input_ids": fitted.input_ids.tolist(), "labels": fitted.labels.tolist()})
+    padded_collator, packed_collator = PaddedBatches(pad_id=0, multiple=8), PaddedBatches(pad_id=0, row_length=40)
+    padded, packed = padded_collator(examples), packed_collator(examples)
+    assert padded["input_ids"].shape == (6, 40) and packed["input_ids"].shape == (3, 40)
+    real = sum(len(e["input_ids"]) for e in examples)
+    assert padded_collator.tokens == packed_collator.tokens == real
+    assert packed_collator.padded_tokens == 3 * 40 - real < padded_collator.padded_tokens
+    # Every answer token is a target in both, once.
+    assert int((packed["labels"] != IGNORE_INDEX).sum()) == int((padded["labels"] != IGNORE_INDEX).sum())
+
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=1e-6)
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_rows_fit_the_row_length_first_fit_decreasing():
+    rows = pack_rows([5, 30, 12, 9, 25, 1], 32)
+    assert rows == [[1, 5], [4, 0], [2, 3]]  # longest first, each into the first row with room: 30 + 1, 25 + 5, 12 + 9
+    with pytest.raises(ValueError, match="33 tokens does not fit a row of 32"):
+        pack_rows([33], 32)
+
+
 # --- bad input: one line, exit 2, nothing written --------------------------------------------------------------
 
 
@@ -189,6 +228,8 @@ def _bad_dataset(folder: str) -> str:
     ("other vocabulary", "sft.data 'foreign': token id 5000 is outside the model's 400-token vocabulary"),
     ("batch of another grouping", "sft.per_device_batch_size 4: 'grouped_sft/order.json' says the examples are "
                                   "stored in length-grouped batches of 2"),
+    ("padding-free with dense attention", "sft.padding_free: packed rows need document-aware S²-Attn (sft.attention "
+                                          "s2); with sft.attention dense set sft.padding_free false"),
 ])
 def test_bad_input_stops_before_training_with_one_line(project, capsys, case, expected):
     import yaml
@@ -201,6 +242,7 @@ def test_bad_input_stops_before_training_with_one_line(project, capsys, case, ex
         "missing base": {"base_model": "data/absent_model"},
         "other vocabulary": {"data": "foreign"},
         "batch of another grouping": {"data": "grouped_sft", "per_device_batch_size": 4},
+        "padding-free with dense attention": {"attention": "dense"},
     }[case]
 
     Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(sft=overrides)), encoding="utf-8")
