@@ -55,7 +55,8 @@ def _job(params: Params) -> Job:
     collator = PaddedBatches(pad_id, group_size)
     return Job(
         stage="sft", params=params, model_source=p.base_model, config=config, dataset=dataset, collator=collator,
-        data_meta=meta, s2attn={"group_size": group_size}, sequential=grouped is not None, count_padding=True,
+        data_meta=meta, s2attn={"group_size": group_size, "shift": params.s2attn.shift},
+        sequential=grouped is not None, count_padding=True,
         tokenizer=tokenizer, extra_metrics=lambda: _padding(collator),
         description={
             "original_context": original_context,

@@ -196,6 +196,21 @@ def test_plain_lora_trains_the_adapter_only(project):
     assert counts["lora"] > 0 and counts["embeddings"] == counts["norms"] == 0
 
 
+def test_s2attn_shift_false_trains_every_head_in_plain_groups(project, monkeypatch):
+    """The paper's no-shift ablation reaches the attention through params alone (benchmarks/replicate.py's variant)."""
+    import longlora.s2attn as s2
+
+    grouped = []
+    original = s2.grouped_causal_attention
+    monkeypatch.setattr(s2, "grouped_causal_attention", lambda *a, **k: grouped.append(a[3]) or original(*a, **k))
+    monkeypatch.setattr(s2, "shifted_sparse_attention", lambda *a, **k: pytest.fail("the shifted kernel ran"))
+    extend.run(_params(extend={"max_steps": 1, "log_every": 1}, s2attn={"shift": False}))
+    assert grouped and set(grouped) == {TARGET // 4}
+    described = json.loads((project / "data/extend/extension.json").read_text())
+    assert described["params"]["s2attn"]["shift"] is False
+    assert "s2attn" not in (project / "data/extend/config.json").read_text()
+
+
 CHAT_SPECIALS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                  "unk_token": "<|unk|>"}
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
