@@ -31,7 +31,7 @@ EXTENSION_FILE = "extension.json"
 EXTENSION_FORMAT = "longlora-extension-v1"
 ADAPTER_CONFIG = "adapter_config.json"
 # Attributes `longlora.s2attn.configure_s2attn` sets on a config: training machinery, never part of a saved model.
-S2ATTN_ATTRIBUTES = ("s2attn_group_size", "s2attn_group_size_ratio")
+S2ATTN_ATTRIBUTES = ("s2attn_group_size", "s2attn_group_size_ratio", "s2attn_shift")
 
 
 def plain_config(config: PretrainedConfig) -> PretrainedConfig:

@@ -80,7 +80,7 @@ def attention_for_evaluation(model, attention: Attention = "dense", group_size_r
 
     config = model.config
     saved = {name: getattr(config, name, None) for name in ("s2attn_group_size", "s2attn_group_size_ratio",
-                                                            "s2attn_in_eval")}
+                                                            "s2attn_shift", "s2attn_in_eval")}
     implementation = config._attn_implementation
     configure_s2attn(model, group_size=group_size,
                      group_size_ratio=DEFAULT_GROUP_SIZE_RATIO if group_size_ratio is None else group_size_ratio)

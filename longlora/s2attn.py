@@ -50,6 +50,7 @@ __all__ = [
     "S2ATTN",
     "configure_s2attn",
     "document_boundaries",
+    "grouped_causal_attention",
     "register_s2attn",
     "s2attn_attention_forward",
     "s2attn_group_size",
@@ -278,6 +279,23 @@ def shifted_sparse_attention(
     # Output in (b, n, h, d) memory so the caller's transpose(1, 2).contiguous() is free.
     out_regions = [(seq, head_slice) for head_slice, seq in q_regions.values()]
     return _Merge.apply((b, n, heads, value.shape[-1]), out_regions, *(out[part] for part in q_regions)).transpose(1, 2)
+
+
+def grouped_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group_size: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """S²-Attn without the shift: every head attends causally within the groups ``[kG, (k+1)G)`` only, so no
+    information crosses a group boundary (the paper's "short attention" ablation, Table 6's pattern without shift).
+    Same layout and checks as ``shifted_sparse_attention``; returns (b, h, n, d)."""
+    _validate(query, key, value, group_size)
+    grouped = (_group(x, group_size) for x in (query, key, value))
+    return _ungroup(_causal_attention(*grouped, scale, dropout_p), query.shape[0]).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -702,8 +720,14 @@ def s2attn_attention_forward(
             f"S²-Attn group size {group_size} exceeds the model's sliding window {sliding_window}: in training, "
             "tokens attend further back than the window allows"
         )
-    out = shifted_sparse_attention(query, key, value, group_size, scale=scaling, dropout_p=dropout,
-                                   documents=documents)
+    if getattr(module.config, "s2attn_shift", True):
+        out = shifted_sparse_attention(query, key, value, group_size, scale=scaling, dropout_p=dropout,
+                                       documents=documents)
+    elif documents is not None:
+        raise ValueError("S²-Attn without the shift (s2attn.shift: false, the short-attention ablation) takes no "
+                         "packed documents: use it with extend.document_attention false and sft.padding_free false")
+    else:  # the no-shift ablation (configure_s2attn(shift=False))
+        out = grouped_causal_attention(query, key, value, group_size, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -713,11 +737,14 @@ def register_s2attn() -> None:
     AttentionMaskInterface.register(S2ATTN, s2attn_mask)
 
 
-def configure_s2attn(target: Any, *, group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO, group_size: int | None = None):
+def configure_s2attn(target: Any, *, group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO, group_size: int | None = None,
+                     shift: bool = True):
     """Select S²-Attn on a config (before building the model) or on a built model (also PEFT-wrapped).
 
     ``group_size`` (even int) fixes the group size; otherwise it is ``group_size_ratio`` × the sequence length.
-    Sets ``s2attn_group_size``, ``s2attn_group_size_ratio`` and the attention implementation; returns ``target``.
+    ``shift=False`` trains every head in the plain groups (``grouped_causal_attention``: the paper's ablation, not the
+    method). Sets ``s2attn_group_size``, ``s2attn_group_size_ratio``, ``s2attn_shift`` and the attention
+    implementation; returns ``target``.
     """
     if group_size is not None:
         check_group_size(group_size)
@@ -727,6 +754,7 @@ def configure_s2attn(target: Any, *, group_size_ratio: float = DEFAULT_GROUP_SIZ
     config = target.config if is_model else target
     config.s2attn_group_size = group_size
     config.s2attn_group_size_ratio = group_size_ratio
+    config.s2attn_shift = bool(shift)
     if is_model:
         target.set_attn_implementation(S2ATTN)
     else:

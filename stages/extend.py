@@ -48,11 +48,15 @@ def _job(params: Params) -> Job:
     blocks = open_blocks(params.extend.data, params.model.target_context, config.vocab_size, "extend.data")
     s2 = params.s2attn
     group_size = s2.group_size_for(params.model.target_context) if params.extend.attention == "s2" else None
+    if params.extend.document_attention and params.extend.attention == "s2" and not s2.shift:
+        raise InputError("extend.document_attention: document-aware attention needs the shifted S²-Attn; with "
+                         "s2attn.shift false (the short-attention ablation) set extend.document_attention false")
     return Job(
         stage="extend", params=params, model_source=params.model.name_or_path, config=config,
         dataset=BlockDataset(blocks, params.extend.document_attention), collator=default_data_collator,
         data_meta=blocks.meta,
-        s2attn={"group_size_ratio": s2.group_size_ratio or DEFAULT_GROUP_SIZE_RATIO, "group_size": s2.group_size},
+        s2attn={"group_size_ratio": s2.group_size_ratio or DEFAULT_GROUP_SIZE_RATIO, "group_size": s2.group_size,
+                "shift": s2.shift},
         description={
             "original_context": original_context,
             "target_context": params.model.target_context,

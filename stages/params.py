@@ -255,6 +255,9 @@ class S2AttnParams(Section):
     """Group size as a share of the actual sequence length (paper: 1/4)."""
     group_size: int | None = None
     """Fixed group size in tokens; takes precedence over the ratio (use it for variable-length SFT batches)."""
+    shift: bool = True
+    """Shift half the heads by half a group (the method). false: every head in the plain groups, so no information
+    crosses a group boundary in training — the paper's "short attention" ablation (benchmarks/replicate.py)."""
 
     @field_validator("group_size_ratio")
     @classmethod

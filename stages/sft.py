@@ -57,13 +57,17 @@ def _job(params: Params) -> Job:
     if p.padding_free and p.attention != "s2":
         raise InputError("sft.padding_free: packed rows need document-aware S²-Attn (sft.attention s2); with "
                          f"sft.attention {p.attention} set sft.padding_free false")
+    if p.padding_free and not params.s2attn.shift:
+        raise InputError("sft.padding_free: packed rows need the shifted S²-Attn; with s2attn.shift false (the "
+                         "short-attention ablation) set sft.padding_free false")
     # Padding-free rows hold up to the model's context (the longest a padded row may be; _examples checked that every
     # example fits): document-aware S² costs a row of several examples what those examples cost alone.
     collator = PaddedBatches(pad_id, group_size,
                              row_length=config.max_position_embeddings if p.padding_free else None)
     return Job(
         stage="sft", params=params, model_source=p.base_model, config=config, dataset=dataset, collator=collator,
-        data_meta=meta, s2attn={"group_size": group_size}, sequential=grouped is not None, count_padding=True,
+        data_meta=meta, s2attn={"group_size": group_size, "shift": params.s2attn.shift},
+        sequential=grouped is not None, count_padding=True,
         tokenizer=tokenizer, extra_metrics=lambda: _padding(collator),
         description={
             "original_context": original_context,

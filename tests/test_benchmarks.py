@@ -93,3 +93,124 @@ def test_s2attn_speed_packed_case_runs_on_a_real_packed_block(monkeypatch, capsy
     assert "packed block of 512 tokens" in printed and "S²/doc-S²" in printed
     row = printed.strip().splitlines()[-1].split()
     assert len(row) == 5 and all(float(x.rstrip("×")) > 0 for x in row)
+# --- benchmarks/cost_model.py ----------------------------------------------------------------------------------------
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cost_model_against_hand_computed_values():
+    cm = _load("cost_model")
+    # Llama-2-7B's published count: 32 × (4·4096² + 3·4096·11008 + 2·4096) + 2·32000·4096 + 4096.
+    assert cm.LLAMA2_7B.parameters == 6_738_415_616
+    assert sum(cm.LLAMA2_7B.lora_plus_trainable().values()) == 32 * 4 * 8 * 8192 + 32000 * 4096 + 65 * 4096
+    # 8 tokens in groups of 2: unshifted heads 4 groups × 3 pairs = 12; shifted 3 groups × 3 + 2 half-groups × 1 = 11.
+    assert cm.dense_pairs(8) == 36
+    assert cm.s2_pairs(8, 2) == 11.5
+    assert cm.s2_pairs(2**20, 2**18) / cm.dense_pairs(2**20) == pytest.approx(15 / 64, rel=1e-5)
+    # A model small enough to count by hand: per layer 4·2² + 3·2·3 = 34 weights, head 10·2; 4 tokens, 10 pairs.
+    toy = cm.Model(vocab=10, hidden=2, layers=1, heads=2, ff=3)
+    assert cm.linear_flops_per_token(toy) == 2 * (34 + 20)
+    assert cm.attention_flops(toy, 4, s2=False) == 4 * 2 * 10
+    # LoRA+: frozen linears forward + activation gradients (2 × 108 × 4), attention 3 × 80; checkpointing adds the
+    # layers' forward again (108 × 4 − the head's 2 × 10 × 2 × 4 = 272) and attention's (80).
+    assert cm.training_flops(toy, 4, s2=False, checkpointing=False) == 864 + 240
+    assert cm.training_flops(toy, 4, s2=False) == 864 + 240 + 272 + 80
+    assert cm.training_flops(toy, 4, s2=False, method="full", checkpointing=False) == 3 * 432 + 240
+    # ZeRO-3 shards the bf16 weights over the GPUs; ZeRO-2 keeps them whole.
+    zero2, zero3 = (cm.memory_gib(cm.LLAMA2_7B, 8192, 8, zero) for zero in (2, 3))
+    assert zero2["weights"] == pytest.approx(2 * 6_738_415_616 / 2**30)
+    assert zero3["weights"] == pytest.approx(zero2["weights"] / 8)
+    assert "| 100,000 |" in cm.tables()
+
+
+# --- benchmarks/replicate.py -----------------------------------------------------------------------------------------
+
+
+def test_paired_differences_and_when_they_count_as_resolved():
+    rp = _load("replicate")
+    runs = [rp.Run("a", 0, {8: 10.0}), rp.Run("a", 1, {8: 12.0}), rp.Run("b", 0, {8: 11.0}),
+            rp.Run("b", 1, {8: 14.0}), rp.Run("c", 0, {8: 20.0}), rp.Run("c", 1, {8: 21.0}),
+            rp.Run("untrained", None, {8: 30.0})]
+    ab = rp.paired(runs, "a", "b", 8)
+    assert ab["diffs"] == [1.0, 2.0] and ab["mean"] == 1.5
+    assert ab["spread"] == pytest.approx(math.sqrt(4.5))  # sd of 11 and 14, the larger of the two
+    assert not ab["resolved"]  # same sign, but within the seed-to-seed spread
+    assert rp.paired(runs, "a", "c", 8)["resolved"]
+    # An untrained variant (no seed) stands against every seed of the other.
+    assert rp.paired(runs, "untrained", "c", 8)["diffs"] == [-10.0, -9.0]
+
+
+@pytest.fixture(scope="module")
+def study_inputs(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama (64 positions) with the tiny tokenizer, random blocks of 256 tokens, a random held-out
+    stream, and params.yaml extending to 256: what the study reads, built in a second."""
+    import numpy as np
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longlora.packing import Packed, PackedBlocksWriter, TokenStreamWriter
+    from tests.conftest import tiny_params_dict
+
+    root = tmp_path_factory.mktemp("replicate")
+    vocab = len(tiny_tokenizer)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=tiny_tokenizer.bos_token_id,
+                         eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tiny_tokenizer.save_pretrained(root / "base")
+    rng = np.random.default_rng(0)
+    (root / "blocks").mkdir()
+    writer = PackedBlocksWriter(root / "blocks", 256, np.uint16)
+    writer.write(Packed(rng.integers(4, vocab, size=(16, 256)).astype(np.uint16), np.zeros(16, np.int32),
+                        np.ones(16, np.int64)))
+    writer.close({"vocab_size": vocab, "padded_tokens": 0})
+    (root / "eval").mkdir()
+    writer = TokenStreamWriter(root / "eval", np.uint16)
+    writer.write(rng.integers(4, vocab, size=4096).astype(np.uint16), np.array([4096]))
+    writer.close()
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(model={"target_context": 256})))
+    return root
+
+
+def test_quick_study_runs_the_extend_stage_per_variant_and_writes_the_table(study_inputs, tmp_path, monkeypatch):
+    import csv
+
+    rp = _load("replicate")
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory: each run works in its own folder
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["--quick", "--variants", "pi", "no_shift", "--threads", "1", "--params", str(study_inputs / "params.yaml"),
+            "--base", str(study_inputs / "base"), "--pretrain", str(study_inputs / "blocks"),
+            "--eval", str(study_inputs / "eval"), "--out", str(out), "--work", str(work)]
+    threads = torch.get_num_threads()
+    try:
+        runs = rp.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r.variant, r.seed) for r in runs] == [("pi", None), ("no_shift", 0)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "work"]
+    # The trained variant went through the extend stage with its overrides: S² without the shift, 2 steps.
+    described = json.loads((work / "no_shift-seed0/extend/extension.json").read_text())
+    assert described["params"]["s2attn"]["shift"] is False
+    assert described["params"]["extend"]["max_steps"] == 2
+    assert described["attention_in_training"] == "s2" and described["method"] == "lora_plus"
+    assert (work / "no_shift-seed0/data/logs/extend/timings.json").is_file()
+    trained = runs[1]
+    assert trained.cpu_seconds > 0 and trained.peak_memory_mib > 0 and trained.tokens_per_second > 0
+    with open(out / "replication.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("pi", ""), ("no_shift", "0")]
+    for row in rows:
+        # An untrained model on random tokens: about the vocabulary size, finite, at every length.
+        assert all(100 < float(row[f"ppl_{n}"]) < 1000 for n in (64, 128, 256))
+    table = (out / "replication.md").read_text()
+    assert f"Command: `python benchmarks/replicate.py {' '.join(argv)}`" in table
+    assert "| 2. PI only |" in table and "| 7. PI + LoRA+, S²-Attn without shift |" in table
+    assert (out / "replication.png").stat().st_size > 1000

@@ -253,6 +253,19 @@ def test_document_attention_trains_every_document_as_if_alone(project, monkeypat
     assert seen and all(d is not None for d in seen)
     described = json.loads((project / "data/extend" / EXTENSION_FILE).read_text())
     assert described["params"]["extend"]["document_attention"] is True
+def test_s2attn_shift_false_trains_every_head_in_plain_groups(project, monkeypatch):
+    """The paper's no-shift ablation reaches the attention through params alone (benchmarks/replicate.py's variant)."""
+    import longlora.s2attn as s2
+
+    grouped = []
+    original = s2.grouped_causal_attention
+    monkeypatch.setattr(s2, "grouped_causal_attention", lambda *a, **k: grouped.append(a[3]) or original(*a, **k))
+    monkeypatch.setattr(s2, "shifted_sparse_attention", lambda *a, **k: pytest.fail("the shifted kernel ran"))
+    extend.run(_params(extend={"max_steps": 1, "log_every": 1}, s2attn={"shift": False}))
+    assert grouped and set(grouped) == {TARGET // 4}
+    described = json.loads((project / "data/extend/extension.json").read_text())
+    assert described["params"]["s2attn"]["shift"] is False
+    assert "s2attn" not in (project / "data/extend/config.json").read_text()
 
 
 CHAT_SPECIALS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import longlora.s2attn as s2
-from longlora.s2attn import shifted_sparse_attention
+from longlora.s2attn import grouped_causal_attention, shifted_sparse_attention
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -28,12 +28,13 @@ def reference_mask(n: int, group_size: int, shifted: bool) -> torch.Tensor:
     return allowed
 
 
-def reference(q, k, v, group_size, scale=None):
-    """Dense attention with one explicit boolean mask per head half; k/v heads repeated for GQA."""
+def reference(q, k, v, group_size, scale=None, shift=True):
+    """Dense attention with one explicit boolean mask per head half (shift=False: every head unshifted); k/v heads
+    repeated for GQA."""
     b, heads, n, d = q.shape
     k = k.repeat_interleave(heads // k.shape[1], dim=1)
     v = v.repeat_interleave(heads // v.shape[1], dim=1)
-    mask = torch.stack([reference_mask(n, group_size, shifted=head >= heads // 2) for head in range(heads)])
+    mask = torch.stack([reference_mask(n, group_size, shifted=shift and head >= heads // 2) for head in range(heads)])
     scores = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(d) if scale is None else scale)
     return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
@@ -86,6 +87,22 @@ def test_forward_and_gradients_match_reference(b, heads, heads_kv, n, group_size
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
     for name, got, want in zip("qkv", grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("layout", ["hf", "contiguous"])
+@pytest.mark.parametrize(("b", "heads", "heads_kv", "n", "group_size"), SHAPES[::2])
+def test_without_shift_every_head_attends_within_plain_groups(b, heads, heads_kv, n, group_size, layout):
+    q, k, v = make_qkv(b, heads, heads_kv, n, layout=layout, seed=3)
+    out = grouped_causal_attention(q, k, v, group_size)
+    expected = reference(q, k, v, group_size, shift=False)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for name, got, want in zip("qkv", grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+    if heads > 1 and n > group_size:  # not vacuous: the shifted half differs
+        assert (out - shifted_sparse_attention(q, k, v, group_size)).abs().max() > 1e-3
 
 
 def test_custom_scale():

@@ -132,6 +132,21 @@ def test_training_forward_and_gradients_equal_the_reference(arch, heads, kv_head
         torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-9, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads"), HEAD_SHAPES)
+def test_without_shift_each_group_trains_as_if_alone(heads, kv_heads):
+    """configure_s2attn(shift=False): no information crosses a group boundary in training, so the logits of each
+    group of 8 equal the dense model's on those 8 tokens alone (RoPE depends on relative positions only)."""
+    model = tiny("llama", heads=heads, kv_heads=kv_heads).double().train()
+    s2.configure_s2attn(model, group_size=8, shift=False)
+    dense = twin(model, "llama", heads=heads, kv_heads=kv_heads).double().train()
+    ids = tokens(2, 32)
+    alone = torch.cat([dense(ids[:, start:start + 8]).logits for start in range(0, 32, 8)], dim=1)
+    # 1e-6, not 1e-9: transformers computes the rotary angles in float32, so positions 8k… round differently.
+    torch.testing.assert_close(model(ids).logits, alone, rtol=1e-6, atol=1e-6)
+    s2.configure_s2attn(model, group_size=8)  # the method: the shifted half reaches across the boundaries
+    assert (model(ids).logits - alone).abs().max() > 1e-3
+
+
 def test_attention_score_terms_s2_cannot_apply_are_refused():
     """Gemma 2 soft-caps its attention logits: S² (and SDPA) would silently leave that out."""
     config = Gemma2Config(hidden_size=64, head_dim=16, intermediate_size=128, num_hidden_layers=1,
