@@ -13,9 +13,11 @@ run, so a second run of the same stage on the same output fails at once; under t
 folders a killed run left behind (`.<name>.tmp-*`, recognised by their marker).
 
 Outputs and metrics are reproducible: the same inputs and parameters give the same bytes, so DVC sees an unchanged
-stage. What a run measures that depends on the machine and the moment (wall-clock seconds, throughput, peak memory,
-a resume point, the training curves' dvclive logs with their speeds and run times) goes to the stage's run log instead,
-`data/logs/<stage>/` (`StageOutput.log_dir`; `timings.json` there), which no stage reads and DVC does not track.
+stage. A metrics file holds results only, so that `dvc metrics show` and `dvc exp show` list results, not settings.
+What a run measures that depends on the machine and the moment (wall-clock seconds, throughput, peak memory, a resume
+point, the training curves' dvclive logs with their speeds and run times) goes to the stage's run log instead,
+`data/logs/<stage>/` (`StageOutput.log_dir`; `timings.json` there), which no stage reads and DVC does not track, with
+the parameters the stage ran with (`params.json`: its section as it took effect, derived defaults resolved).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _SHOWN_ENTRIES = 5
 RUN_LOGS = Path("data/logs")
 """Each stage's run log, `<RUN_LOGS>/<stage>/` (relative to the project): not a DVC output, never read by a stage."""
 TIMINGS_FILE = "timings.json"
+PARAMS_FILE = "params.json"
 
 
 def run_log(stage: str) -> Path:
@@ -141,15 +144,16 @@ class StageOutput:
             with out.publish() as tmp:            # a fresh folder; it replaces data/eval if the block succeeds
                 ...
             metrics = out.write_metrics(metrics, timings={"tokens_per_second": speed})
-            # metrics: deterministic, with "stage" (the metrics file's own marker) and "params" added; timings: the
-            # run log's data/logs/prepare_eval/timings.json, with "seconds" since the claim added
+            # metrics: deterministic, with "stage" (the metrics file's own marker) added; the run log gets
+            # data/logs/prepare_eval/params.json (the stage's parameters) and timings.json (`timings` with "seconds"
+            # since the claim added)
     """
 
     def __init__(self, owner: str, path: str | Path, param: str, metrics_file: str | Path | None = None,
                  metrics_param: str = "metrics_file", params: dict | None = None):
         self.owner = owner
         self.params = params
-        """The stage's effective parameters (derived defaults filled in), reported beside its metrics."""
+        """The stage's effective parameters (derived defaults filled in), written to its run log's params.json."""
         self.path = Path(path).expanduser()
         self.param = param
         self.metrics_file = Path(metrics_file).expanduser() if metrics_file is not None else None
@@ -345,8 +349,8 @@ class StageOutput:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def write_metrics(self, metrics: dict, timings: dict | None = None) -> dict:
-        """Write the metrics file (with `"stage"`, its marker, and `"params"` when given) atomically, and the run
-        log's timings (`timings` and the seconds since the output was claimed); return what the metrics file holds.
+        """Write the metrics file (with `"stage"`, its marker) atomically, and the run log's parameters (when given)
+        and timings (`timings` and the seconds since the output was claimed); return what the metrics file holds.
 
         `metrics` must be the same for the same inputs and parameters (DVC hashes the file): anything measured on
         the clock or the machine belongs in `timings`.
@@ -357,9 +361,9 @@ class StageOutput:
             raise RuntimeError("use StageOutput as a context manager: the output is claimed in __enter__")
         self._check_metrics_file()
         written = {"stage": self.owner, **metrics}
-        if self.params is not None:
-            written["params"] = self.params
         write_json(self.metrics_file, written)
+        if self.params is not None:
+            write_json(self.log_dir / PARAMS_FILE, {"stage": self.owner, "params": self.params})
         seconds = round(time.perf_counter() - self._started, 2)
         write_json(self.log_dir / TIMINGS_FILE, {"stage": self.owner, **(timings or {}), "seconds": seconds})
         log.info("stage %s took %.1f s (timings: %s)", self.owner, seconds, self.log_dir / TIMINGS_FILE)

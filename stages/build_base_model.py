@@ -11,9 +11,11 @@ position, bits per byte, planted-value recall and passkey retrieval at 256 token
 loss 3.28 (from 6.95), positions 8–32 → 128–256: 3.43 → 3.26, recall 0.22, passkey 0 %; `build_base_model.steps=2400`
 (about 10 min) forms the copying mechanism (study: gain 0.22, recall 0.63, passkey 60 %) — see README, "The embedded
 base model".
-A killed run resumes from its last checkpoint (an unreadable one is set aside with a warning, and the run starts
-over). When `model.name_or_path` names another model (the full-size profile), there is nothing to build: the stage
-writes only a note saying so, and later stages load that model. The output folder is replaced only when it is this
+The training loss (mean of every 10 steps) and learning rate go to dvclive's log in the run log,
+data/logs/build_base_model/dvclive/ (`dvc plots show` draws them). A killed run resumes from its last checkpoint (an
+unreadable one is set aside with a warning, and the run starts over). When `model.name_or_path` names another model
+(the full-size profile), there is nothing to build: the stage writes only a note saying so, and later stages load
+that model. The output folder is replaced only when it is this
 stage's own earlier output (longlora/io.py); a second run at the same time fails at once.
 """
 
@@ -42,6 +44,8 @@ from stages.params import BaseModelParams, Params
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 50
+# The loss curve's resolution: the mean training loss of every LOG_EVERY steps (and of the last, shorter stretch).
+LOG_EVERY = 10
 # Independent random streams derived from build_base_model.seed: training batches (one per step) and held-out probes.
 _TRAINING, _PROBES = 0, 1
 
@@ -74,7 +78,7 @@ def _build(params: Params, out: StageOutput) -> dict:
     # that looking a name up cannot be learnt by heart.
     synthetic = SyntheticSequences(tokenizer, code, p.context_length, prose_share=p.prose_share,
                                    words=corpus_words("\n".join(base_texts)))
-    final_train_loss = _pretrain(model, code, synthetic, p, _checkpoint_path(p))
+    final_train_loss = _pretrain(model, code, synthetic, p, _checkpoint_path(p), out.log_dir / "dvclive")
     context = _context_use(model, tokenizer, heldout, heldout_blocks, p)
 
     with out.publish() as tmp:
@@ -133,8 +137,11 @@ def _batch(step: int, code_blocks: np.ndarray, synthetic: SyntheticSequences, p:
 
 
 def _pretrain(model: LlamaForCausalLM, code: np.ndarray, synthetic: SyntheticSequences, p: BaseModelParams,
-              checkpoint: Path) -> float:
-    """Next-token training on code and synthetic recall; checkpoints every CHECKPOINT_EVERY steps, resumes."""
+              checkpoint: Path, log_dir: Path) -> float:
+    """Next-token training on code and synthetic recall; checkpoints every CHECKPOINT_EVERY steps, resumes. The loss
+    curve goes to dvclive's log in `log_dir` (the run log, as extend's and sft's: `dvc plots show` draws it)."""
+    from dvclive import Live
+
     code_blocks = cut_blocks(code, p.context_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.1)
     decay_steps = max(1, round(p.decay_share * p.steps))
@@ -143,10 +150,21 @@ def _pretrain(model: LlamaForCausalLM, code: np.ndarray, synthetic: SyntheticSeq
     start = _resume(checkpoint, p, model, optimizer, schedule)
     model.train()
     loss = torch.tensor(float("nan"))
-    with tqdm(range(start, p.steps), desc="pre-train base model", initial=start, total=p.steps) as bar:
+    since_logged: list[float] = []
+    # dvcyaml=None: dvclive must not rewrite dvc.yaml during `dvc repro`; a resumed run continues its curve.
+    live = Live(str(log_dir), resume=start > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+    with live, tqdm(range(start, p.steps), desc="pre-train base model", initial=start, total=p.steps) as bar:
         for step in bar:
+            lr = schedule.get_last_lr()[0]
             loss = train_step(model, _batch(step, code_blocks, synthetic, p), optimizer, schedule)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            since_logged.append(loss.item())
+            if (step + 1) % LOG_EVERY == 0 or step + 1 == p.steps:
+                live.step = step + 1
+                live.log_metric("loss", round(sum(since_logged) / len(since_logged), 4))
+                live.log_metric("learning_rate", lr)
+                live.next_step()
+                since_logged.clear()
             if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < p.steps:
                 _save_checkpoint(checkpoint, p, step + 1, model, optimizer, schedule)
     return loss.item()

@@ -8,7 +8,8 @@ Dense attention unless `attention: s2`. On 2 CPU cores the tiny default (256, 51
 first 8192 tokens) takes about 16 s per model; expected: the extended model below the base model with interpolation
 alone at every length. On a GPU the model runs in bfloat16 (README: PG19 and proof-pile at 2k … 32k).
 Output: `<out_dir>/<model>/perplexity.csv` (one row per length: the DVC plot of perplexity against context length,
-one line per model) and `<metrics_dir>/<model>.json` (`dvc metrics show` puts the models side by side).
+one line per model) and `<metrics_dir>/<model>.json`: `ppl.<length>` (strided) and `ppl_windowed.<length>` (LongLoRA's),
+so that `dvc metrics show data/metrics/eval_perplexity` is a model-by-length table.
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    by_length = {field: {str(row["length"]): row[field] for row in rows}
-                 for field in ("perplexity", "windowed_perplexity", "tokens_scored", "windows")}
-    metrics = {"model": name, "path": path, "stream_tokens": len(tokens), **by_length}
+    # Two short keys per length, nothing else: `dvc metrics show <metrics_dir>` is then a model-by-length table that
+    # fits a terminal (the counts of tokens and windows are in perplexity.csv).
+    metrics = {key: {str(row["length"]): row[field] for row in rows}
+               for key, field in (("ppl", "perplexity"), ("ppl_windowed", "windowed_perplexity"))}
     return out.write_metrics(metrics)
 
 

@@ -92,7 +92,6 @@ def _run(params: Params, model_name: str, examples: dict[str, list], out: StageO
     predicted = time.perf_counter() - loaded
     count = sum(len(records) for records in examples.values())
     metrics = {
-        "model": model_name,
         **result,
         "examples": {dataset: len(records) for dataset, records in examples.items()},
     }

@@ -683,7 +683,8 @@ class EvalPerplexityParams(Section):
     """One folder per model, `<out_dir>/<name>/perplexity.csv` (model, length, perplexity, windowed_perplexity,
     tokens_scored, windows): `dvc plots show` draws perplexity against context length, one line per model."""
     metrics_dir: OutPath = Path("data/metrics/eval_perplexity")
-    """DVC metrics, `<metrics_dir>/<name>.json`: both perplexities per length, tokens scored, windows."""
+    """DVC metrics, `<metrics_dir>/<name>.json`: both perplexities per length, `ppl.<length>` (strided) and
+    `ppl_windowed.<length>`, so that `dvc metrics show <metrics_dir>` is a model-by-length table."""
 
     def check_windows(self) -> None:
         """Raise ValueError unless the (resolved) lengths, stride and max_tokens leave windows to score."""
@@ -717,7 +718,8 @@ class EvalPasskeyParams(Section):
     """One folder per model, `<out_dir>/<name>/`: passkey.csv (accuracy per length and depth), trials.csv (every
     prompt: key, answer, prompt tokens, correct) and heatmap.png (length × depth), a DVC plot."""
     metrics_dir: OutPath = Path("data/metrics/eval_passkey")
-    """DVC metrics, `<metrics_dir>/<name>.json`: accuracy overall, per length and per depth."""
+    """DVC metrics, `<metrics_dir>/<name>.json`: `accuracy` overall and `by_length.<length>` (per depth: passkey.csv
+    and the heatmap)."""
 
     @model_validator(mode="after")
     def _grid(self) -> Self:

@@ -30,6 +30,11 @@ def test_writes_a_loadable_hf_model_that_learned(in_tmp):
     saved = json.loads((in_tmp / "data/metrics/build_base_model.json").read_text())
     assert saved == metrics
     assert metrics["heldout_loss"] < metrics["initial_heldout_loss"] - 0.25
+    # The loss curve (mean of every LOG_EVERY steps and of the last stretch), where `dvc plots show` finds it.
+    curve = (in_tmp / "data/logs/build_base_model/dvclive/plots/metrics/loss.tsv").read_text().splitlines()
+    assert curve[0] == "step\tloss" and [int(line.split()[0]) for line in curve[1:]] == [10, 12]
+    assert float(curve[-1].split()[1]) < float(curve[1].split()[1])  # the last stretch below the first ten steps
+    assert (in_tmp / "data/logs/build_base_model/dvclive/plots/metrics/learning_rate.tsv").exists()
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -112,8 +117,9 @@ def test_cli_reports_bad_params_in_one_line(in_tmp, capsys):
 def test_another_base_model_means_nothing_to_build(in_tmp):
     params = parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"}))
     metrics = build_base_model.run(params)
-    assert metrics == {"stage": "build_base_model", "built": False, "base_model": "meta-llama/Llama-2-7b-hf",
-                       "params": params.build_base_model.model_dump(mode="json")}
+    assert metrics == {"stage": "build_base_model", "built": False, "base_model": "meta-llama/Llama-2-7b-hf"}
+    assert json.loads((in_tmp / "data/logs/build_base_model/params.json").read_text()) == {
+        "stage": "build_base_model", "params": params.build_base_model.model_dump(mode="json")}
     assert sorted(p.name for p in (in_tmp / "data/base_model").iterdir()) == [OUTPUT_MARKER, "NOT_BUILT.txt"]
     assert json.loads((in_tmp / "data/metrics/build_base_model.json").read_text()) == metrics
 

@@ -89,24 +89,26 @@ def test_perplexity_writes_both_numbers_per_length_as_the_library_computes_them(
         assert [(row["model"], int(row["length"])) for row in rows] == [(name, 32), (name, 64)]
         written = json.loads(Path(f"data/metrics/eval_perplexity/{name}.json").read_text())
         assert written == metrics[name] and written["stage"] == f"eval_perplexity@{name}"
-        assert written["params"]["eval_model"] == {"name": name, **MODELS[name], "interpolate": name == "base"}
-        assert written["stream_tokens"] == 600
+        assert set(written) == {"stage", "ppl", "ppl_windowed"}  # a model-by-length table in `dvc metrics show`
+        ran_with = json.loads(Path(f"data/logs/eval_perplexity@{name}/params.json").read_text())["params"]
+        assert ran_with["eval_model"] == {"name": name, **MODELS[name], "interpolate": name == "base"}
         for row in rows:
-            assert float(row["perplexity"]) == written["perplexity"][row["length"]] > 1
-            assert float(row["windowed_perplexity"]) == written["windowed_perplexity"][row["length"]] > 1
+            assert float(row["perplexity"]) == written["ppl"][row["length"]] > 1
+            assert float(row["windowed_perplexity"]) == written["ppl_windowed"][row["length"]] > 1
     # The base model is scored with its RoPE interpolated to model.target_context, as load_for_evaluation gives it.
     want = {64: (strided_perplexity(base, tokens, 64, progress=False)["perplexity"],
                  windowed_perplexity(base, tokens, 64, 32, progress=False)["perplexity"])}
-    assert metrics["base"]["perplexity"]["64"] == pytest.approx(want[64][0], abs=1e-4)
-    assert metrics["base"]["windowed_perplexity"]["64"] == pytest.approx(want[64][1], abs=1e-4)
-    assert metrics["base"]["tokens_scored"]["64"] == 9 * 63  # 600 tokens: 9 side-by-side windows of 64
-    assert metrics["base"]["windows"]["64"] == len(range(0, 600 - 64, 32)) - 1
+    assert metrics["base"]["ppl"]["64"] == pytest.approx(want[64][0], abs=1e-4)
+    assert metrics["base"]["ppl_windowed"]["64"] == pytest.approx(want[64][1], abs=1e-4)
+    base_rows = {row["length"]: row for row in _csv(Path("data/eval_results/perplexity/base/perplexity.csv"))}
+    assert int(base_rows["64"]["tokens_scored"]) == 9 * 63  # 600 tokens: 9 side-by-side windows of 64
+    assert int(base_rows["64"]["windows"]) == len(range(0, 600 - 64, 32)) - 1
 
 
 def test_perplexity_with_s2attn_at_evaluation_differs_from_dense(project):
-    dense = eval_perplexity.run(_params(), "extended")["perplexity"]["64"]
+    dense = eval_perplexity.run(_params(), "extended")["ppl"]["64"]
     s2 = eval_perplexity.run(_params(eval_perplexity={**EVALS["eval_perplexity"], "attention": "s2"}),
-                             "extended")["perplexity"]["64"]
+                             "extended")["ppl"]["64"]
     assert s2 > 1 and s2 != dense  # random weights: close, but S² hides part of each window from the rest
 
 
@@ -125,7 +127,9 @@ def test_passkey_writes_the_grid_its_trials_and_a_heatmap(project):
         in_cell = [t for t in trials if (t["length"], float(t["depth"])) == (cell["length"], float(cell["depth"]))]
         assert int(cell["correct"]) == sum(t["correct"] == "True" for t in in_cell)
     assert metrics["accuracy"] == pytest.approx(sum(t["correct"] == "True" for t in trials) / 8, abs=1e-4)
-    assert set(metrics["accuracy_by_length"]) == {"200", "256"} and set(metrics["accuracy_by_depth"]) == {"0", "1"}
+    assert set(metrics) == {"stage", "accuracy", "by_length", "prompts"} and set(metrics["by_length"]) == {"200", "256"}
+    assert metrics["by_length"]["256"] == pytest.approx(
+        sum(t["correct"] == "True" for t in trials if t["length"] == "256") / 4, abs=1e-4)
     assert (folder / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(folder / "heatmap.png").ndim == 3
     assert json.loads(Path("data/metrics/eval_passkey/base.json").read_text())["prompts"] == 8

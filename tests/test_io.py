@@ -16,6 +16,7 @@ import pytest
 from longlora.errors import InputError
 from longlora.io import (
     OUTPUT_MARKER,
+    PARAMS_FILE,
     TIMINGS_FILE,
     OutputBusyError,
     OutputError,
@@ -291,9 +292,12 @@ def test_timings_go_to_the_run_log_and_the_metrics_stay_the_same_from_run_to_run
             with out.publish() as tmp:
                 (tmp / "data.txt").write_text("same")
             assert out.write_metrics({"loss": 1.5}, timings={"tokens_per_second": speed}) == {
-                "stage": "stage_a@x", "loss": 1.5, "params": {"n": 1}}
+                "stage": "stage_a@x", "loss": 1.5}
+        # The parameters go to the run log, not into the metrics (dvc metrics/exp show list results, not settings).
+        assert json.loads((out.log_dir / PARAMS_FILE).read_text()) == {"stage": "stage_a@x", "params": {"n": 1}}
         written.append((Path("m.json").read_bytes(), (tmp_path / "out/data.txt").read_bytes()))
         timings = json.loads((tmp_path / "data/logs/stage_a@x" / TIMINGS_FILE).read_text())
         assert timings["stage"] == "stage_a@x" and timings["tokens_per_second"] == speed and timings["seconds"] >= 0
         assert out.log_dir == run_log("stage_a@x") == Path("data/logs/stage_a@x")
     assert written[0] == written[1]
+

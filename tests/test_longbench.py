@@ -259,7 +259,8 @@ def test_predict_and_score_end_to_end(tmp_path, monkeypatch, model_folder, singl
     assert all(0 <= value <= 100 for value in result.values())
     assert metrics["scores"] == result and metrics["examples"] == {"lcc": 2, "passage_retrieval_en": 1, "trec": 1}
     assert set(metrics["categories"]) == {"code", "synthetic", "few_shot"}
-    assert metrics["params"]["max_length"] == 250 and metrics["params"]["eval_model"]["path"] == str(model_folder)
+    ran_with = json.loads((tmp_path / "data/logs/longbench@tiny/params.json").read_text())["params"]
+    assert ran_with["max_length"] == 250 and ran_with["eval_model"]["path"] == str(model_folder)
     written = json.loads((tmp_path / "data/metrics/longbench/tiny.json").read_text())
     assert written["stage"] == "longbench@tiny" and written["scores"] == result
     # The standalone scorer gives the same numbers from the prediction files alone.
@@ -275,7 +276,8 @@ def test_predict_and_score_end_to_end(tmp_path, monkeypatch, model_folder, singl
     assert metrics["examples"] == {"lcc": 2} and set(metrics["by_length"]["lcc"]) == {"0-4k", "4-8k", "8k+"}
     out = tmp_path / "data/longbench/tiny_pi"
     assert json.loads((out / "result.json").read_text()) == metrics["by_length"]
-    assert (out / "lcc.jsonl").exists() and metrics["params"]["eval_model"]["interpolate"] is True
+    ran_with = json.loads((tmp_path / "data/logs/longbench@tiny_pi/params.json").read_text())["params"]
+    assert (out / "lcc.jsonl").exists() and ran_with["eval_model"]["interpolate"] is True
 
 
 def test_bad_inputs_stop_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):

@@ -1,42 +1,22 @@
-"""The orchestration: `dvc repro` in a temporary git repository and the Prefect flow under Prefect's test harness
-both run every stage of dvc.yaml on tiny parameters and write the artifacts."""
+"""The orchestration: dvc.yaml's stages, deps, params and plots, and the Prefect flow under Prefect's test harness
+running every stage on tiny parameters in a temporary git+DVC repository (`dvc repro` itself: tests/test_dvc.py)."""
 
 from __future__ import annotations
 
 import ast
 import contextlib
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from longlora.io import run_log
 from pipelines.longlora_flow import _paths, _under, expand_stages, stage_order
-from stages.params import EVAL_STAGES, STAGES, load_params, stage_key
+from stages.params import EVAL_STAGES, STAGES, TRAINING_STAGES, load_params, stage_key
+from tests._repo import DVC, expanded_stages, final_outputs, make_repo, repo_env, run_checked, write_tiny_params
 from tests.conftest import ROOT, tiny_params_dict
-
-PROJECT_FILES = ["dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
-PROJECT_DIRS = ["longlora", "stages", "pipelines"]
-
-
-def _expanded() -> dict[str, dict]:
-    """The project's dvc.yaml with every foreach expanded, `${…}` filled from params.yaml as DVC does."""
-    return expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()), yaml.safe_load((ROOT / "params.yaml")
-                                                                                        .read_text()))
-
-
-def _final_outputs() -> list[Path]:
-    stages = _expanded()
-    return [Path(next(iter(o)) if isinstance(o, dict) else o)
-            for stage in stages.values() for o in stage.get("outs", []) + stage.get("metrics", [])]
-
-
-def _write_tiny_params(where: Path) -> None:
-    (where / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()), encoding="utf-8")
 
 
 def test_stage_order_follows_dependencies(tmp_path):
@@ -77,6 +57,10 @@ def test_foreach_stages_become_one_stage_per_instance(tmp_path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"extend": {"cmd": "python -m stages.extend"}}}))
     with pytest.raises(ValueError, match=r"stage 'extend' must run `python -m stages.launch extend`"):
         stage_order(tmp_path / "dvc.yaml")
+
+
+# The stages that log a loss curve with dvclive: the base model's pre-training and the training stages.
+TRAINING_CURVES = ("build_base_model", *TRAINING_STAGES)
 
 
 def _module_file(name: str) -> Path | None:
@@ -122,7 +106,7 @@ def _has_key(tree: dict, dotted: str) -> bool:
 
 def test_every_stage_declares_the_code_params_and_data_it_reads():
     """dvc.yaml's deps and params are what each stage really reads, so that `dvc repro` reruns exactly when needed."""
-    spec = _expanded()
+    spec = expanded_stages()
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = load_params(ROOT / "params.yaml")
     assert stage_order(ROOT / "dvc.yaml") == list(params.stages), "the Prefect flow and params.py must know the " \
@@ -168,12 +152,16 @@ def test_every_stage_declares_the_code_params_and_data_it_reads():
         assert "prepare_eval.lengths" in spec[f"eval_perplexity@{name}"]["params"]
 
 
-def test_plots_show_every_evaluated_model():
-    """Top-level plots cannot loop over eval_models: they must name each model's files (one line per model in the
-    perplexity plots, one heatmap per model)."""
+def test_plots_show_every_training_curve_and_every_evaluated_model():
+    """The loss curves of the three training stages (dvclive's logs in their run logs), and the evaluations: top-level
+    plots cannot loop over eval_models, so they must name each model's files (one line per model in the perplexity
+    plots, one heatmap per model)."""
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     params = load_params(ROOT / "params.yaml")
     plots = {next(iter(entry)) if isinstance(entry, dict) else entry: (entry or {}) for entry in spec["plots"]}
+    for stage in TRAINING_CURVES:
+        curves = f"{run_log(stage).as_posix()}/dvclive/plots/metrics"
+        assert plots[curves] == {curves: {"x": "step"}}, stage
     perplexity = {str(params.destination(f"eval_perplexity@{name}")[0] / "perplexity.csv")
                   for name in params.eval_models}
     for title, field in (("perplexity (strided) vs context length", "perplexity"),
@@ -214,7 +202,7 @@ def test_flow_overrides_edit_params_like_dvc_exp_run(tmp_path, monkeypatch):
     from stages.params import ParamsError
 
     monkeypatch.chdir(tmp_path)
-    _write_tiny_params(tmp_path)
+    write_tiny_params(tmp_path)
     params_file = tmp_path / "params.yaml"
     params_file.write_text("# mine\n" + params_file.read_text())
     apply_overrides(["build_base_model.steps=6", "model.target_context=256"])
@@ -226,72 +214,6 @@ def test_flow_overrides_edit_params_like_dvc_exp_run(tmp_path, monkeypatch):
         apply_overrides(["model.target_context=1002"])
     assert params_file.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
-
-
-def _run(cmd: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def _repo_env(tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        # The stages' `python` must be this interpreter, whatever else is on PATH.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    }
-
-
-def _make_repo(tmp_path: Path) -> Path:
-    """A git+DVC repository with the project's code and dvc.yaml and the tiny params.yaml, committed."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, repo / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    _write_tiny_params(repo)
-    env = _repo_env(tmp_path)
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-q", "-m", "init"], repo, env)
-    return repo
-
-
-@pytest.mark.slow
-def test_dvc_repro_runs_the_pipeline_in_a_fresh_repo(tmp_path):
-    repo = _make_repo(tmp_path)
-    env = _repo_env(tmp_path)
-    dvc = [str(Path(sys.executable).parent / "dvc")]
-
-    _run([*dvc, "repro"], repo, env)
-    for out in _final_outputs():
-        assert (repo / out).exists(), f"dvc repro did not produce {out}"
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == set(stage_order(ROOT / "dvc.yaml"))
-    assert lock["stages"]["build_base_model"]["params"]["params.yaml"]["build_base_model"]["steps"] == 12
-
-    assert "Data and pipelines are up to date" in _run([*dvc, "status"], repo, env)
-    changed = _run([*dvc, "repro", "--dry", "build_base_model"], repo, env)
-    assert "didn't change, skipping" in changed
-    # build_base_model builds only when model.name_or_path is its own output: switching models makes it stale.
-    params_text = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(params_text.replace("name_or_path: data/base_model",
-                                                          "name_or_path: meta-llama/Llama-2-7b-hf"))
-    assert "model.name_or_path" in _run([*dvc, "status", "build_base_model"], repo, env)
-    (repo / "params.yaml").write_text(params_text)
-    # Every stage's metrics report the parameters it ran with, derived defaults resolved.
-    shown = _run([*dvc, "metrics", "show", "--json"], repo, env)
-    assert '"block_length": 128' in shown  # prepare_pretrain.block_length: null, model.target_context 128
-
-    # An experiment with one parameter changed reruns what depends on it and records the new value.
-    _run([*dvc, "exp", "run", "-S", "build_base_model.steps=6"], repo, env)
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["build_base_model"]["params"]["params.yaml"]["build_base_model"]["steps"] == 6
 
 
 @pytest.fixture(scope="session")
@@ -306,7 +228,7 @@ def prefect_harness():
 def _in_repo(repo: Path):
     """Run in `repo` with the env DVC and git need there (the flow runs `dvc repro` in the current directory)."""
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in _repo_env(repo.parent).items():
+        for key, value in repo_env(repo.parent).items():
             if key != "PATH":  # the flow puts the interpreter's bin first itself
                 patch.setenv(key, value)
         patch.chdir(repo)
@@ -337,7 +259,7 @@ def flow_runs(prefect_harness, tmp_path_factory):
     """The tiny pipeline run twice by the flow in a fresh git+DVC repository: (repo, first state, second state)."""
     from pipelines.longlora_flow import longlora_flow
 
-    repo = _make_repo(tmp_path_factory.mktemp("flow"))
+    repo = make_repo(tmp_path_factory.mktemp("flow"))
     with _in_repo(repo):
         first = longlora_flow(retry_delay_seconds=0, return_state=True)
         second = longlora_flow(retry_delay_seconds=0, return_state=True)
@@ -351,13 +273,13 @@ def test_prefect_flow_runs_every_stage_through_dvc(flow_runs):
     results = first.result()
     assert list(results) == stage_order(ROOT / "dvc.yaml")
     assert results["build_base_model"]["heldout_loss"] < results["build_base_model"]["initial_heldout_loss"]
-    for out in _final_outputs():
+    for out in final_outputs():
         assert (repo / out).exists(), f"the flow did not produce {out}"
     runs = _task_runs(first.state_details.flow_run_id)
     assert {name: run.state.name for name, run in runs.items()} == dict.fromkeys(results, "Completed")
     # DVC ran every stage: it agrees that nothing is stale.
-    env = _repo_env(repo.parent)
-    assert "Data and pipelines are up to date" in _run([str(Path(sys.executable).parent / "dvc"), "status"], repo, env)
+    env = repo_env(repo.parent)
+    assert "Data and pipelines are up to date" in run_checked([DVC, "status"], repo, env)
     # Nothing changed: the second run skips every stage, and returns the same metrics.
     assert second.is_completed(), second.message
     assert second.result() == results

@@ -103,7 +103,10 @@ def test_pretrain_blocks_are_the_eos_joined_stream_with_document_boundaries(
     assert metrics["skipped_records"] == 0
     assert json.loads((run_log("prepare_pretrain") / TIMINGS_FILE).read_text())["tokens_per_second"] > 0
     # The effective value, also when block_length is left to default to model.target_context.
-    assert metrics["params"] == {**params.prepare_pretrain.model_dump(mode="json"), "block_length": length}
+    ran_with = json.loads((in_tmp / "data/logs/prepare_pretrain/params.json").read_text())
+    assert ran_with == {"stage": "prepare_pretrain",
+                        "params": {**params.prepare_pretrain.model_dump(mode="json"), "block_length": length}}
+    assert "params" not in metrics
     assert blocks.meta["eos_id"] == tiny_tokenizer.eos_token_id and blocks.meta["documents"] == len(texts)
 
 
@@ -273,7 +276,8 @@ def test_sft_labels_are_masked_exactly_on_the_prompt(in_tmp, tiny_tokenizer, tin
                                                       "system_prompt": "Be brief."})
     metrics = prepare_sft.run(params)
     assert metrics["examples"] == 3 and metrics["dropped_prompt_too_long"] == 1
-    assert metrics["params"]["max_length"] == params.model.target_context  # the default, resolved
+    ran_with = json.loads((in_tmp / "data/logs/prepare_sft/params.json").read_text())["params"]
+    assert ran_with["max_length"] == params.model.target_context  # the default, resolved
     assert json.loads((in_tmp / "data/metrics/prepare_sft.json").read_text()) == metrics
 
     dataset = datasets.load_from_disk(str(in_tmp / "data/sft"))
@@ -381,7 +385,8 @@ def test_eval_default_lengths_and_uint32(in_tmp, tiny_tokenizer_dir, texts):
     metrics = prepare_eval.run(_params(tiny_tokenizer_dir, prepare_eval={"input": "docs.jsonl", "dtype": "uint32",
                                                                          "on_error": "skip"}))
     assert list(metrics["documents_reaching"]) == ["32", "64", "128"]  # target_context 128 / 4, / 2, × 1
-    assert metrics["params"]["lengths"] == [32, 64, 128] and metrics["params"]["dtype"] == "uint32"
+    ran_with = json.loads((in_tmp / "data/logs/prepare_eval/params.json").read_text())["params"]
+    assert ran_with["lengths"] == [32, 64, 128] and ran_with["dtype"] == "uint32"
     assert metrics["dtype"] == "uint32" and metrics["skipped_by_reason"] == {"malformed_json": 1}
     assert (in_tmp / "data/eval/tokens.bin").stat().st_size == 4 * metrics["tokens"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from longlora.io import RUN_LOGS, TIMINGS_FILE, run_log
+from longlora.io import PARAMS_FILE, RUN_LOGS, TIMINGS_FILE, run_log
 from stages import (
     build_base_model,
     eval_passkey,
@@ -87,6 +87,8 @@ def test_a_rerun_into_fresh_folders_writes_the_same_bytes(first_run, stage, tmp_
 
     assert _digests(tmp_path / out_dir) == _digests(first_run / out_dir)
     assert (tmp_path / metrics_file).read_bytes() == (first_run / metrics_file).read_bytes()
+    ran_with = run_log(stage) / PARAMS_FILE  # the parameters it ran with, in the run log but the same bytes too
+    assert (tmp_path / ran_with).read_bytes() == (first_run / ran_with).read_bytes()
     timings = json.loads((tmp_path / run_log(stage) / TIMINGS_FILE).read_text(encoding="utf-8"))
     assert timings["stage"] == stage and timings["seconds"] > 0
     assert "seconds" not in json.loads((tmp_path / metrics_file).read_text(encoding="utf-8"))
@@ -102,6 +104,10 @@ def test_the_training_logs_and_timings_are_kept_out_of_the_outputs(first_run):
         assert timings["resumed_from_step"] is None
         metrics = json.loads((first_run / f"data/metrics/{stage}.json").read_text(encoding="utf-8"))
         assert not {"seconds", "tokens_per_second", "peak_memory_mib", "resumed_from_step"} & set(metrics)
+    # The base model's pre-training curve too: in its run log, not in the model folder DVC caches.
+    assert not list((first_run / "data/base_model").rglob("*.tsv"))
+    logged = (first_run / run_log("build_base_model") / "dvclive/plots/metrics/loss.tsv").read_text().splitlines()
+    assert logged[0] == "step\tloss" and len(logged) > 1
 
 
 def test_the_deterministic_sft_folder_is_still_a_dataset_load_from_disk_reads(first_run):
