@@ -49,10 +49,10 @@ def model_results(metrics: dict[str, dict | None]) -> ModelResults:
     passkey = metrics.get("eval_passkey") or {}
     longbench = metrics.get("longbench") or {}
     return ModelResults(
-        perplexity=_by_length(perplexity.get("perplexity")),
-        windowed_perplexity=_by_length(perplexity.get("windowed_perplexity")),
+        perplexity=_by_length(perplexity.get("ppl")),
+        windowed_perplexity=_by_length(perplexity.get("ppl_windowed")),
         passkey_accuracy=passkey.get("accuracy"),
-        passkey_by_length=_by_length(passkey.get("accuracy_by_length")),
+        passkey_by_length=_by_length(passkey.get("by_length")),
         longbench={task: float(score) for task, score in (longbench.get("scores") or {}).items()},
     )
 

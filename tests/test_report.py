@@ -59,13 +59,11 @@ def evaluated(tmp_path, monkeypatch):
     params = load_params("params.yaml")
     for name in params.eval_models:
         _write_json(params.destination(f"eval_perplexity@{name}")[2], {
-            "stage": f"eval_perplexity@{name}", "model": name,
-            "perplexity": {str(n): v for n, v in zip(LENGTHS, PERPLEXITY[name], strict=True)},
-            "windowed_perplexity": {str(n): v + 1 for n, v in zip(LENGTHS, PERPLEXITY[name], strict=True)},
-            "tokens_scored": dict.fromkeys(map(str, LENGTHS), 1000)})
+            "ppl": {str(n): v for n, v in zip(LENGTHS, PERPLEXITY[name], strict=True)},
+            "ppl_windowed": {str(n): v + 1 for n, v in zip(LENGTHS, PERPLEXITY[name], strict=True)}})
         _write_json(params.destination(f"eval_passkey@{name}")[2], {
-            "stage": f"eval_passkey@{name}", "model": name, "accuracy": sum(PASSKEY[name]) / 3,
-            "accuracy_by_length": {str(n): v for n, v in zip(LENGTHS, PASSKEY[name], strict=True)}})
+            "accuracy": sum(PASSKEY[name]) / 3,
+            "by_length": {str(n): v for n, v in zip(LENGTHS, PASSKEY[name], strict=True)}})
         _write_json(params.destination(f"longbench@{name}")[2], {
             "stage": f"longbench@{name}", "model": name, "scores": LONGBENCH[name],
             "categories": {"code": LONGBENCH[name]["lcc"]}})
@@ -201,9 +199,9 @@ def test_with_evaluation_replaces_only_the_evaluation_section():
 
 def test_results_are_read_from_the_evaluation_metrics_and_shown_the_same_way_everywhere():
     """The report and the Prefect flow's comparison artifact share these tables."""
-    results = {"a": model_results({"eval_perplexity": {"perplexity": {"64": 2.5, "32": 3.0}},
+    results = {"a": model_results({"eval_perplexity": {"ppl": {"64": 2.5, "32": 3.0}},
                                    "longbench": {"scores": {"lcc": 40.0, "trec": 50.0}}}),
-               "b": model_results({"eval_passkey": {"accuracy": 0.25, "accuracy_by_length": {"32": 0.5, "64": 0.0}}})}
+               "b": model_results({"eval_passkey": {"accuracy": 0.25, "by_length": {"32": 0.5, "64": 0.0}}})}
     assert results["a"].perplexity == {32: 3.0, 64: 2.5} and results["a"].longbench_average == 45.0
     markdown = comparison_markdown(results)
     assert "| model | 32 | 64 |\n|---|---|---|\n| a | 3.00 | 2.50 |\n| b | - | - |" in markdown
