@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -92,17 +94,58 @@ def test_repro_runs_every_stage_once_and_a_second_repro_does_nothing(repo):
 def test_an_evaluation_parameter_reruns_that_evaluation_only(repo):
     passkey = {f"eval_passkey@{model}" for model in load_params(repo.path / "params.yaml").eval_models}
     repo.set_param("eval_passkey.trials", 2)
-    assert set(json.loads(repo.dvc("status", "--json"))) == passkey
+    rerun = passkey | {"report"}  # the report reads eval_passkey.trials too, and every evaluation's results
+    assert set(json.loads(repo.dvc("status", "--json"))) == rerun
     changed = repo.dvc("repro")
-    assert stages_run(changed) == passkey and stages_skipped(changed) == _all_stages() - passkey
+    assert stages_run(changed) == rerun and stages_skipped(changed) == _all_stages() - rerun
     prompts = json.loads((repo.path / "data/metrics/eval_passkey/sft.json").read_text())["prompts"]
     assert prompts == 2 * 2 * 2  # lengths × depths × trials
     # And back: the same three, now restored from DVC's run-cache rather than run again.
     repo.git("checkout", "-q", "--", "params.yaml")
     back = repo.dvc("repro")
-    assert stages_run(back) == passkey and stages_skipped(back) == _all_stages() - passkey
+    assert stages_run(back) == rerun and stages_skipped(back) == _all_stages() - rerun
     assert "Data and pipelines are up to date" in repo.dvc("status")
     assert repo.git("status", "--porcelain") == "", "the baseline's metrics and dvc.lock came back byte for byte"
+
+
+def _queue_done(repo: Repo, names: set[str], timeout: float = 900.0) -> dict[str, str]:
+    """Wait for the queued experiments `names` to finish: {name: status} from `dvc queue status`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [line.split() for line in repo.dvc("queue", "status").splitlines()]
+        status = {row[1]: row[-1] for row in rows if len(row) >= 4 and row[1] in names}
+        if set(status) == names and not {"Queued", "Running"} & set(status.values()):
+            return status
+        assert time.monotonic() < deadline, f"the queue did not finish: {status}"
+        time.sleep(2)
+
+
+def test_evaluations_fan_out_through_the_queue_and_come_back_from_the_run_cache(repo):
+    """README, "Scaling out": evaluation instances queued as experiments, two queue workers (each started with its
+    own CUDA_VISIBLE_DEVICES, as one per GPU) run them in temporary copies of the repository, and a plain `dvc repro`
+    in the workspace then checks their results out of DVC's run-cache instead of running them; the instance not
+    queued runs there, and the report after it."""
+    passkey = sorted(f"eval_passkey@{model}" for model in load_params(repo.path / "params.yaml").eval_models)
+    queued, not_queued = set(passkey[:2]), passkey[2]
+    repo.set_param("eval_passkey.trials", 3)
+    names = {stage.replace("@", "-") for stage in queued}
+    for stage in sorted(queued):
+        repo.dvc("exp", "run", "--queue", "-n", stage.replace("@", "-"), stage)
+    for workers in (1, 2):
+        run_checked([DVC, "queue", "start", "-j", str(workers)], repo.path,
+                    {**repo.env, "CUDA_VISIBLE_DEVICES": str(workers - 1)})
+    assert set(_queue_done(repo, names).values()) == {"Success"}
+    collected = repo.dvc("repro")
+    assert set(re.findall(r"Stage '([^']+)' is cached - skipping run", collected)) == queued, collected
+    assert set(re.findall(r"Running stage '([^']+)'", collected)) == {not_queued, "report"}, collected
+    assert json.loads((repo.path / "data/metrics/eval_passkey/sft.json").read_text())["prompts"] == 2 * 2 * 3
+    repo.dvc("queue", "remove", "--all")
+    repo.dvc("exp", "remove", "--all-commits")
+    # Back to the baseline's parameters: its results come back from the run-cache, byte for byte.
+    repo.git("checkout", "-q", "--", "params.yaml")
+    repo.dvc("repro")
+    assert "Data and pipelines are up to date" in repo.dvc("status")
+    assert repo.git("status", "--porcelain") == ""
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +166,7 @@ def _exp_show(repo: Repo) -> tuple[dict, list[dict]]:
 
 def test_an_extend_parameter_reruns_extend_and_everything_after_it_as_an_experiment(repo, experiment):
     _, printed = experiment
-    downstream = {"extend", "merge@extend", "sft", "merge@sft"} | {
+    downstream = {"extend", "merge@extend", "sft", "merge@sft", "report"} | {
         f"{stage}@{model}" for stage in EVAL_STAGES for model in ("extended", "sft")}
     assert stages_run(printed) == downstream
     assert stages_skipped(printed) == _all_stages() - downstream  # the data stages, the base model and its evals
@@ -153,7 +196,7 @@ def test_exp_show_lists_the_experiment_with_its_metrics_beside_the_baseline(repo
     columns = repo.dvc("exp", "show", "--only-changed", "--csv").splitlines()[0].split(",")
     assert [c for c in columns if "/" not in c and "." in c] == ["extend.max_steps"], columns
     assert "data/metrics/extend.json:steps" in columns
-    reran = {"data/metrics/extend.json", "data/metrics/sft.json"} | {
+    reran = {"data/metrics/extend.json", "data/metrics/sft.json", "data/metrics/report.json"} | {
         f"data/metrics/{stage}/{model}.json" for stage in EVAL_STAGES for model in ("extended", "sft")}
     assert {c.split(":")[0] for c in columns if c.startswith("data/metrics/")} <= reran, columns
     assert not [c for c in columns if ":params." in c], columns

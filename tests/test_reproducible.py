@@ -140,7 +140,7 @@ def test_the_report_shows_the_numbers_the_real_evaluations_wrote(first_run):
 
     written = {stage: json.loads((first_run / f"data/metrics/{stage}/extended.json").read_text(encoding="utf-8"))
                for stage in ("eval_perplexity", "eval_passkey", "longbench")}
-    perplexity = written["eval_perplexity"]["perplexity"]
+    perplexity = written["eval_perplexity"]["ppl"]
     scores = written["longbench"]["scores"]
     expected = ["extended", *(f"{perplexity[n]:.2f}" for n in sorted(perplexity, key=int)),
                 f"{written['eval_passkey']['accuracy']:.2f}", f"{sum(scores.values()) / len(scores):.2f}"]
