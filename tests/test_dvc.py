@@ -120,32 +120,32 @@ def _queue_done(repo: Repo, names: set[str], timeout: float = 900.0) -> dict[str
         time.sleep(2)
 
 
-def test_evaluations_fan_out_through_the_queue_and_come_back_from_the_run_cache(repo):
-    """README, "Scaling out": evaluation instances queued as experiments, two queue workers (each started with its
-    own CUDA_VISIBLE_DEVICES, as one per GPU) run them in temporary copies of the repository, and a plain `dvc repro`
-    in the workspace then checks their results out of DVC's run-cache instead of running them; the instance not
-    queued runs there, and the report after it."""
-    passkey = sorted(f"eval_passkey@{model}" for model in load_params(repo.path / "params.yaml").eval_models)
+def test_evaluations_fan_out_through_the_queue_and_come_back_from_the_run_cache(repo, tmp_path):
+    """README, "Scaling out": in a second clone sharing the first one's DVC cache (as a node would), evaluation
+    instances queued as experiments, two queue workers (each started with its own CUDA_VISIBLE_DEVICES, as one per
+    GPU) run them in temporary copies of the repository, and a plain `dvc repro` in the workspace then checks their
+    results out of DVC's run-cache instead of running them; the instance not queued runs there, and the report."""
+    clone = Repo(tmp_path / "clone", repo.env)
+    run_checked(["git", "clone", "-q", str(repo.path), str(clone.path)], tmp_path, repo.env)
+    clone.dvc("cache", "dir", "--local", str(repo.path / ".dvc/cache"))
+    clone.dvc("checkout")
+    # Up to date but for the training checkpoints: persistent workspace state of the first clone, never cached.
+    assert set(json.loads(clone.dvc("status", "--json"))) == {"extend", "sft"}
+    passkey = sorted(f"eval_passkey@{model}" for model in load_params(clone.path / "params.yaml").eval_models)
     queued, not_queued = set(passkey[:2]), passkey[2]
-    repo.set_param("eval_passkey.trials", 3)
+    clone.set_param("eval_passkey.trials", 3)
     names = {stage.replace("@", "-") for stage in queued}
     for stage in sorted(queued):
-        repo.dvc("exp", "run", "--queue", "-n", stage.replace("@", "-"), stage)
+        clone.dvc("exp", "run", "--queue", "-n", stage.replace("@", "-"), stage)
     for workers in (1, 2):
-        run_checked([DVC, "queue", "start", "-j", str(workers)], repo.path,
-                    {**repo.env, "CUDA_VISIBLE_DEVICES": str(workers - 1)})
-    assert set(_queue_done(repo, names).values()) == {"Success"}
-    collected = repo.dvc("repro")
+        run_checked([DVC, "queue", "start", "-j", str(workers)], clone.path,
+                    {**clone.env, "CUDA_VISIBLE_DEVICES": str(workers - 1)})
+    assert set(_queue_done(clone, names).values()) == {"Success"}
+    collected = clone.dvc("repro")
     assert set(re.findall(r"Stage '([^']+)' is cached - skipping run", collected)) == queued, collected
     assert set(re.findall(r"Running stage '([^']+)'", collected)) == {not_queued, "report"}, collected
-    assert json.loads((repo.path / "data/metrics/eval_passkey/sft.json").read_text())["prompts"] == 2 * 2 * 3
-    repo.dvc("queue", "remove", "--all")
-    repo.dvc("exp", "remove", "--all-commits")
-    # Back to the baseline's parameters: its results come back from the run-cache, byte for byte.
-    repo.git("checkout", "-q", "--", "params.yaml")
-    repo.dvc("repro")
-    assert "Data and pipelines are up to date" in repo.dvc("status")
-    assert repo.git("status", "--porcelain") == ""
+    assert json.loads((clone.path / "data/metrics/eval_passkey/sft.json").read_text())["prompts"] == 2 * 2 * 3
+    assert set(json.loads(clone.dvc("status", "--json"))) == {"extend", "sft"}
 
 
 @pytest.fixture(scope="module")
