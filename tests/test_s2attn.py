@@ -73,6 +73,15 @@ SHAPES = [  # batch, heads, kv heads, seq, group
 ]
 
 
+def _assert_same_gradients(out, expected, inputs) -> None:
+    """The gradients of `out` and of the reference `expected` with respect to q, k, v agree (float64, tight)."""
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    for name, got, want in zip("qkv", grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+
+
 @pytest.mark.parametrize("layout", ["hf", "contiguous"])
 @pytest.mark.parametrize(("b", "heads", "heads_kv", "n", "group_size"), SHAPES)
 def test_forward_and_gradients_match_reference(b, heads, heads_kv, n, group_size, layout):
@@ -81,12 +90,7 @@ def test_forward_and_gradients_match_reference(b, heads, heads_kv, n, group_size
     expected = reference(q, k, v, group_size)
     assert out.shape == (b, heads, n, q.shape[-1])
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
-
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
-    for name, got, want in zip("qkv", grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+    _assert_same_gradients(out, expected, (q, k, v))
 
 
 @pytest.mark.parametrize("layout", ["hf", "contiguous"])
@@ -96,11 +100,7 @@ def test_without_shift_every_head_attends_within_plain_groups(b, heads, heads_kv
     out = grouped_causal_attention(q, k, v, group_size)
     expected = reference(q, k, v, group_size, shift=False)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
-    for name, got, want in zip("qkv", grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+    _assert_same_gradients(out, expected, (q, k, v))
     if heads > 1 and n > group_size:  # not vacuous: the shifted half differs
         assert (out - shifted_sparse_attention(q, k, v, group_size)).abs().max() > 1e-3
 

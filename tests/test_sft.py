@@ -142,12 +142,17 @@ def test_length_grouped_examples_are_read_in_the_stored_order(project, monkeypat
     assert seen == [stored[i: i + 2] for i in range(0, 16, 2)]
 
 
-@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (9, 3)])
-def test_the_loss_is_on_answer_tokens_only_and_padded_rows_compute_what_they_compute_alone(heads, kv_heads):
+def _s2_llama(heads: int, kv_heads: int):
+    """A seeded 2-layer Llama (context 64) training with S²-Attn in fixed groups of 8."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=8 * heads, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64)
-    model = configure_s2attn(LlamaForCausalLM(config), group_size=8).train()
+    return configure_s2attn(LlamaForCausalLM(config), group_size=8).train()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (9, 3)])
+def test_the_loss_is_on_answer_tokens_only_and_padded_rows_compute_what_they_compute_alone(heads, kv_heads):
+    model = _s2_llama(heads, kv_heads)
     rng = np.random.default_rng(0)
     examples = []
     for prompt_len, answer_len in ((20, 5), (9, 3), (30, 10)):
@@ -174,10 +179,7 @@ def test_the_loss_is_on_answer_tokens_only_and_padded_rows_compute_what_they_com
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (9, 3)])
 def test_a_padding_free_batch_has_the_loss_and_gradients_of_the_same_examples_padded(heads, kv_heads):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=8 * heads, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64)
-    model = configure_s2attn(LlamaForCausalLM(config), group_size=8).train()
+    model = _s2_llama(heads, kv_heads)
     rng = np.random.default_rng(1)
     examples = []
     # Shorter than half a group, a group, several groups: 3 rows of at most 40 tokens instead of 6 padded ones.
