@@ -7,6 +7,7 @@ Python version, and a file never moves between the base model's pre-training dat
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ def stdlib_documents(
 ) -> Iterator[Document]:
     """Yield the standard library's `.py` files in sorted order: one split's (or all), at most `max_documents`."""
     root = root or stdlib_root()
-    paths = sorted(p for p in root.rglob("*.py") if not _EXCLUDED_PARTS.intersection(p.relative_to(root).parts))
+    paths = sorted(_python_files(root))
     if not paths:
         raise FileNotFoundError(f"no Python sources found under {root}")
     yielded = 0
@@ -64,3 +65,11 @@ def stdlib_documents(
         if text.strip():
             yielded += 1
             yield Document(name, text)
+
+
+def _python_files(root: Path) -> Iterator[Path]:
+    """The `.py` files under `root` outside the excluded folders, which are never entered: site-packages can hold
+    fifty times the standard library's files (a glob over all of them cost 0.9 s per call here)."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in _EXCLUDED_PARTS]
+        yield from (Path(folder, name) for name in files if name.endswith(".py"))

@@ -68,9 +68,10 @@ def source_units(text: str) -> list[Unit]:
     if text.endswith("\n"):
         lines.pop()
     units, previous_end = [], 0
+    ast_lines = _ast_lines(text)
     for node in tree.body:
         end = node.end_lineno or node.lineno
-        units.append(Unit("".join(lines[previous_end:end]), *_classify(node, text)))
+        units.append(Unit("".join(lines[previous_end:end]), *_classify(node, ast_lines)))
         previous_end = end
     if units and previous_end < len(lines):
         last = units[-1]
@@ -78,7 +79,7 @@ def source_units(text: str) -> list[Unit]:
     return units
 
 
-def _classify(node: ast.stmt, text: str) -> tuple[str, str | None, str | None]:
+def _classify(node: ast.stmt, ast_lines: list[str]) -> tuple[str, str | None, str | None]:
     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
         return "function", node.name, None
     if isinstance(node, ast.ClassDef):
@@ -89,23 +90,43 @@ def _classify(node: ast.stmt, text: str) -> tuple[str, str | None, str | None]:
     elif isinstance(node, ast.AnnAssign) and node.value is not None:
         target, value = node.target, node.value
     if isinstance(target, ast.Name) and _CONSTANT_NAME.match(target.id) and value is not None:
-        source = _literal_source(value, text)
+        source = _literal_source(value, ast_lines)
         if source is not None:
             return "constant", target.id, source
     return "other", None, None
 
 
-def _literal_source(value: ast.expr, text: str) -> str | None:
+def _literal_source(value: ast.expr, ast_lines: list[str]) -> str | None:
     try:
         literal = ast.literal_eval(value)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
     if not isinstance(literal, int | float | str | bytes | tuple | frozenset):
         return None
-    source = ast.get_source_segment(text, value)
+    source = _source_segment(value, ast_lines)
     if not source or "\n" in source or len(source) > _MAX_VALUE_CHARS:
         return None
     return source
+
+
+def _source_segment(node: ast.expr, ast_lines: list[str]) -> str:
+    """`ast.get_source_segment(text, node)` from the module's lines split once: that function splits the whole
+    module again on every call, which made LongQA generation quadratic in a file's constants (11 of
+    prepare_corpus's 29 s)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return ast_lines[first].encode()[node.col_offset:node.end_col_offset].decode()
+    head = ast_lines[first].encode()[node.col_offset:].decode()
+    tail = ast_lines[last].encode()[:node.end_col_offset].decode()
+    return "".join([head, *ast_lines[first + 1:last], tail])
+
+
+_AST_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+def _ast_lines(text: str) -> list[str]:
+    """The module's lines as ast numbers them (ends kept; \\r\\n, \\r and \\n end a line, form feeds do not)."""
+    return _AST_LINE.findall(text)
 
 
 def answer_from_document(document: str, kind: str, name: str) -> str | None:

@@ -199,7 +199,8 @@ def test_exp_show_lists_the_experiment_with_its_metrics_beside_the_baseline(repo
     assert "data/metrics/extend.json:steps" in columns
     reran = {"data/metrics/extend.json", "data/metrics/sft.json", "data/metrics/report.json"} | {
         f"data/metrics/{stage}/{model}.json" for stage in EVAL_STAGES for model in ("extended", "sft")}
-    assert {c.split(":")[0] for c in columns if c.startswith("data/metrics/")} <= reran, columns
+    # Metric columns are `file:key`; a bare path is a dependency's hash (the report's metrics folders), not a result.
+    assert {c.split(":")[0] for c in columns if c.startswith("data/metrics/") and ":" in c} <= reran, columns
     assert not [c for c in columns if ":params." in c], columns
 
 

@@ -469,6 +469,32 @@ def test_longqa_questions_are_verifiable_and_spread_over_the_context(tiny_tokeni
     assert late_evidence <= 0.4 * len(examples), "the last lines answer too many questions"
 
 
+def test_stdlib_documents_skip_test_suites_and_site_packages(tmp_path):
+    for name in ("a.py", "pkg/b.py", "pkg/test.py", "pkg/tests/c.py", "site-packages/x/d.py", "idle_test/e.py",
+                 "pkg/notes.txt", "pkg/empty.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("" if name.endswith("empty.py") else f"# {name}\n")
+    documents = list(stdlib_documents(root=tmp_path))
+    assert [d.name for d in documents] == ["a.py", "pkg/b.py", "pkg/test.py"]  # sorted; a *file* named test stays
+    assert documents[1].text == "# pkg/b.py\n"
+
+
+@pytest.mark.parametrize("text", [
+    "A = 1\nB = 'é' ; C = (2,\n     3)\nD = b'x'\n",
+    "A = 1\r\nB = (2,\r\n 3)\r\n\x0cC = 'a\x0cb'\r\n",  # CRLF; a form feed does not end a line for ast
+    "A = 1\rB = (2,\r3)\rC = 'ü'\r",  # old Mac line ends: a multi-line literal without a \n in it
+    "X = 'no newline at the end'",
+])
+def test_constant_values_are_the_literals_source_as_ast_reads_it(text):
+    """source_units reads each constant's literal from the module's lines split once; it must be exactly what
+    ast.get_source_segment gives (the reference) for every line-ending convention."""
+    tree = ast.parse(text)
+    expected = {n.targets[0].id: ast.get_source_segment(text, n.value) for n in tree.body if isinstance(n, ast.Assign)}
+    expected = {name: source for name, source in expected.items() if "\n" not in source}
+    found = {u.name: u.value for u in source_units(text) if u.kind == "constant"}
+    assert found == expected and found
+
+
 def test_prepare_corpus_writes_the_embedded_inputs(in_tmp, tiny_tokenizer, tiny_tokenizer_dir):
     params = _params(tiny_tokenizer_dir)
     metrics = prepare_corpus.run(params)
