@@ -241,4 +241,4 @@ def _context_use(model: LlamaForCausalLM, tokenizer, heldout: np.ndarray, blocks
 
 
 if __name__ == "__main__":
-    raise SystemExit(_cli.main("build_base_model", run))
+    _cli.exit_process(_cli.main("build_base_model", run))

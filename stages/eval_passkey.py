@@ -20,7 +20,7 @@ from dataclasses import asdict
 
 from longlora.errors import InputError
 from longlora.io import StageOutput
-from stages import _eval
+from stages import _cli, _eval
 from stages.params import Params
 
 
@@ -77,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _cli.exit_process(main())

@@ -20,7 +20,7 @@ from pathlib import Path
 from longlora.errors import InputError
 from longlora.io import StageOutput
 from longlora.packing import TokenStream
-from stages import _eval
+from stages import _cli, _eval
 from stages.params import Params
 
 CSV_FIELDS = ("model", "length", "perplexity", "windowed_perplexity", "tokens_scored", "windows")
@@ -95,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _cli.exit_process(main())

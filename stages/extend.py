@@ -87,4 +87,4 @@ def _extended_config(params: Params):
 
 
 if __name__ == "__main__":
-    raise SystemExit(_cli.main("extend", run))
+    _cli.exit_process(_cli.main("extend", run))

@@ -139,4 +139,4 @@ def _write_json_list(path: Path, records: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_cli.main("prepare_corpus", run))
+    _cli.exit_process(_cli.main("prepare_corpus", run))

@@ -78,4 +78,4 @@ def _run(params: Params, out: StageOutput) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_cli.main("prepare_eval", run))
+    _cli.exit_process(_cli.main("prepare_eval", run))

@@ -171,4 +171,4 @@ def _save_dataset(raw: Path, out: Path, order: np.ndarray | None) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_cli.main("prepare_sft", run))
+    _cli.exit_process(_cli.main("prepare_sft", run))

@@ -161,4 +161,4 @@ def _examples(params: Params, config, group_size: int | None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(_cli.main("sft", run))
+    _cli.exit_process(_cli.main("sft", run))
