@@ -214,3 +214,15 @@ def test_quick_study_runs_the_extend_stage_per_variant_and_writes_the_table(stud
     assert f"Command: `python benchmarks/replicate.py {' '.join(argv)}`" in table
     assert "| 2. PI only |" in table and "| 7. PI + LoRA+, S²-Attn without shift |" in table
     assert (out / "replication.png").stat().st_size > 1000
+
+
+def test_stage_exit_times_both_ways_of_ending_a_real_child_process(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("stage_exit", ROOT / "benchmarks/stage_exit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--rounds", "1", "--json", str(tmp_path / "exit.json")])
+    seconds = json.loads((tmp_path / "exit.json").read_text())
+    assert set(seconds) == {"plain", "exit_process"}
+    assert all(len(values) == 1 and 0 < values[0] < 60 for values in seconds.values()), seconds
+    printed = capsys.readouterr().out
+    assert "| plain |" in printed and "| exit_process |" in printed and "exit_process / plain:" in printed
