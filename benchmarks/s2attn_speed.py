@@ -7,7 +7,8 @@ Expected on that CPU, idle: S²-Attn forward+backward ~3.0× faster than dense c
 kernel's block granularity on the diagonal, proportionally larger for short groups). Peak extra memory: dense
 38 / 70 / 134 MiB, S² 49 / 89 / 169 MiB at 4k / 8k / 16k — both linear in N, S² ~1.3× (it keeps its per-group
 outputs and the merged output, and per-call gradients next to the merged gradient buffers). Packed 16k block (below):
-document-aware S² 1.18–1.31× faster than plain S², 4.1–4.7× faster than dense (1 thread, at load average 7.5–5.7).
+document-aware S² 1.22× faster than plain S², 4.5× faster than dense (idle, 2 threads); 1.15–1.31× and
+4.1–4.7× under load (1 thread).
 Run it on an otherwise idle machine: when other processes compete for the cores, each parallel op can stall for a
 scheduler quantum, which penalises S² (about 20 ops) far more than dense (one kernel each way); the header prints
 the load average.

@@ -226,3 +226,68 @@ def test_stage_exit_times_both_ways_of_ending_a_real_child_process(tmp_path, cap
     assert all(len(values) == 1 and 0 < values[0] < 60 for values in seconds.values()), seconds
     printed = capsys.readouterr().out
     assert "| plain |" in printed and "| exit_process |" in printed and "exit_process / plain:" in printed
+
+
+# --- benchmarks/sft_padding.py ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_inputs(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama with the project's context (1024) and prepare_sft-shaped examples of 100–700 tokens (the
+    first half prompt, label −100): what the benchmark reads, built in a second."""
+    import datasets
+    import numpy as np
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("sft_padding")
+    vocab = len(tiny_tokenizer)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tiny_tokenizer.bos_token_id,
+                         eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    rows = []
+    for length in rng.integers(100, 700, size=12).tolist():
+        ids = rng.integers(4, vocab, size=length).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
+    datasets.Dataset.from_list(rows).save_to_disk(str(root / "sft"))
+    return root
+
+
+def test_sft_padding_measures_the_stage_collator_both_ways(sft_inputs, tmp_path, capsys, single_torch_thread):
+    sp = _load("sft_padding")
+    out = tmp_path / "result.json"
+    result = sp.main(["--model", str(sft_inputs / "model"), "--data", str(sft_inputs / "sft"), "--batches", "2",
+                      "--rounds", "1", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    batches = sp.draw_examples(str(sft_inputs / "sft"), 2, 4, crop=0)
+    lengths = [[len(e["input_ids"]) for e in batch] for batch in batches]
+    padded, free = result["ways"]["padded"], result["ways"]["padding-free"]
+    # Both ways train on the same real tokens; padded rows are the longest example rounded up to the group (256).
+    assert padded["real_tokens"] == free["real_tokens"] == sum(map(sum, lengths))
+    assert padded["padded_tokens"] == sum(4 * -(-max(b) // 256) * 256 - sum(b) for b in lengths)
+    assert padded["rows"] == 8 and free["rows"] < 8  # several of these examples share a 1024-token row
+    assert free["padding_share"] < padded["padding_share"]
+    # The same targets through the same model: the losses agree to float32 rounding.
+    assert result["max_loss_difference"] < 1e-5
+    printed = capsys.readouterr().out
+    assert "| padded | 8 |" in printed and "| padding-free |" in printed
+    assert "padding-free / padded tokens/s:" in printed
+
+
+def test_sft_padding_crop_keeps_each_example_end(sft_inputs):
+    import datasets
+
+    sp = _load("sft_padding")
+    full = sp.draw_examples(str(sft_inputs / "sft"), 2, 4, crop=0)
+    cropped = sp.draw_examples(str(sft_inputs / "sft"), 2, 4, crop=96)
+    assert len(datasets.load_from_disk(str(sft_inputs / "sft"))) == 12
+    for whole, cut in zip(sum(full, []), sum(cropped, []), strict=True):
+        n = len(cut["input_ids"])
+        assert sp.MIN_CROP <= n <= 96
+        assert cut["input_ids"] == whole["input_ids"][-n:] and cut["labels"] == whole["labels"][-n:]
+    with pytest.raises(SystemExit, match="fewer than 4 × 4"):
+        sp.draw_examples(str(sft_inputs / "sft"), 4, 4, crop=0)

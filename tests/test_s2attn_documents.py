@@ -260,6 +260,28 @@ def test_packed_row_equals_documents_alone(arch, heads, kv_heads):
     assert (plain - packed.logits[0]).abs().max() > 1e-3
 
 
+def test_activation_checkpointing_recomputes_the_same_documents(monkeypatch):
+    """LongLoRA trains with activation checkpointing: the forward recomputed in backward must see the same documents
+    (their boundaries are cached per position_ids tensor), so the gradients of a packed batch do not change."""
+    model = tiny("llama", heads=9, kv_heads=3).train()
+    lengths = [[5, 16, 11], [21, 11]]
+    ids = tokens(2, 32, seed=3)
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    model(ids, position_ids=position_ids, labels=ids, use_cache=False).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    seen = []
+    original = s2.shifted_sparse_attention
+    monkeypatch.setattr(s2, "shifted_sparse_attention",
+                        lambda *a, **kw: seen.append(kw.get("documents")) or original(*a, **kw))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model(ids, position_ids=position_ids, labels=ids, use_cache=False).loss.backward()
+    # Two layers, each run in the forward and again in the backward, every time with the packed documents.
+    assert len(seen) == 4 and all(d is not None and d.tolist() == [0, 5, 21, 32, 53, 64] for d in seen)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_packed_batch_with_padding_and_the_cache_flag(use_cache):
     """Rows of packed documents, the shorter one right-padded (2D attention_mask): transformers then builds no
