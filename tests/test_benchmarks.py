@@ -146,26 +146,32 @@ def test_paired_differences_and_when_they_count_as_resolved():
     assert rp.paired(runs, "untrained", "c", 8)["diffs"] == [-10.0, -9.0]
 
 
+def save_tiny_model(folder, tokenizer, context: int) -> None:
+    """A random 2-layer Llama (hidden 32, 4 heads over 2 kv heads, tied embeddings) and the tokenizer, as a folder."""
+    from transformers import LlamaForCausalLM
+
+    from longlora.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(tokenizer, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                               num_kv_heads=2, context_length=context, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def study_inputs(tmp_path_factory, tiny_tokenizer):
     """A tiny random Llama (64 positions) with the tiny tokenizer, random blocks of 256 tokens, a random held-out
     stream, and params.yaml extending to 256: what the study reads, built in a second."""
     import numpy as np
     import yaml
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from longlora.packing import Packed, PackedBlocksWriter, TokenStreamWriter
     from tests.conftest import tiny_params_dict
 
     root = tmp_path_factory.mktemp("replicate")
     vocab = len(tiny_tokenizer)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True, bos_token_id=tiny_tokenizer.bos_token_id,
-                         eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tiny_tokenizer.save_pretrained(root / "base")
+    save_tiny_model(root / "base", tiny_tokenizer, context=64)
     rng = np.random.default_rng(0)
     (root / "blocks").mkdir()
     writer = PackedBlocksWriter(root / "blocks", 256, np.uint16)
@@ -237,17 +243,10 @@ def sft_inputs(tmp_path_factory, tiny_tokenizer):
     first half prompt, label −100): what the benchmark reads, built in a second."""
     import datasets
     import numpy as np
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("sft_padding")
     vocab = len(tiny_tokenizer)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tiny_tokenizer.bos_token_id,
-                         eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tiny_tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model", tiny_tokenizer, context=1024)
     rng = np.random.default_rng(0)
     rows = []
     for length in rng.integers(100, 700, size=12).tolist():
