@@ -21,6 +21,7 @@ from longlora.sft_data import IGNORE_INDEX, PaddedBatches, fit_example, pack_row
 from stages import _cli, build_base_model, extend, merge, prepare_pretrain, prepare_sft, sft
 from stages.params import parse_params
 from tests.conftest import _merge, tiny_params_dict
+from tests.test_extend import _ids, _logits
 
 TARGET, ORIGINAL, GROUP = 128, 32, 32  # tiny_params_dict: target_context, the base's context, S² group at 128
 
@@ -70,15 +71,6 @@ def project(inputs, tmp_path, monkeypatch, single_torch_thread):
         shutil.copytree(inputs / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def _ids(length: int = TARGET, seed: int = 0) -> torch.Tensor:
-    return torch.randint(4, 400, (2, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def test_sft_fine_tunes_the_extended_model_and_merge_folds_it_into_the_final_model(project):
