@@ -1,23 +1,25 @@
 """.venv/bin/python benchmarks/sft_padding.py [--model data/extended_model] [--data data/sft] [--batches 8]
 [--rounds 3] [--crop 0] [--threads 2] [--json FILE]
 
-Hardware: written and measured on a 2-core AMD EPYC KVM guest (AVX-512), torch 2.13.0 CPU build, float32.
-Expected there on `make repro`'s outputs (quiet machine, `--rounds 7`): padding 26 % of the padded batches' tokens
-against 13 % of the padding-free ones, and about the same real tokens/s both ways (1.02–1.03×: one example per row,
-and on this CPU document-aware attention costs what the rounding saves); with `--crop 256` (four examples per row)
-padding 37 % against 0 and 1.26× (2 threads) to 1.34× (1 thread) the real tokens/s. The losses agree to float32
-rounding. Table in the README ("Performance report", "Padding-free SFT").
+Hardware: written and measured on a 2-core AMD EPYC KVM guest (AVX-512), torch 2.13.0 CPU build, float32. Expected
+there on `make repro`'s outputs (quiet machine, `--rounds 7`): padding 26 % of the padded batches' tokens against 13
+% of the padding-free ones, and about the same real tokens/s both ways (1.02–1.12× over two runs: one example per
+row, and on this CPU document-aware attention costs what the rounding saves); with `--crop 256` (four examples per
+row) padding 37 % against 0 and 1.12–1.38× the real tokens/s (the per-round ratios spread widely on a 2-core guest:
+read the range it prints). The losses agree to float32 rounding. Table in the README ("Performance report",
+"Padding-free SFT").
 
-What `sft.padding_free` buys, measured on the sft stage's own inputs: the merged extended model (`--model`, default
-`merge.extend.out_dir`) with S²-Attn at the fixed group the stage uses (`s2attn` at `model.target_context`) and LoRA+
-(params.yaml `lora`), and `--batches` batches of `sft.per_device_batch_size` examples of prepare_sft's dataset
-(`--data`, default `sft.data` or prepare_sft's output), drawn with a fixed seed. Each batch goes through the stage's
-collator both ways: right-padded to the longest example rounded up to the group (`sft.padding_free: false`) and
-packed into rows of up to the model's context, every example computed as if alone by document-aware S²-Attn
-(`sft.padding_free: true`). One training step each (forward, the answer-token loss, backward; the optimizer's step is
-the same work both ways and is left out, so the weights stay put and every round sees the same model). The two ways
-run interleaved (the order alternates each round) after a warm-up pass, so drifting machine load hits both alike;
-the table shows the median time per pass over the batches and the median of the per-round ratios.
+What `sft.padding_free` buys, measured on the sft stage's own job (`stages.sft._job` with params.yaml, the same
+checks of model and data): its model built as `stages._training` builds it — the merged extended model (`--model`,
+default `sft.base_model`), S²-Attn at the stage's fixed group, LoRA+ — and `--batches` batches of
+`sft.per_device_batch_size` examples of its dataset (`--data`, default `sft.data`), drawn with a fixed seed. Each
+batch goes through the stage's collator both ways: right-padded to the longest example rounded up to the group
+(`sft.padding_free: false`) and packed into rows of up to the model's context, every example computed as if alone by
+document-aware S²-Attn (`sft.padding_free: true`). One training step each (forward, the answer-token loss, backward;
+the optimizer's step is the same work both ways and is left out, so the weights stay put and every round sees the
+same model). The two ways run interleaved (the order alternates each round) after a warm-up pass, so drifting machine
+load hits both alike; the table shows the median time per pass over the batches and the median of the per-round
+ratios.
 
 Real tokens/s counts only the examples' tokens (what both ways train on); the padding share is padded ÷ all tokens
 the collator produced. "max |Δ loss|" is the largest difference between a batch's loss padded and packed: the same
@@ -47,39 +49,31 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from longlora.errors import InputError  # noqa: E402
 from longlora.sft_data import IGNORE_INDEX, PaddedBatches  # noqa: E402
-from stages.params import Params, load_params  # noqa: E402
+from stages.params import load_params  # noqa: E402
 
 MIN_CROP = 64
 WAYS = ("padded", "padding-free")
 
 
-def load_model(params: Params, folder: str, group_size: int):
-    """The model as the sft stage trains it: S²-Attn at the fixed group, LoRA+ (train mode, float32)."""
-    from transformers import AutoModelForCausalLM
+def stage_job(model: str | None, data: str | None):
+    """The sft stage's job as params.yaml describes it (padding-free), `--model` and `--data` put in its section: its
+    config, dataset, collator and S²-Attn settings, checked as the stage checks them (InputError otherwise)."""
+    from stages import sft
 
-    from longlora.lora import apply_lora_plus
-    from longlora.s2attn import configure_s2attn
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    configure_s2attn(model, group_size=group_size, shift=params.s2attn.shift)
-    lora = params.lora
-    model = apply_lora_plus(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                            target_modules=lora.target_modules, train_embeddings=lora.train_embeddings,
-                            train_norms=lora.train_norms)
-    return model.train()
+    params = load_params(ROOT / "params.yaml")
+    update = {"padding_free": True} | {k: v for k, v in (("base_model", model), ("data", data)) if v}
+    return sft._job(params.model_copy(update={"sft": params.sft.model_copy(update=update)}))
 
 
-def draw_examples(folder: str, batches: int, batch_size: int, crop: int, seed: int = 0) -> list[list[dict]]:
-    """`batches` batches of `batch_size` examples of prepare_sft's dataset, drawn without replacement with `seed`;
+def draw_examples(dataset, batches: int, batch_size: int, crop: int, seed: int = 0) -> list[list[dict]]:
+    """`batches` batches of `batch_size` examples of prepare_sft's `dataset`, drawn without replacement with `seed`;
     with `crop`, each example cut to a random length in [MIN_CROP, crop] keeping its end."""
-    import datasets
-
-    dataset = datasets.load_from_disk(folder)
     rng = np.random.default_rng(seed)
     picked = rng.permutation(len(dataset))[: batches * batch_size]
     if len(picked) < batches * batch_size:
-        raise SystemExit(f"--data {folder}: {len(dataset)} examples, fewer than {batches} × {batch_size}")
+        raise SystemExit(f"{len(dataset)} examples, fewer than {batches} × {batch_size}")
     examples = []
     for i in picked.tolist():
         ids, labels = dataset[i]["input_ids"], dataset[i]["labels"]
@@ -90,11 +84,12 @@ def draw_examples(folder: str, batches: int, batch_size: int, crop: int, seed: i
     return [examples[b * batch_size: (b + 1) * batch_size] for b in range(batches)]
 
 
-def collate(batches: list[list[dict]], pad_id: int, group_size: int, row_length: int) -> dict[str, tuple]:
-    """Each way's tensors for every batch, and its real and padded token counts (the stage's own collator)."""
+def collate(batches: list[list[dict]], packing: PaddedBatches) -> dict[str, tuple]:
+    """Each way's tensors for every batch, and its real and padded token counts: the stage's padding-free collator,
+    and the same one without rows (right-padded to its multiple of the group)."""
     out = {}
     for way in WAYS:
-        collator = PaddedBatches(pad_id, group_size, row_length=row_length if way == "padding-free" else None)
+        collator = packing if way == "padding-free" else PaddedBatches(packing.pad_id, packing.multiple)
         tensors = [collator(batch) for batch in batches]
         out[way] = (tensors, collator.tokens, collator.padded_tokens)
     return out
@@ -150,10 +145,9 @@ def table(result: dict, header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    params = load_params(ROOT / "params.yaml")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    parser.add_argument("--model", default=str(params.merge.extend.out_dir))
-    parser.add_argument("--data", default=str(params.sft.data or params.prepare_sft.out_dir))
+    parser.add_argument("--model", help="the model to fine-tune (default: params.yaml sft.base_model)")
+    parser.add_argument("--data", help="prepare_sft's dataset (default: params.yaml sft.data)")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--crop", type=int, default=0, help=f"cut examples to {MIN_CROP}..CROP tokens (0: as written)")
@@ -162,29 +156,26 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.crop and args.crop < MIN_CROP:
         parser.error(f"--crop {args.crop}: at least {MIN_CROP} tokens (or 0)")
-    for name, folder in (("--model", args.model), ("--data", args.data)):
-        if not Path(folder).is_dir():
-            parser.error(f"{name} {folder}: no such folder (run `make repro` first, or point it elsewhere)")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)  # LoRA's initialisation
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    context = AutoConfig.from_pretrained(args.model).max_position_embeddings
-    group_size = params.s2attn.group_size_for(params.model.target_context)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = draw_examples(args.data, args.batches, params.sft.per_device_batch_size, args.crop)
+    try:
+        job = stage_job(args.model, args.data)
+    except InputError as err:
+        parser.error(f"{err} (run `make repro` first, or point --model/--data elsewhere)")
+    p, packing = job.section, job.collator
+    batches = draw_examples(job.dataset, args.batches, p.per_device_batch_size, args.crop)
     if any(all(x == IGNORE_INDEX for x in e["labels"][1:]) for batch in batches for e in batch):
         raise SystemExit("an example has no target left: raise --crop")
-    model = load_model(params, args.model, group_size)
-    result = measure(model, collate(batches, pad_id, group_size, context), args.rounds)
-    result.update(batches=args.batches, batch_size=params.sft.per_device_batch_size, crop=args.crop,
-                  group_size=group_size, row_length=context, threads=args.threads)
+    torch.manual_seed(p.seed)  # LoRA's initialisation
+    from stages._training import _model
+
+    model = _model(job, "fp32").train()
+    result = measure(model, collate(batches, packing), args.rounds)
+    result.update(batches=args.batches, batch_size=p.per_device_batch_size, crop=args.crop,
+                  group_size=packing.multiple, row_length=packing.row_length, threads=args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = (f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-              f"load average {load:.1f}; {args.model} (context {context}, group {group_size}), {args.batches} batches "
-              f"of {params.sft.per_device_batch_size} from {args.data}"
+              f"load average {load:.1f}; {job.model_source} (context {packing.row_length}, group {packing.multiple}), "
+              f"{args.batches} batches of {p.per_device_batch_size} from {p.data}"
               + (f" cropped to {MIN_CROP}–{args.crop} tokens" if args.crop else "") + f", {args.rounds} rounds")
     print(table(result, header))
     if args.json:

@@ -257,12 +257,14 @@ def sft_inputs(tmp_path_factory, tiny_tokenizer):
 
 
 def test_sft_padding_measures_the_stage_collator_both_ways(sft_inputs, tmp_path, capsys, single_torch_thread):
+    import datasets
+
     sp = _load("sft_padding")
     out = tmp_path / "result.json"
     result = sp.main(["--model", str(sft_inputs / "model"), "--data", str(sft_inputs / "sft"), "--batches", "2",
                       "--rounds", "1", "--threads", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == result
-    batches = sp.draw_examples(str(sft_inputs / "sft"), 2, 4, crop=0)
+    batches = sp.draw_examples(datasets.load_from_disk(str(sft_inputs / "sft")), 2, 4, crop=0)
     lengths = [[len(e["input_ids"]) for e in batch] for batch in batches]
     padded, free = result["ways"]["padded"], result["ways"]["padding-free"]
     # Both ways train on the same real tokens; padded rows are the longest example rounded up to the group (256).
@@ -281,12 +283,22 @@ def test_sft_padding_crop_keeps_each_example_end(sft_inputs):
     import datasets
 
     sp = _load("sft_padding")
-    full = sp.draw_examples(str(sft_inputs / "sft"), 2, 4, crop=0)
-    cropped = sp.draw_examples(str(sft_inputs / "sft"), 2, 4, crop=96)
-    assert len(datasets.load_from_disk(str(sft_inputs / "sft"))) == 12
+    dataset = datasets.load_from_disk(str(sft_inputs / "sft"))
+    full = sp.draw_examples(dataset, 2, 4, crop=0)
+    cropped = sp.draw_examples(dataset, 2, 4, crop=96)
+    assert len(dataset) == 12
     for whole, cut in zip(sum(full, []), sum(cropped, []), strict=True):
         n = len(cut["input_ids"])
         assert sp.MIN_CROP <= n <= 96
         assert cut["input_ids"] == whole["input_ids"][-n:] and cut["labels"] == whole["labels"][-n:]
     with pytest.raises(SystemExit, match="fewer than 4 × 4"):
-        sp.draw_examples(str(sft_inputs / "sft"), 4, 4, crop=0)
+        sp.draw_examples(dataset, 4, 4, crop=0)
+
+
+def test_sft_padding_refuses_a_missing_dataset_naming_the_parameter(sft_inputs, tmp_path, capsys):
+    sp = _load("sft_padding")
+    with pytest.raises(SystemExit) as exit_info:
+        sp.main(["--model", str(sft_inputs / "model"), "--data", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2
+    assert f"sft.data {str(tmp_path / 'nothing')!r}: no dataset there" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
