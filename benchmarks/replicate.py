@@ -72,6 +72,14 @@ VARIANTS = (
                                                                    "s2attn": {"shift": False}}),
     Variant("doc_aware", "8. LongLoRA, document-aware S²-Attn", {"method": "lora_plus", "attention": "s2",
                                                                   "document_attention": True}),
+    Variant("group_quarter", "9. LongLoRA, S² groups of N/4", {"method": "lora_plus", "attention": "s2",
+                                                              "s2attn": {"group_size_ratio": 0.25}}),
+    Variant("group_half", "10. LongLoRA, S² groups of N/2", {"method": "lora_plus", "attention": "s2",
+                                                            "s2attn": {"group_size_ratio": 0.5}}),
+    Variant("rope_linear", "11. LongLoRA, linear interpolation", {"method": "lora_plus", "attention": "s2",
+                                                                 "model": {"rope_type": "linear"}}),
+    Variant("rope_yarn", "12. LongLoRA, YaRN", {"method": "lora_plus", "attention": "s2",
+                                               "model": {"rope_type": "yarn"}}),
 )
 QUICK_VARIANTS = ("pi", "longlora")
 
@@ -81,7 +89,8 @@ class Run:
     variant: str
     seed: int | None
     ppl: dict = field(default_factory=dict)
-    passkey: float | None = None
+    passkey: dict = field(default_factory=dict)
+    """Share of keys retrieved, by prompt length."""
     final_loss: float | None = None
     tokens_per_second: float | None = None
     cpu_seconds: float | None = None
@@ -97,6 +106,7 @@ def run_params(args, variant: Variant, seed: int, folder: Path) -> dict:
     raw = yaml.safe_load(args.params.read_text(encoding="utf-8"))
     train = dict(variant.train)
     raw["model"]["name_or_path"] = str(args.base)
+    raw["model"].update(train.pop("model", {}))
     raw["s2attn"].update(train.pop("s2attn", {}))
     raw["extend"].update(train, data=str(args.pretrain), max_steps=args.steps, seed=seed, resume="never",
                          log_every=max(1, args.steps // 4), checkpoint_every=10**6,
@@ -148,7 +158,7 @@ def load_model(args, variant: Variant, trained: Path | None):
         return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).eval()
     config = AutoConfig.from_pretrained(args.base)
     if variant.interpolate:
-        config = interpolated_config(config, args.lengths[-1])
+        config = interpolated_config(config, args.lengths[-1], args.rope_type)
     return AutoModelForCausalLM.from_pretrained(args.base, config=config).eval()
 
 
@@ -161,8 +171,9 @@ def evaluate(args, model, tokenizer, tokens, run: Run) -> None:
     for length in args.lengths:
         run.ppl[length] = round(strided_perplexity(model, tokens, length, batch_size=4, progress=False)["perplexity"],
                                 3)
-    run.passkey = passkey_accuracy(model, tokenizer, args.lengths[-1], depths=PASSKEY_DEPTHS,
-                                   trials=args.passkey_trials)
+    for length in args.lengths:
+        run.passkey[length] = passkey_accuracy(model, tokenizer, length, depths=PASSKEY_DEPTHS,
+                                               trials=args.passkey_trials)
     run.eval_cpu_seconds = round(time.process_time() - started, 1)
 
 
@@ -180,7 +191,8 @@ def summarise(runs: list[Run], variants: list[Variant], lengths: tuple[int, ...]
         row = {"variant": variant.name, "label": variant.label, "seeds": len(mine) if variant.train else 0}
         for length in lengths:
             row[f"ppl_{length}"] = _mean_sd([r.ppl[length] for r in mine])
-        row["passkey"] = _mean_sd([r.passkey for r in mine])
+        for length in lengths:
+            row[f"passkey_{length}"] = _mean_sd([r.passkey[length] for r in mine])
         for key in ("tokens_per_second", "cpu_seconds", "peak_memory_mib", "final_loss"):
             values = [getattr(r, key) for r in mine if getattr(r, key) is not None]
             row[key] = _mean_sd(values) if values else None
@@ -188,10 +200,11 @@ def summarise(runs: list[Run], variants: list[Variant], lengths: tuple[int, ...]
     return rows
 
 
-def paired(runs: list[Run], a: str, b: str, length: int) -> dict | None:
-    """Perplexity of b minus a at `length`, seed by seed (same seed: same data order and LoRA initialisation)."""
-    first = {r.seed: r.ppl[length] for r in runs if r.variant == a}
-    second = {r.seed: r.ppl[length] for r in runs if r.variant == b}
+def paired(runs: list[Run], a: str, b: str, length: int, metric: str = "ppl") -> dict | None:
+    """`metric` (ppl or passkey) of b minus a at `length`, seed by seed (same seed: same data order and LoRA
+    initialisation)."""
+    first = {r.seed: getattr(r, metric)[length] for r in runs if r.variant == a}
+    second = {r.seed: getattr(r, metric)[length] for r in runs if r.variant == b}
     if list(first) == [None]:  # an untrained variant: the same model against every seed
         first = dict.fromkeys(second, first[None])
     seeds = sorted(set(first) & set(second))
@@ -201,7 +214,8 @@ def paired(runs: list[Run], a: str, b: str, length: int) -> dict | None:
     spread = max(_mean_sd([first[s] for s in seeds])[1], _mean_sd([second[s] for s in seeds])[1])
     mean = statistics.fmean(diffs)
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    return {"a": a, "b": b, "diffs": diffs, "mean": mean, "relative": mean / statistics.fmean(first.values()),
+    base = statistics.fmean(first.values())
+    return {"a": a, "b": b, "diffs": diffs, "mean": mean, "relative": mean / base if base else None,
             "spread": spread, "resolved": same_sign and abs(mean) > spread and len(seeds) > 1}
 
 
@@ -233,42 +247,47 @@ def markdown(rows: list[dict], runs: list[Run], lengths: tuple[int, ...], comman
         "",
         "Mean ± standard deviation over seeds (trained variants; the untrained ones have no seed). Perplexity:"
         " standard strided, held-out stream, the same tokens at every length, dense attention. Passkey: share of"
-        f" correct keys at {target} tokens over depths 0, ¼, ½, ¾, 1. tokens/s: the Trainer's, wall clock; CPU s and"
-        " peak MiB: the training process's own (`os.wait4`).",
+        " correct keys at each prompt length over depths 0, ¼, ½, ¾, 1. tokens/s: the Trainer's, wall clock; CPU s"
+        " and peak MiB: the training process's own (`os.wait4`).",
         "",
-        "| variant | " + " | ".join(f"ppl @ {length}" for length in lengths) + f" | passkey @ {target} |"
-        " final train loss | tokens/s | CPU s | peak MiB |",
-        "|---|" + "---:|" * (len(lengths) + 5),
+        "| variant | " + " | ".join(f"ppl @ {length}" for length in lengths) + " | "
+        + " | ".join(f"passkey @ {length}" for length in lengths) + " | final train loss | tokens/s | CPU s |"
+        " peak MiB |",
+        "|---|" + "---:|" * (2 * len(lengths) + 4),
     ]
     for row in rows:
         n = row["seeds"]
         lines.append("| " + " | ".join([
             row["label"], *(_cell(row[f"ppl_{length}"], 2, n) for length in lengths),
-            _cell(row["passkey"], 2, n), _cell(row["final_loss"], 3, n),
+            *(_cell(row[f"passkey_{length}"], 2, n) for length in lengths), _cell(row["final_loss"], 3, n),
             _cell(row["tokens_per_second"], 0, n), _cell(row["cpu_seconds"], 0, n),
             _cell(row["peak_memory_mib"], 0, n)]) + " |")
-    lines += ["", f"Paired differences in perplexity at {target} tokens (b − a, seed by seed; resolved: every seed"
-              " has the same sign and the mean exceeds the larger seed-to-seed standard deviation of the two):", "",
-              "| claim | a | b | b − a per seed | mean (relative to a) | seed spread | resolved |",
-              "|---|---|---|---|---:|---:|---|"]
-    for a, b, claim in CLAIMS:
-        result = paired(runs, a, b, target)
-        if result is None:
-            continue
-        diffs = ", ".join(f"{d:+.2f}" for d in result["diffs"])
-        lines.append(f"| {claim} | {a} | {b} | {diffs} | {result['mean']:+.2f} ({result['relative']:+.1%}) | "
-                     f"{result['spread']:.2f} | {'yes' if result['resolved'] else 'no'} |")
+    for metric, what, digits in (("ppl", "perplexity", 2), ("passkey", "passkey accuracy", 2)):
+        lines += ["", f"Paired differences in {what} at {target} tokens (b − a, seed by seed; resolved: every seed"
+                  " has the same sign and the mean exceeds the larger seed-to-seed standard deviation of the two):",
+                  "", "| claim | a | b | b − a per seed | mean (relative to a) | seed spread | resolved |",
+                  "|---|---|---|---|---:|---:|---|"]
+        for a, b, claim in CLAIMS:
+            result = paired(runs, a, b, target, metric)
+            if result is None:
+                continue
+            diffs = ", ".join(f"{d:+.{digits}f}" for d in result["diffs"])
+            relative = "" if result["relative"] is None else f" ({result['relative']:+.1%})"
+            lines.append(f"| {claim} | {a} | {b} | {diffs} | {result['mean']:+.{digits}f}{relative} | "
+                         f"{result['spread']:.{digits}f} | {'yes' if result['resolved'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(path: Path, runs: list[Run], lengths: tuple[int, ...]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["variant", "seed", *(f"ppl_{length}" for length in lengths), "passkey", "final_loss",
+        writer.writerow(["variant", "seed", *(f"ppl_{length}" for length in lengths),
+                         *(f"passkey_{length}" for length in lengths), "final_loss",
                          "tokens_per_second", "cpu_seconds", "wall_seconds", "peak_memory_mib", "eval_cpu_seconds"])
         for r in runs:
             writer.writerow([r.variant, "" if r.seed is None else r.seed, *(r.ppl[length] for length in lengths),
-                             r.passkey, r.final_loss, r.tokens_per_second, r.cpu_seconds, r.wall_seconds,
+                             *(r.passkey[length] for length in lengths), r.final_loss, r.tokens_per_second,
+                             r.cpu_seconds, r.wall_seconds,
                              r.peak_memory_mib, r.eval_cpu_seconds])
 
 
@@ -337,6 +356,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     except ParamsError as err:
         raise SystemExit(str(err)) from None
     target = recipe.model.target_context
+    args.rope_type = recipe.model.rope_type
     args.lengths = tuple(sorted({target // 4, target // 2, target}))
     known = {v.name: v for v in VARIANTS}
     names = args.variants or [v.name for v in VARIANTS]

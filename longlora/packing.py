@@ -188,6 +188,11 @@ class PackedBlocksWriter:
         self._counts.append(packed.starts_per_block)
         self.blocks += len(packed.blocks)
 
+    def written(self) -> np.ndarray:
+        """The blocks written so far, (n, block_len), read back memory-mapped."""
+        self._tokens.flush()
+        return _memmap(self.folder / "tokens.bin", self.dtype, (self.blocks, self.block_len))
+
     def close(self, meta: dict | None = None) -> dict:
         self._tokens.close()
         self._starts.close()

@@ -16,6 +16,8 @@ PERPLEXITY_DIGITS = 2
 ACCURACY_DIGITS = 2
 SCORE_DIGITS = 2
 """Decimals shown (LongBench reports its 0-100 scores with two)."""
+LONGQA_SCORES = {"exact_match": "EM", "f1": "F1"}
+"""eval_longqa's scores, with their short names in tables."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class ModelResults:
     passkey_accuracy: float | None = None
     """Share of passkey prompts answered exactly, over every length and depth."""
     passkey_by_length: dict[int, float] = field(default_factory=dict)
+    longqa: dict[str, float] = field(default_factory=dict)
+    """Held-out questions in the SFT prompt format (eval_longqa): `exact_match` and `f1`, 0-100."""
     longbench: dict[str, float] = field(default_factory=dict)
     """LongBench score (0-100, as its eval.py) by task."""
 
@@ -44,15 +48,18 @@ def _by_length(values: dict | None) -> dict[int, float]:
 
 def model_results(metrics: dict[str, dict | None]) -> ModelResults:
     """A model's results from what its evaluation stages wrote: the parsed metrics file (`<metrics_dir>/<model>.json`)
-    by stage, `eval_perplexity`, `eval_passkey` and `longbench`; a stage missing or None has not run."""
+    by stage, `eval_perplexity`, `eval_passkey`, `eval_longqa` and `longbench`; a stage missing or None has not
+    run."""
     perplexity = metrics.get("eval_perplexity") or {}
     passkey = metrics.get("eval_passkey") or {}
+    longqa = metrics.get("eval_longqa") or {}
     longbench = metrics.get("longbench") or {}
     return ModelResults(
         perplexity=_by_length(perplexity.get("ppl")),
         windowed_perplexity=_by_length(perplexity.get("ppl_windowed")),
         passkey_accuracy=passkey.get("accuracy"),
         passkey_by_length=_by_length(passkey.get("by_length")),
+        longqa={key: float(longqa[key]) for key in LONGQA_SCORES if key in longqa},
         longbench={task: float(score) for task, score in (longbench.get("scores") or {}).items()},
     )
 
@@ -102,6 +109,11 @@ def comparison_sections(results: dict[str, ModelResults]) -> dict[str, str]:
                 for name, r in results.items()]
         sections["eval_passkey"] = ("### eval_passkey: passkey accuracy by prompt length (tokens)\n\n"
                                     + markdown_table(["model", *map(str, lengths), "all"], rows))
+    if any(r.longqa for r in results.values()):
+        rows = [[name, *(_number(r.longqa.get(key), SCORE_DIGITS) for key in LONGQA_SCORES)]
+                for name, r in results.items()]
+        sections["eval_longqa"] = ("### eval_longqa: held-out questions in the SFT prompt format (0-100)\n\n"
+                                   + markdown_table(["model", "exact match", "token F1"], rows))
     tasks = list(dict.fromkeys(task for r in results.values() for task in r.longbench))
     if tasks:
         rows = [[name, *(_number(r.longbench.get(task), SCORE_DIGITS) for task in tasks),
@@ -118,19 +130,24 @@ def comparison_markdown(results: dict[str, ModelResults]) -> str:
 
 
 def summary_text(results: dict[str, ModelResults]) -> str:
-    """A few lines for a terminal: per model, the perplexity at each length, the passkey accuracy and the LongBench
-    average."""
+    """A few lines for a terminal: per model, the perplexity and the passkey accuracy at each length, the held-out
+    LongQA scores and the LongBench average."""
     lengths = _lengths([r.perplexity for r in results.values()])
-    header = ["model", *(f"ppl@{n}" for n in lengths), "passkey", "LongBench"]
+    passkey_lengths = _lengths([r.passkey_by_length for r in results.values()])
+    header = ["model", *(f"ppl@{n}" for n in lengths), *(f"passkey@{n}" for n in passkey_lengths),
+              *(f"LongQA {short}" for short in LONGQA_SCORES.values()), "LongBench"]
     rows = [[name, *(_number(r.perplexity.get(n), PERPLEXITY_DIGITS) for n in lengths),
-             _number(r.passkey_accuracy, ACCURACY_DIGITS), _number(r.longbench_average, SCORE_DIGITS)]
+             *(_number(r.passkey_by_length.get(n), ACCURACY_DIGITS) for n in passkey_lengths),
+             *(_number(r.longqa.get(key), SCORE_DIGITS) for key in LONGQA_SCORES),
+             _number(r.longbench_average, SCORE_DIGITS)]
             for name, r in results.items()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths,
                                                                                                      strict=True)))
              for row in [header, *rows]]
-    notes = ["ppl@N: strided perplexity at N tokens of context; passkey: share of keys retrieved (every length and",
-             "depth); LongBench: mean score over its tasks (0-100); -: not evaluated"]
+    notes = ["ppl@N: strided perplexity at N tokens of context; passkey@N: share of keys retrieved from N-token",
+             "prompts (every depth); LongQA: held-out questions in the SFT prompt format, exact match and token F1",
+             "(0-100); LongBench: mean score over its tasks (0-100); -: not evaluated"]
     return "\n".join([*lines, *notes]) + "\n"
 
 

@@ -51,12 +51,18 @@ HAYSTACK_RECALL = ("The {words} is {value}.", "So the {words} is {value}.", "Rec
 """How a haystack's fact is stated again at the end of the window."""
 
 
-def corpus_words(text: str, min_count: int = 3) -> tuple[str, ...]:
-    """Lower-case words of 3–12 letters used at least `min_count` times in `text`, minus every word of the passkey
-    prompt: an open set of names, so that recall cannot be learnt as a lookup of a few dozen memorised names."""
+def word_counts(text: str) -> Counter:
+    """How often each lower-case word of 3–12 letters occurs in `text` (add the counts of several texts up)."""
+    return Counter(re.findall(r"\b[a-z]{3,12}\b", text))
+
+
+def corpus_words(text: str | Counter, min_count: int = 3) -> tuple[str, ...]:
+    """Lower-case words of 3–12 letters used at least `min_count` times in `text` (or in the texts `word_counts`
+    counted), minus every word of the passkey prompt: an open set of names, so that recall cannot be learnt as a
+    lookup of a few dozen memorised names."""
     banned = {w.lower() for part in (passkey.TASK, passkey.FILLER, passkey.KEY_LINE, passkey.QUESTION)
               for w in re.findall(r"[A-Za-z]+", part)}
-    counts = Counter(re.findall(r"\b[a-z]{3,12}\b", text))
+    counts = text if isinstance(text, Counter) else word_counts(text)
     return tuple(sorted(w for w, c in counts.items() if c >= min_count and w not in banned))
 
 

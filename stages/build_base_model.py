@@ -21,8 +21,12 @@ stage's own earlier output (longlora/io.py); a second run at the same time fails
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +36,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_wsd_sche
 
 from longlora.checkpoint import load_checkpoint, save_checkpoint
 from longlora.errors import InputError
-from longlora.io import StageOutput, same_path
+from longlora.io import TIMINGS_FILE, StageOutput, run_log, same_path, write_json
 from longlora.packing import cut_blocks, join_encoded
 from longlora.passkey import PASSKEY_DEPTHS, passkey_accuracy
 from longlora.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy
@@ -243,5 +247,66 @@ def _context_use(model: LlamaForCausalLM, tokenizer, heldout: np.ndarray, blocks
     return metrics
 
 
+def provenance_path(p: BaseModelParams) -> Path:
+    """Where the record of how the shipped base model was built lives: beside its folder."""
+    return p.out_dir.with_name(f"{p.out_dir.name}.provenance.json")
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file in `folder`, by relative path."""
+    return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def shipped_params(params: Params) -> dict:
+    """The parameters that shape the base model: what its provenance records and the test compares."""
+    return {"embedded_corpus": params.embedded_corpus.model_dump(mode="json"),
+            "build_base_model": params.build_base_model.model_dump(mode="json")}
+
+
+def record_provenance(params: Params) -> dict:
+    """Write `<out_dir>.provenance.json` for the model this stage just built: the command, the params, the commit,
+    the build's seconds and software, and the sha256 of every file (tests/test_shipped_base_model.py checks the
+    committed folder against it)."""
+    import platform
+    import subprocess
+
+    import transformers
+
+    p = params.build_base_model
+    metrics_file, timings_file = p.metrics_file, run_log("build_base_model") / TIMINGS_FILE
+    if not (p.out_dir / "model.safetensors").is_file() or not timings_file.is_file():
+        raise InputError(f"{p.out_dir}: no base model built here to record (run `python -m stages.build_base_model` "
+                         f"first; it writes {timings_file})")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+
+    record = {
+        "command": "make base-model",
+        "commit": git("rev-parse", "HEAD") or None,
+        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "params": shipped_params(params),
+        "seconds": json.loads(timings_file.read_text(encoding="utf-8"))["seconds"],
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "software": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "metrics": json.loads(metrics_file.read_text(encoding="utf-8")),
+        "files": file_digests(p.out_dir),
+    }
+    write_json(provenance_path(p), record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stages.build_base_model [--params …]` builds; `… provenance [--params …]` records the build."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["provenance"]:
+        return _cli.main("build_base_model provenance", lambda params: {"recorded": str(provenance_path(
+            params.build_base_model)), "files": len(record_provenance(params)["files"])}, argv[1:])
+    return _cli.main("build_base_model", run, argv)
+
+
 if __name__ == "__main__":
-    _cli.exit_process(_cli.main("build_base_model", run))
+    _cli.exit_process(main())

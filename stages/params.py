@@ -65,7 +65,7 @@ STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft
 `merge.extend`), which holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are
 shared by several stages."""
 
-EVAL_STAGES = ("eval_perplexity", "eval_passkey", "longbench")
+EVAL_STAGES = ("eval_perplexity", "eval_passkey", "eval_longqa", "longbench")
 """The evaluation stages, after STAGES: one dvc.yaml instance per `eval_models` name (`eval_perplexity@base`), all
 instances reading the stage's section, each writing `<out_dir>/<name>/` and `<metrics_dir>/<name>.json` of it
 (`Params.stages` lists every instance, `Params.destination` gives its paths)."""
@@ -360,6 +360,19 @@ class PretrainDataParams(Section):
     num_proc: int = Field(1, ge=1)
     """1: one process, the fast tokenizer's own threads use all cores; >1: that many tokenizer processes
     (pays off when reading and packing, not tokenization, would otherwise be the bottleneck)."""
+    synthetic_share: float = Field(0.0, ge=0, lt=1)
+    """Share of the blocks that are synthetic long-range sequences of block_length tokens built around the input's
+    own tokens (longlora/synthetic.py: facts stated and restated far apart, haystacks, repeated spans), drawn in
+    build_base_model's mix (its haystack_share, recall_share and prose_share), each block one document. 0 (the
+    paper's recipe): the input alone. The embedded default extends on its base model's own pre-training mix at the
+    target length (0.75, as build_base_model.synthetic_share), as LongLoRA extends Llama on its pre-training
+    distribution (RedPajama): extension data without the long-range signal the base learnt from erases it."""
+    synthetic_min_length: int | None = Field(None, gt=0)
+    """Synthetic sequences are whole multiples of this many tokens, as many to a block as fill it (their lengths
+    drawn at random, each its own document), so that facts are asked for at every position and over every span up
+    to block_length; None: one sequence of block_length per block. Must divide block_length."""
+    seed: int = 0
+    """Seeds the synthetic sequences."""
     out_dir: OutPath = Path("data/pretrain")
     """tokens.bin (blocks × block_length), doc_starts.bin, doc_index.npy and meta.json: see docs/data.md."""
     metrics_file: OutPath = Path("data/metrics/prepare_pretrain.json")
@@ -729,6 +742,26 @@ class EvalPasskeyParams(Section):
             raise ValueError(f"depths must be shares of the filler in [0, 1], got {list(self.depths)}")
         return self
 
+class EvalLongQAParams(Section):
+    """Stage `eval_longqa` (one instance per eval_models name): held-out questions in the SFT prompt format
+    (`prepare_sft.template`), greedy answers scored by exact match and token F1 (longlora/qa.py)."""
+
+    input: InPath = Path("data/corpus/longqa_heldout.json")
+    """LongAlpaca-format records ({"instruction", "output", optional "input"}) that no training stage reads; the
+    default is prepare_corpus's held-out LongQA (questions about source files of the held-out split)."""
+    max_examples: int | None = Field(64, gt=0)
+    """Score the first this many records; None: all."""
+    max_new_tokens: int = Field(32, gt=0)
+    """Longest answer generated; its first line is scored."""
+    dtype: EvalDtype = "auto"
+    """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
+    out_dir: OutPath = Path("data/eval_results/longqa")
+    """One folder per model, `<out_dir>/<name>/predictions.jsonl`: every question's reference, prediction and
+    scores."""
+    metrics_dir: OutPath = Path("data/metrics/eval_longqa")
+    """DVC metrics, `<metrics_dir>/<name>.json`: `exact_match` and `f1` (0–100), by question kind too."""
+
+
 class LongBenchParams(Section):
     """Stage `longbench` (one instance per eval_models name): LongBench's prompts, greedy predictions and its own
     scoring (longlora/longbench.py)."""
@@ -800,7 +833,7 @@ class ReportParams(Section):
 
 
 DEFAULT_EVAL_MODELS = {
-    "base": EvalModel(path="data/base_model", interpolate=True),
+    "base_pi": EvalModel(path="data/base_model", interpolate=True),
     "extended": EvalModel(path="data/extended_model"),
 }
 
@@ -826,6 +859,7 @@ class Params(Section):
     evaluation stages."""
     eval_perplexity: EvalPerplexityParams = EvalPerplexityParams()
     eval_passkey: EvalPasskeyParams = EvalPasskeyParams()
+    eval_longqa: EvalLongQAParams = EvalLongQAParams()
     longbench: LongBenchParams = LongBenchParams()
     report: ReportParams = ReportParams()
 
@@ -888,6 +922,10 @@ class Params(Section):
             self.s2attn.group_size_for(block)
         except ValueError as err:
             raise ValueError(f"prepare_pretrain.block_length vs s2attn: {err}") from None
+        unit = self.prepare_pretrain.synthetic_min_length
+        if unit is not None and block % unit:
+            raise KeyProblem("prepare_pretrain.synthetic_min_length",
+                             f"{unit} does not divide prepare_pretrain.block_length {block}")
         low, high = self.prepare_corpus.longqa_min_tokens, self.prepare_corpus.longqa_max_tokens
         if low > high:
             raise ValueError(f"prepare_corpus: LongQA instructions of {low} to {high} tokens: the minimum exceeds the "
@@ -988,6 +1026,8 @@ class Params(Section):
         if not is_hub_name(self.longbench.input):
             inputs.append(({f"longbench@{name}" for name in self.eval_models}, "longbench.input",
                            self.longbench.input))
+        inputs.append(({f"eval_longqa@{name}" for name in self.eval_models}, "eval_longqa.input",
+                       str(self.eval_longqa.input)))
         return inputs
 
     @model_validator(mode="after")

@@ -33,6 +33,7 @@ from longlora.errors import InputError
 from longlora.io import StageOutput, same_path
 from longlora.modelcard import CARD_FILE, with_evaluation
 from longlora.report import (
+    LONGQA_SCORES,
     ModelResults,
     comparison_sections,
     markdown_table,
@@ -166,6 +167,11 @@ def _setup(params: Params) -> dict[str, str]:
                            f"{params.eval_perplexity.windowed_step} tokens).",
         "eval_passkey": f"LongLoRA's passkey prompt, {params.eval_passkey.trials} keys per prompt length and key "
                         "depth, greedy decoding; a key counts when the digits generated are exactly the key.",
+        "eval_longqa": f"The first {params.eval_longqa.max_examples or 'all'} questions of "
+                       f"`{params.eval_longqa.input}` (no training stage read them) in the SFT prompt format "
+                       f"(`{params.prepare_sft.template}`), greedy answers of at most "
+                       f"{params.eval_longqa.max_new_tokens} tokens; exact match of the first line and token F1 over "
+                       "its alphanumeric runs (longlora/qa.py).",
         "longbench": f"LongBench's prompts, generation lengths and metrics on `{params.longbench.input}`; the average "
                      "is the mean over the tasks.",
     }
@@ -191,6 +197,11 @@ def _eval_results(params: Params, r: ModelResults):
             task_type="text-generation", task_name="Passkey retrieval", dataset_type="passkey-retrieval",
             dataset_name="passkey retrieval (LongLoRA's prompt)", metric_type="accuracy", metric_value=value,
             metric_name=f"passkey accuracy at {length} tokens", metric_config=str(length)))
+    for key, value in r.longqa.items():
+        results.append(EvalResult(
+            task_type="question-answering", task_name="Long-context QA (SFT prompt format)",
+            dataset_type=str(params.eval_longqa.input), dataset_name=f"{params.eval_longqa.input} (held-out)",
+            metric_type=key, metric_value=value, metric_name=f"LongQA {LONGQA_SCORES[key]}"))
     for task, score in r.longbench.items():
         results.append(EvalResult(
             task_type="text-generation", task_name="LongBench",
@@ -240,6 +251,8 @@ def _readme(params: Params, results: dict[str, ModelResults], sections: dict[str
     lines += [sections.get("eval_passkey", "No passkey results.\n")]
     for name in heatmaps:
         lines += [f"#### {name}", "", _image(f"passkey/{name}.png", f"passkey retrieval: {name}"), ""]
+    lines += ["## Held-out questions (what SFT trains for)", "", setup["eval_longqa"], "",
+              sections.get("eval_longqa", "No LongQA results.\n")]
     lines += ["## LongBench", "", setup["longbench"], "", sections.get("longbench", "No LongBench results.\n"),
               "## Model cards", ""]
     if not cards:

@@ -32,6 +32,22 @@ def final_outputs() -> list[Path]:
             for stage in expanded_stages().values() for o in stage.get("outs", []) + stage.get("metrics", [])]
 
 
+SHIPPED_BASE_MODEL = """    frozen: true
+"""
+"""What makes the project's build_base_model stage take the base model shipped in git as it is (with its output's
+`cache: false`): a temporary repository builds its own tiny base model instead, a DVC output like any other."""
+
+
+def unfrozen_dvc_yaml() -> str:
+    """The project's dvc.yaml with build_base_model as an ordinary stage."""
+    text = (ROOT / "dvc.yaml").read_text(encoding="utf-8")
+    for shipped, built in ((SHIPPED_BASE_MODEL, ""), ("      - data/base_model:\n          cache: false\n",
+                                                      "      - data/base_model\n")):
+        assert text.count(shipped) == 1, f"dvc.yaml no longer has {shipped!r} once"
+        text = text.replace(shipped, built)
+    return text
+
+
 def write_tiny_params(where: Path) -> None:
     (where / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()), encoding="utf-8")
 
@@ -61,6 +77,7 @@ def make_repo(tmp_path: Path) -> Path:
     for name in PROJECT_FILES:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
+    (repo / "dvc.yaml").write_text(unfrozen_dvc_yaml(), encoding="utf-8")
     for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     write_tiny_params(repo)

@@ -42,6 +42,8 @@ def texts():
 
 
 def _params(tokenizer_dir, **sections):
+    """The tiny params on the tiny tokenizer; prepare_pretrain packs the input alone unless told otherwise."""
+    sections["prepare_pretrain"] = {"synthetic_share": 0.0, **sections.get("prepare_pretrain", {})}
     return parse_params(tiny_params_dict(model={"name_or_path": str(tokenizer_dir)}, **sections))
 
 
@@ -185,6 +187,59 @@ def test_pretrain_too_little_text_for_one_block(in_tmp, tiny_tokenizer_dir):
     metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir,
                                            prepare_pretrain={"input": "in.jsonl", "remainder": "pad"}))
     assert metrics["blocks"] == 1 and metrics["padded_tokens"] > 100
+
+
+_RESTATED = (re.compile(r"[Tt]he ([a-z ]+) is (\S+?)\.[\s\S]*the \1 is \2\."),  # a haystack's fact, or a prose fact
+             re.compile(r"\n(\w+) = (\S+)\n[\s\S]*(?:\1 = |\1 == |print\(\1\)  # )\2"))  # an assignment recalled
+
+
+@pytest.mark.parametrize("min_length", [None, 32])
+def test_pretrain_synthetic_share_appends_long_range_sequences_in_the_base_mix(
+        in_tmp, tiny_tokenizer, tiny_tokenizer_dir, texts, min_length):
+    """The input's blocks first, unchanged; then as many synthetic blocks of the same length as make up
+    synthetic_share of all, each one document (or, with synthetic_min_length, several whose lengths are multiples of
+    it), facts restated far from where they were stated; the same bytes twice."""
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": t} for t in texts])
+    plain = prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": "in.jsonl"}))
+    code = np.array(PackedBlocks(in_tmp / "data/pretrain").tokens)
+    synthetic_params = {"input": "in.jsonl", "synthetic_share": 0.6, "synthetic_min_length": min_length}
+    metrics = prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain=synthetic_params))
+    blocks = PackedBlocks(in_tmp / "data/pretrain")
+    n_code = plain["blocks"]
+    assert metrics["synthetic_blocks"] == round(n_code * 0.6 / 0.4) == len(blocks) - n_code
+    assert metrics["blocks"] == len(blocks) and blocks.meta["synthetic_blocks"] == metrics["synthetic_blocks"]
+    assert np.array_equal(np.asarray(blocks.tokens[:n_code]), code)
+    starts = [blocks.doc_starts(i).tolist() for i in range(n_code, len(blocks))]
+    if min_length is None:
+        assert starts == [[0]] * len(starts)
+    else:
+        assert all(s[0] == 0 and all(start % 32 == 0 for start in s) for s in starts)
+        assert {len(s) for s in starts} > {1}, "several sequences to a block"
+    pieces = [np.asarray(blocks[i])[a:b] for i, s in zip(range(n_code, len(blocks)), starts, strict=True)
+              for a, b in zip(s, [*s[1:], 128], strict=True)]
+    synthetic = [tiny_tokenizer.decode(piece.tolist()) for piece in pieces]
+    assert not any(np.array_equal(blocks[i], row) for i in range(n_code, len(blocks)) for row in code)
+    restated = sum(any(form.search(text) for form in _RESTATED) for text in synthetic)
+    assert restated >= len(synthetic) // 4, f"only {restated} of {len(synthetic)} synthetic blocks restate a fact"
+    first = (in_tmp / "data/pretrain/tokens.bin").read_bytes()
+    prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain=synthetic_params))
+    assert (in_tmp / "data/pretrain/tokens.bin").read_bytes() == first
+
+
+def test_synthetic_min_length_must_divide_the_block():
+    with pytest.raises(ParamsError, match=r"prepare_pretrain\.synthetic_min_length: 48 does not divide "
+                                          r"prepare_pretrain\.block_length 128"):
+        parse_params(tiny_params_dict(prepare_pretrain={"synthetic_min_length": 48}))
+
+
+def test_pretrain_synthetic_share_needs_enough_text(in_tmp, tiny_tokenizer, tiny_tokenizer_dir, texts):
+    lines = texts[0].splitlines(keepends=True)
+    cut = next(n for n in range(len(lines)) if len(tiny_tokenizer("".join(lines[:n]))["input_ids"]) > 160)
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": "".join(lines[:cut])}])  # one block of 128, not two
+    with pytest.raises(InputError, match=r"prepare_pretrain\.synthetic_share: synthetic sequences of 128 tokens need"):
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": "in.jsonl",
+                                                                           "synthetic_share": 0.5}))
+    _assert_nothing_finished(in_tmp, "data/pretrain")
 
 
 def test_pretrain_all_records_skipped(in_tmp, tiny_tokenizer_dir):

@@ -18,10 +18,12 @@ from stages.params import load_params, parse_params
 from tests.conftest import tiny_params_dict
 
 LENGTHS = (32, 64, 128)
-PERPLEXITY = {"base": (90.0, 95.5, 140.25), "extended": (60.0, 58.5, 61.125), "sft": (70.0, 68.0, 72.0)}
-PASSKEY = {"base": (0.5, 0.0, 0.0), "extended": (1.0, 0.5, 0.5), "sft": (1.0, 1.0, 0.5)}
-LONGBENCH = {"base": {"lcc": 10.0, "passage_count": 0.0}, "extended": {"lcc": 20.5, "passage_count": 5.0},
-             "sft": {"lcc": 30.0, "passage_count": 2.5}}
+PERPLEXITY = {"base": (50.0, 80.0, 300.0), "base_pi": (90.0, 95.5, 140.25), "extended": (60.0, 58.5, 61.125),
+              "sft": (70.0, 68.0, 72.0)}
+PASSKEY = {"base": (1.0, 0.0, 0.0), "base_pi": (0.5, 0.0, 0.0), "extended": (1.0, 0.5, 0.5), "sft": (1.0, 1.0, 0.5)}
+LONGQA = {"base": (0.0, 1.5), "base_pi": (0.0, 2.0), "extended": (3.125, 10.5), "sft": (25.0, 40.25)}
+LONGBENCH = {"base": {"lcc": 5.0, "passage_count": 0.0}, "base_pi": {"lcc": 10.0, "passage_count": 0.0},
+             "extended": {"lcc": 20.5, "passage_count": 5.0}, "sft": {"lcc": 30.0, "passage_count": 2.5}}
 ROPE = {"factor": 4.0, "rope_theta": 10000.0, "rope_type": "linear"}
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 128,
           "rope_parameters": ROPE, "tie_word_embeddings": True}
@@ -64,6 +66,8 @@ def evaluated(tmp_path, monkeypatch):
         _write_json(params.destination(f"eval_passkey@{name}")[2], {
             "accuracy": sum(PASSKEY[name]) / 3,
             "by_length": {str(n): v for n, v in zip(LENGTHS, PASSKEY[name], strict=True)}})
+        _write_json(params.destination(f"eval_longqa@{name}")[2], {
+            "exact_match": LONGQA[name][0], "f1": LONGQA[name][1], "questions": 64, "skipped": 0})
         _write_json(params.destination(f"longbench@{name}")[2], {
             "stage": f"longbench@{name}", "model": name, "scores": LONGBENCH[name],
             "categories": {"code": LONGBENCH[name]["lcc"]}})
@@ -86,7 +90,7 @@ def test_the_report_puts_every_evaluation_side_by_side(evaluated, tmp_path, caps
     out = Path("data/report")
     text = (out / "README.md").read_text(encoding="utf-8")
     assert "| extended | 60.00 | 58.50 | 61.12 |" in text  # strided perplexity by length
-    assert "| base | 91.00 | 96.50 | 141.25 |" in text  # LongLoRA's own
+    assert "| base_pi | 91.00 | 96.50 | 141.25 |" in text  # LongLoRA's own
     assert "| sft | 1.00 | 1.00 | 0.50 | 0.83 |" in text  # passkey by length, then overall
     assert "| model | lcc | passage_count | average |" in text and "| extended | 20.50 | 5.00 | 12.75 |" in text
     # The plot it drew and the heatmaps it copied are beside it, linked relatively.
@@ -99,16 +103,19 @@ def test_the_report_puts_every_evaluation_side_by_side(evaluated, tmp_path, caps
     assert "cp data/report/models/sft/README.md /tmp/upload/README.md" in text
 
     summary = (out / "summary.txt").read_text(encoding="utf-8").splitlines()
-    assert summary[:4] == ["model     ppl@32  ppl@64  ppl@128  passkey  LongBench",
-                           "base       90.00   95.50   140.25     0.17       5.00",
-                           "extended   60.00   58.50    61.12     0.67      12.75",
-                           "sft        70.00   68.00    72.00     0.83      16.25"]
-    assert "\n".join(summary[:4]) in text
+    assert summary[:5] == [
+        "model     ppl@32  ppl@64  ppl@128  passkey@32  passkey@64  passkey@128  LongQA EM  LongQA F1  LongBench",
+        "base       50.00   80.00   300.00        1.00        0.00         0.00       0.00       1.50       2.50",
+        "base_pi    90.00   95.50   140.25        0.50        0.00         0.00       0.00       2.00       5.00",
+        "extended   60.00   58.50    61.12        1.00        0.50         0.50       3.12      10.50      12.75",
+        "sft        70.00   68.00    72.00        1.00        1.00         0.50      25.00      40.25      16.25"]
+    assert "\n".join(summary[:5]) in text
+    assert "| sft | 25.00 | 40.25 |" in text  # the held-out questions' table
     assert report.main(["summary"]) == 0
-    assert "sft        70.00   68.00    72.00     0.83      16.25" in capsys.readouterr().out
+    assert summary[4] in capsys.readouterr().out
 
-    assert metrics["models"]["extended"] == {"evaluated": ["eval_perplexity", "eval_passkey", "longbench"],
-                                             "longbench_average": 12.75}
+    assert metrics["models"]["extended"] == {"evaluated": ["eval_perplexity", "eval_passkey", "eval_longqa",
+                                                           "longbench"], "longbench_average": 12.75}
     assert metrics["cards"] == {"extend": "data/report/models/extend/README.md",
                                 "sft": "data/report/models/sft/README.md"}
     assert json.loads(Path("data/metrics/report.json").read_text()) == metrics
@@ -145,9 +152,11 @@ def test_the_report_is_the_same_bytes_twice_and_says_what_was_not_evaluated(eval
 
     Path("data/metrics/longbench/sft.json").unlink()
     metrics = report.run(evaluated)
-    assert metrics["models"]["sft"] == {"evaluated": ["eval_perplexity", "eval_passkey"], "longbench_average": None}
+    assert metrics["models"]["sft"] == {"evaluated": ["eval_perplexity", "eval_passkey", "eval_longqa"],
+                                        "longbench_average": None}
     summary = Path("data/report/summary.txt").read_text(encoding="utf-8")
-    assert "sft        70.00   68.00    72.00     0.83          -" in summary
+    assert "sft        70.00   68.00    72.00        1.00        1.00         0.50      25.00      40.25          -" \
+        in summary
     text = Path("data/report/README.md").read_text(encoding="utf-8")
     assert "Not evaluated (left out; `dvc repro` runs them): longbench@sft (no data/metrics/longbench/sft.json)" in text
     assert "| sft | - | - | - |" in text
@@ -207,8 +216,9 @@ def test_results_are_read_from_the_evaluation_metrics_and_shown_the_same_way_eve
     assert "| model | 32 | 64 |\n|---|---|---|\n| a | 3.00 | 2.50 |\n| b | - | - |" in markdown
     assert "| a | - | - | - |\n| b | 0.50 | 0.00 | 0.25 |" in markdown
     assert "| a | 40.00 | 50.00 | 45.00 |\n| b | - | - | - |" in markdown
-    assert summary_text(results).splitlines()[1:3] == ["a        3.00    2.50        -      45.00",
-                                                       "b           -       -     0.25          -"]
+    assert summary_text(results).splitlines()[1:3] == [
+        "a        3.00    2.50           -           -          -          -      45.00",
+        "b           -       -        0.50        0.00          -          -          -"]
 
 
 def test_merge_traces_every_training_step_back_to_the_first_base_model(tmp_path, monkeypatch):
