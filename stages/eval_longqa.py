@@ -59,12 +59,12 @@ def _records(params: Params) -> list[tuple[int, str | None, object]]:
 def _evaluate(params: Params, name: str, records, out: StageOutput) -> dict:
     from longlora.qa import answer_all, prompt_ids
 
-    p, template = params.eval_longqa, params.prepare_sft
+    p = params.eval_longqa
     model, tokenizer = _eval.load_model(params, name, p.dtype)
     room = params.model.target_context - p.max_new_tokens
     prompts, skipped = [], 0
     for index, kind, example in records:
-        ids = prompt_ids(example, tokenizer, template.template, template.system_prompt)
+        ids = prompt_ids(example, tokenizer, params.prepare_sft.template, params.prepare_sft.system_prompt)
         if len(ids) > room:
             skipped += 1
             continue
