@@ -1,25 +1,24 @@
 """Mini-replication of LongLoRA's ablations on the embedded base model: the same extension (256 → 1024 tokens, same
-data, steps and seeds) under each variant, then held-out perplexity at 256/512/1024, passkey at 1024, training
+data, steps and seeds) under each variant, then held-out perplexity and passkey at 256/512/1024, training
 speed and memory.
 
-    .venv/bin/python benchmarks/replicate.py --jobs 3   # the study (README, "Results"): 7 variants, 3 seeds, 20 steps
+    .venv/bin/python benchmarks/replicate.py --steps 100 --seeds 2 --jobs 2 --threads 1   # the study (README, "Results")
     .venv/bin/python benchmarks/replicate.py --quick    # smoke run: 2 variants × 1 seed × 2 steps, about a minute
 
-Expected on the 2-core reference machine: 16 CPU-minutes, so about 9 minutes with the 2 cores to itself (the committed
-run shared them with four other sessions: 28 minutes, in the table's header); writes
-benchmarks/results/replication.{md,csv,png}, the command that made them in the .md header. The README's "Results"
-section discusses them. `--base`, `--pretrain`, `--eval` default to the pipeline's outputs (run `make repro` first).
+Writes benchmarks/results/replication.{md,csv,png}, the command that made them and its wall clock in the .md header;
+the README's "Results" section and docs/extension.md discuss them. `--base`, `--pretrain`, `--eval` default to the
+pipeline's outputs (run `make repro` first).
 
 Each trained variant runs the real `extend` stage (`python -m stages.extend --params <file>`, one process per run,
 params.yaml with the variant's overrides: `extend.method`, `extend.attention`, `s2attn.shift`, `extend.seed`,
 `extend.max_steps`), in its own working folder under --work, so its checkpoints and run log never touch the
 project's data/. The evaluation is the pipeline's: `longlora.extension.load_extended` (dense attention),
 `longlora.perplexity.strided_perplexity` (standard, every token scored once, windows of 256, 512 and 1024 over the
-same first --eval-tokens tokens of the held-out stream) and `longlora.passkey.passkey_accuracy` at 1024 over the
+same first --eval-tokens tokens of the held-out stream) and `longlora.passkey.passkey_accuracy` at each length over the
 depth grid. Training speed is the Trainer's tokens/s (wall clock); CPU seconds and peak resident memory come from the
 run's own process (`os.wait4`), so they hold on a shared machine where the wall clock does not.
 
-Variants (the paper's Tables 2 and 6; issue #10):
+Variants (the paper's Tables 2 and 6, issue #10; 9 and 10: the default's departures from the paper, issue #19):
   no_pi       base model as it is (no fine-tuning, no interpolation)
   pi          position interpolation ×4, no training
   lora        PI + LoRA on q/k/v/o only, dense attention
@@ -28,6 +27,8 @@ Variants (the paper's Tables 2 and 6; issue #10):
   longlora    PI + LoRA+ with S²-Attn (the method)
   no_shift    PI + LoRA+ with S²-Attn without the shift (every head in plain groups: the paper's short attention)
   doc_aware   LongLoRA with document-aware S²-Attn (extend.document_attention: each packed document attends to itself)
+  group_half  LongLoRA with S² groups of N/2 (s2attn.group_size_ratio 0.5)
+  rope_linear LongLoRA with linear position interpolation (model.rope_type linear), the paper's
 """
 
 from __future__ import annotations
@@ -72,14 +73,10 @@ VARIANTS = (
                                                                    "s2attn": {"shift": False}}),
     Variant("doc_aware", "8. LongLoRA, document-aware S²-Attn", {"method": "lora_plus", "attention": "s2",
                                                                   "document_attention": True}),
-    Variant("group_quarter", "9. LongLoRA, S² groups of N/4", {"method": "lora_plus", "attention": "s2",
-                                                              "s2attn": {"group_size_ratio": 0.25}}),
-    Variant("group_half", "10. LongLoRA, S² groups of N/2", {"method": "lora_plus", "attention": "s2",
-                                                            "s2attn": {"group_size_ratio": 0.5}}),
-    Variant("rope_linear", "11. LongLoRA, linear interpolation", {"method": "lora_plus", "attention": "s2",
+    Variant("group_half", "9. LongLoRA, S² groups of N/2", {"method": "lora_plus", "attention": "s2",
+                                                           "s2attn": {"group_size_ratio": 0.5}}),
+    Variant("rope_linear", "10. LongLoRA, linear interpolation", {"method": "lora_plus", "attention": "s2",
                                                                  "model": {"rope_type": "linear"}}),
-    Variant("rope_yarn", "12. LongLoRA, YaRN", {"method": "lora_plus", "attention": "s2",
-                                               "model": {"rope_type": "yarn"}}),
 )
 QUICK_VARIANTS = ("pi", "longlora")
 
@@ -226,6 +223,8 @@ CLAIMS = (  # (a, b, what the paper says)
     ("longlora", "no_shift", "without the shift, worse (Table 6: short attention)"),
     ("longlora", "doc_aware", "document-aware groups vs LongLoRA's"),
     ("pi", "longlora", "extension vs interpolation alone"),
+    ("longlora", "group_half", "S² groups of N/2 vs N/4 (the paper's ablation)"),
+    ("longlora", "rope_linear", "linear interpolation (the paper's) vs the default scaling"),
 )
 
 
@@ -329,7 +328,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="extend.max_steps of every trained variant")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored at every length")
-    parser.add_argument("--passkey-trials", type=int, default=2, help="keys per depth at 1024 tokens")
+    parser.add_argument("--passkey-trials", type=int, default=4, help="keys per depth at each length")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at a time (one per core is fastest)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each training process and of the "
                         "evaluation")
