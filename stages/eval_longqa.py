@@ -6,9 +6,10 @@ What `sft` trains for, on questions no training stage saw (the embedded default:
 questions about long source files whose answer is written somewhere in them). Each record is rendered with
 `prepare_sft.template` and tokenized exactly as prepare_sft does; the model answers greedily (at most
 `max_new_tokens`), and its first line is scored by exact match and token F1 (longlora/qa.py), 0–100.
-A record whose prompt leaves no room for the answer within model.target_context is skipped and counted.
+A prompt that leaves no room for the answer within model.target_context is fitted as prepare_sft fits its examples
+(`prepare_sft.truncation`): cut in the middle (truncate_middle), or left out (drop); both are counted.
 Output: `<out_dir>/<model>/predictions.jsonl` (every question: reference, prediction, scores) and
-`<metrics_dir>/<model>.json` (`exact_match`, `f1`, both by question kind, `questions`, `skipped`).
+`<metrics_dir>/<model>.json` (`exact_match`, `f1`, both by question kind, `questions`, `skipped`, `truncated`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import json
 from collections import defaultdict
 from dataclasses import asdict
 
+import numpy as np
+
 from longlora.data import iter_records
 from longlora.errors import InputError
 from longlora.io import StageOutput
-from longlora.sft_data import parse_instruction
+from longlora.sft_data import middle_cut, parse_instruction
 from stages import _cli, _eval
 from stages.params import Params
 
@@ -62,12 +65,16 @@ def _evaluate(params: Params, name: str, records, out: StageOutput) -> dict:
     p = params.eval_longqa
     model, tokenizer = _eval.load_model(params, name, p.dtype)
     room = params.model.target_context - p.max_new_tokens
-    prompts, skipped = [], 0
+    prompts, skipped, truncated = [], 0, 0
     for index, kind, example in records:
         ids = prompt_ids(example, tokenizer, params.prepare_sft.template, params.prepare_sft.system_prompt)
         if len(ids) > room:
-            skipped += 1
-            continue
+            # As prepare_sft fits its examples: cut from the middle when it does, else leave the question out.
+            if params.prepare_sft.truncation != "truncate_middle":
+                skipped += 1
+                continue
+            ids = middle_cut(np.asarray(ids), room).tolist()
+            truncated += 1
         prompts.append((index, kind, example.output, ids))
     if not prompts:
         raise InputError(f"eval_longqa.input {p.input}: every prompt is longer than model.target_context "
@@ -85,7 +92,7 @@ def _evaluate(params: Params, name: str, records, out: StageOutput) -> dict:
     for answer in answers:
         by_kind[answer.kind or "all"].append(answer)
     metrics = {**scores(answers), "by_kind": {kind: scores(subset) for kind, subset in sorted(by_kind.items())},
-               "questions": len(answers), "skipped": skipped}
+               "questions": len(answers), "skipped": skipped, "truncated": truncated}
     return out.write_metrics(metrics)
 
 

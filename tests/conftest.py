@@ -39,6 +39,8 @@ TINY_OVERRIDES = {
     "prepare_corpus": {"longqa_min_tokens": 240, "longqa_max_tokens": 400, "longqa_examples": 16,
                       "longqa_heldout_examples": 4, "eval_documents": 4, "longbench_examples": 2},
     "prepare_sft": {"truncation": "truncate_middle"},
+    # Synthetic extension sequences of 32 to 128 tokens, the tiny context.
+    "prepare_pretrain": {"synthetic_min_length": 32},
     # The tiny tokenizer spends ~160 tokens on the passkey prompt's fixed lines: 32-token prompts cannot hold them.
     "eval_perplexity": {"windowed_step": 32},
     "eval_passkey": {"lengths": [200, 256], "depths": [0.0, 1.0], "trials": 1},

@@ -27,6 +27,9 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
+MODELS = ("base", "base_pi", "extended", "sft")
+"""params.yaml's eval_models, whose curves and heatmaps dvc.yaml plots."""
+
 
 class Repo:
     """The temporary repository and the commands run in it."""
@@ -216,7 +219,7 @@ def test_metrics_and_plots_diff_compare_the_two_runs(repo, experiment):
     assert curve["revisions"] == [repo.baseline, name]
     points = curve["anchor_definitions"]["<DVC_METRIC_DATA>"]
     by_rev = {(p["rev"], p["model"], p["length"]): float(p["perplexity"]) for p in points}
-    assert len(by_rev) == 2 * 3 * 3  # two runs × three models × three lengths
+    assert len(by_rev) == 2 * len(MODELS) * 3  # two runs × the models × three lengths
     assert by_rev[(name, "sft", "128")] != by_rev[(repo.baseline, "sft", "128")]
     assert by_rev[(name, "base", "128")] == by_rev[(repo.baseline, "base", "128")]
     heatmap = plots["data/eval_results/passkey/sft/heatmap.png"]
@@ -275,6 +278,6 @@ def test_plots_show_draws_every_curve_and_the_heatmaps(repo):
         assert len(curve) >= 2 and all(float(p["loss"]) > 0 for p in curve), stage
     for title in ("perplexity (strided) vs context length", "perplexity (LongLoRA eval.py) vs context length"):
         assert {(p["model"], p["length"]) for p in points(title)} == {
-            (model, length) for model in ("base", "extended", "sft") for length in ("32", "64", "128")}, title
-    for model in ("base", "extended", "sft"):
+            (model, length) for model in MODELS for length in ("32", "64", "128")}, title
+    for model in MODELS:
         assert plots[f"data/eval_results/passkey/{model}/heatmap.png"][0]["type"] == "image"

@@ -91,7 +91,7 @@ def longqa(project):
 
 
 def test_stage_writes_every_prediction_and_scores_that_agree_with_them(longqa):
-    params = _params(eval_longqa={"max_new_tokens": 8})
+    params = _params(eval_longqa={"max_new_tokens": 8}, prepare_sft={"truncation": "drop"})
     metrics = eval_longqa.run(params, "extended")
     lines = Path("data/eval_results/longqa/extended/predictions.jsonl").read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
@@ -108,6 +108,12 @@ def test_stage_writes_every_prediction_and_scores_that_agree_with_them(longqa):
     assert json.loads(Path("data/metrics/eval_longqa/extended.json").read_text()) == metrics
     # max_examples: the first N records only
     assert eval_longqa.run(_params(eval_longqa={"max_examples": 2}), "base")["questions"] == 2
+    # As prepare_sft with truncate_middle: the long prompt is cut in the middle to fit, not left out.
+    cut = eval_longqa.run(_params(eval_longqa={"max_new_tokens": 8}, prepare_sft={"truncation": "truncate_middle"}),
+                          "extended")
+    assert (cut["questions"], cut["skipped"], cut["truncated"]) == (4, 0, 1)
+    last = json.loads(Path("data/eval_results/longqa/extended/predictions.jsonl").read_text().splitlines()[-1])
+    assert last["prompt_tokens"] == 128 - 8
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -121,7 +127,7 @@ def test_bad_input_stops_with_the_parameter_and_writes_nothing(project, content,
         Path("data/corpus").mkdir(parents=True)
         Path("data/corpus/longqa_heldout.json").write_text(content, encoding="utf-8")
     with pytest.raises(InputError, match=message):
-        eval_longqa.run(_params(), "extended")
+        eval_longqa.run(_params(prepare_sft={"truncation": "drop"}), "extended")
     assert not Path("data/eval_results/longqa").exists() or not any(Path("data/eval_results/longqa").iterdir())
     assert not Path("data/metrics/eval_longqa/extended.json").exists()
 

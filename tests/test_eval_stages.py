@@ -169,7 +169,8 @@ def _cli(module, raw: dict, model: str, capsys) -> tuple[int, str]:
      r"eval_perplexity\.attention s2 at length 72: .*not divisible"),
     (eval_passkey, "base", {"eval_passkey": {"lengths": [64, 256]}},
      r"eval_passkey\.lengths: 64 tokens cannot hold the passkey prompt and its answer with eval_models\.base's"),
-    (eval_perplexity, "mine", {}, r"eval_perplexity@mine: no model 'mine' in eval_models \(base, extended, sft\)"),
+    (eval_perplexity, "mine", {},
+     r"eval_perplexity@mine: no model 'mine' in eval_models \(base, base_pi, extended, sft\)"),
 ])
 def test_bad_input_stops_before_any_work_naming_the_parameter(project, capsys, module, model, sections, message):
     raw = tiny_params_dict(**{**EVALS, **sections})
