@@ -2,15 +2,14 @@
 
     .venv/bin/python -m stages.build_base_model     # or: dvc repro build_base_model
 
-On 2 CPU cores (the default params) it takes about 6.5 minutes: a byte-level BPE tokenizer (1024 tokens) and a
-0.79M-parameter Llama (4 layers, tied embeddings) pre-trained for 1600 steps of 8 × 256 tokens on the base split of
-the Python standard library sources, three quarters of each batch synthetic sequences built around that code
-(longlora/synthetic.py: haystacks, key-value recall, copies), written as a Hugging Face folder (safetensors) that
-later stages load like `meta-llama/Llama-2-7b-hf`. Its metrics say how much it uses its context: held-out loss by
-position, bits per byte, planted-value recall and passkey retrieval at 256 tokens. Expected (Python 3.11.7): held-out
-loss 3.28 (from 6.95), positions 8–32 → 128–256: 3.43 → 3.26, recall 0.22, passkey 0 %; `build_base_model.steps=2400`
-(about 10 min) forms the copying mechanism (study: gain 0.22, recall 0.63, passkey 60 %) — see README, "The embedded
-base model".
+A byte-level BPE tokenizer (1024 tokens) and a 0.79M-parameter Llama (4 layers, tied embeddings) pre-trained on
+batches of 8 × 256 tokens of the base split of the Python standard library sources, three quarters of each batch
+synthetic sequences built around that code (longlora/synthetic.py: haystacks, key-value recall, copies), written as a
+Hugging Face folder (safetensors) that later stages load like `meta-llama/Llama-2-7b-hf`. Its metrics say how much it
+uses its context: held-out loss by position, bits per byte, planted-value recall and passkey retrieval at 256 tokens.
+The default model is built once and shipped in git (the stage is frozen in dvc.yaml): `make base-model` rebuilds it
+and `python -m stages.build_base_model provenance` records how (docs/base-model.md: what it measures, how long it
+takes).
 The training loss (mean of every 10 steps) and learning rate go to dvclive's log in the run log,
 data/logs/build_base_model/dvclive/ (`dvc plots show` draws them). A killed run resumes from its last checkpoint (an
 unreadable one is set aside with a warning, and the run starts over). When `model.name_or_path` names another model

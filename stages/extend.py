@@ -3,9 +3,7 @@
     .venv/bin/python -m stages.extend     # one process; dvc repro extend runs `python -m stages.launch extend`,
                                           # which starts it as params.yaml's `launch` says (torchrun: 8 GPUs)
 
-Expected with the tiny default on 2 CPU cores: 60 steps of 8 × 1024 tokens in about 70 s (7 k tokens/s), loss
-3.89 → 3.08; after `merge@extend`, held-out perplexity at 1024 tokens 29.7 against 48.5 for the base model with
-interpolation alone (README, "Extend and merge").
+What the tiny default gives and how its recipe was chosen: docs/extension.md.
 
 Loads the base model (`model.name_or_path`, a local folder or a hub id) with its RoPE interpolated to
 `model.target_context` (written into the config before the model is built), selects S²-Attn (`extend.attention`),

@@ -2,14 +2,16 @@
 
     .venv/bin/python -m stages.prepare_pretrain     # or: dvc repro prepare_pretrain
 
-On 2 CPU cores (the default params: the ~170 `extend`-split files of data/corpus/pretrain.jsonl, 2.9 M characters)
-it takes a few seconds: ~0.9 M tokens of the base model's tokenizer in ~850 blocks of 1024 tokens. The input may
+The default params read the ~170 `extend`-split files of data/corpus/pretrain.jsonl (2.9 M characters, about 1100
+blocks of 1024 tokens) and append three times as many synthetic blocks, in a few seconds on 2 CPU cores. The input may
 also be a .jsonl.gz/.jsonl.zst/.parquet file, a folder of them, or a hub dataset name (the paper used
 togethercomputer/RedPajama-Data-1T-Sample; needs the network). Memory stays bounded: documents are read, tokenized
 (the fast tokenizer's batch encoder, all cores) and packed batch by batch.
 
 Documents are joined as `[BOS] text EOS` (`bos` param) and cut into blocks; every block's document start offsets
 are kept for document-aware attention; the final partial block is dropped or padded (`remainder`), and counted.
+With `synthetic_share` (the embedded default), blocks of synthetic long-range sequences built around those tokens
+follow them (longlora/synthetic.py, build_base_model's mix: docs/extension.md).
 Output: data/pretrain/ (tokens.bin, doc_starts.bin, doc_index.npy, meta.json — read it with
 `longlora.packing.PackedBlocks`) and data/metrics/prepare_pretrain.json (documents, tokens, blocks, dropped or padded
 tokens, skipped records, tokens/s). Expected: tokens/s ≥ 0.85 × the tokenizer's raw batch-encode rate
@@ -120,8 +122,9 @@ def _counting_words(batches, counts: Counter):
 
 
 def _write_synthetic(params: Params, tokenizer, writer: PackedBlocksWriter, words: Counter) -> int:
-    """Append synthetic sequences of block_length tokens built around the blocks written so far, in
-    build_base_model's mix, until they are `synthetic_share` of all blocks; returns how many."""
+    """Append blocks of synthetic sequences built around the blocks written so far, in build_base_model's mix,
+    until they are `synthetic_share` of all blocks; each block one sequence, or several whose lengths are multiples
+    of `synthetic_min_length`, each its own document. Returns how many blocks."""
     from longlora.synthetic import SyntheticSequences, corpus_words
 
     p, mix = params.prepare_pretrain, params.build_base_model

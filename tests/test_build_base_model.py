@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,3 +157,25 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(in_tmp, caplo
     assert not checkpoint.exists() and checkpoint.with_name(checkpoint.name + ".corrupt").exists()
     build_base_model._save_checkpoint(checkpoint, p, 4, model, optimizer, schedule)
     assert build_base_model._resume(checkpoint, p, model, optimizer, schedule) == 4
+
+
+def test_provenance_records_the_build_and_refuses_without_one(in_tmp, capsys):
+    """`python -m stages.build_base_model provenance` (make base-model's second step): the sha256 of every file
+    built, the params that shaped it, the build's seconds; before a build, one clear line and nothing written."""
+    params = parse_params(tiny_params_dict(build_base_model=QUICK))
+    assert build_base_model.main(["provenance"]) == 2  # no params.yaml here: the stage's own clear error
+    assert "Traceback" not in capsys.readouterr().err
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(build_base_model=QUICK)), encoding="utf-8")
+    assert build_base_model.main(["provenance"]) == 2
+    assert "no base model built here to record" in capsys.readouterr().err
+    assert not (in_tmp / "data/base_model.provenance.json").exists()
+
+    build_base_model.run(params)
+    assert build_base_model.main(["provenance"]) == 0
+    record = json.loads((in_tmp / "data/base_model.provenance.json").read_text())
+    folder = in_tmp / "data/base_model"
+    assert record["files"] == {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                               for f in sorted(folder.iterdir()) if f.is_file()}
+    assert record["params"]["build_base_model"] == params.build_base_model.model_dump(mode="json")
+    assert record["seconds"] > 0 and record["metrics"]["built"] is True
+    assert record["command"] == "make base-model"

@@ -237,8 +237,8 @@ def test_pretrain_synthetic_share_needs_enough_text(in_tmp, tiny_tokenizer, tiny
     cut = next(n for n in range(len(lines)) if len(tiny_tokenizer("".join(lines[:n]))["input_ids"]) > 160)
     _write_jsonl(in_tmp / "in.jsonl", [{"text": "".join(lines[:cut])}])  # one block of 128, not two
     with pytest.raises(InputError, match=r"prepare_pretrain\.synthetic_share: synthetic sequences of 128 tokens need"):
-        prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={"input": "in.jsonl",
-                                                                           "synthetic_share": 0.5}))
+        prepare_pretrain.run(_params(tiny_tokenizer_dir, prepare_pretrain={
+            "input": "in.jsonl", "synthetic_share": 0.5, "synthetic_min_length": None}))
     _assert_nothing_finished(in_tmp, "data/pretrain")
 
 
