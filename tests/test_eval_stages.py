@@ -83,7 +83,7 @@ def test_perplexity_writes_both_numbers_per_length_as_the_library_computes_them(
     params = _params()
     metrics = {name: eval_perplexity.run(params, name) for name in MODELS}
     tokens = TokenStream("data/eval").tokens[:600]
-    base, _ = load_for_evaluation("models/base", Interpolation(TARGET))
+    base, _ = load_for_evaluation("models/base", Interpolation(TARGET, params.model.rope_type))
     for name in MODELS:
         rows = _csv(Path(f"data/eval_results/perplexity/{name}/perplexity.csv"))
         assert [(row["model"], int(row["length"])) for row in rows] == [(name, 32), (name, 64)]
