@@ -7,7 +7,8 @@ prompt format the sft stage trained with, for each model folder given.
 The held-out questions come from source files no training stage saw (prepare_corpus's held-out split). Each is
 rendered with the same template and tokenized the same way as prepare_sft does (`longlora.sft_data`), so the loss is
 the SFT objective itself on unseen examples: mean cross-entropy of the answer tokens (and EOS) given the prompt.
-Exact match: greedy decoding of the prompt alone, first line compared with the reference answer.
+Exact match: greedy decoding of the prompt alone, scored as eval_longqa scores it (longlora/qa.py); the stage
+itself (`dvc repro eval_longqa`) gives exact match and token F1 for every model without the answer-token loss.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longlora.sft_data import IGNORE_INDEX, fit_example, parse_instruction, render_prompt  # noqa: E402
+from longlora.qa import exact_match, prompt_ids  # noqa: E402
+from longlora.sft_data import IGNORE_INDEX, fit_example, parse_instruction  # noqa: E402
 
 
 def score(folder: str, records: list[dict], max_length: int, template: str) -> dict:
@@ -32,7 +34,7 @@ def score(folder: str, records: list[dict], max_length: int, template: str) -> d
     nll = scored = correct = asked = 0
     for record in records:
         example = parse_instruction(record)
-        prompt = tokenizer(render_prompt(example, template, tokenizer))["input_ids"]
+        prompt = prompt_ids(example, tokenizer, template)
         answer = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         fitted = fit_example(prompt, answer, max_length, "drop")
         if fitted.input_ids is None:
@@ -42,8 +44,8 @@ def score(folder: str, records: list[dict], max_length: int, template: str) -> d
         with torch.no_grad():
             nll += model(input_ids=ids, labels=labels).loss.item() * count
             generated = model.generate(torch.tensor(prompt)[None], max_new_tokens=len(answer) + 2, do_sample=False)
-        text = tokenizer.decode(generated[0, len(prompt):], skip_special_tokens=True).strip()
-        correct += text.split("\n")[0].strip() == example.output.strip()
+        correct += int(exact_match(tokenizer.decode(generated[0, len(prompt):], skip_special_tokens=True),
+                                   example.output))
         scored += count
         asked += 1
     return {"model": folder, "questions": asked, "answer_loss": round(nll / scored, 3), "exact_match": correct}
