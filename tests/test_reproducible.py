@@ -16,6 +16,7 @@ import pytest
 from longlora.io import PARAMS_FILE, RUN_LOGS, TIMINGS_FILE, run_log
 from stages import (
     build_base_model,
+    eval_longqa,
     eval_passkey,
     eval_perplexity,
     extend,
@@ -44,6 +45,7 @@ RUNS = {
     "sft": sft.run,
     "eval_perplexity@extended": lambda params: eval_perplexity.run(params, "extended"),
     "eval_passkey@extended": lambda params: eval_passkey.run(params, "extended"),
+    "eval_longqa@extended": lambda params: eval_longqa.run(params, "extended"),
     "longbench@extended": lambda params: longbench.run(params, "extended"),
     "report": report.run,
 }
@@ -139,13 +141,18 @@ def test_the_report_shows_the_numbers_the_real_evaluations_wrote(first_run):
     from huggingface_hub import ModelCard
 
     written = {stage: json.loads((first_run / f"data/metrics/{stage}/extended.json").read_text(encoding="utf-8"))
-               for stage in ("eval_perplexity", "eval_passkey", "longbench")}
+               for stage in ("eval_perplexity", "eval_passkey", "eval_longqa", "longbench")}
     perplexity = written["eval_perplexity"]["ppl"]
+    passkey = written["eval_passkey"]["by_length"]
+    longqa = written["eval_longqa"]
     scores = written["longbench"]["scores"]
     expected = ["extended", *(f"{perplexity[n]:.2f}" for n in sorted(perplexity, key=int)),
-                f"{written['eval_passkey']['accuracy']:.2f}", f"{sum(scores.values()) / len(scores):.2f}"]
+                *(f"{passkey[n]:.2f}" for n in sorted(passkey, key=int)),
+                f"{longqa['exact_match']:.2f}", f"{longqa['f1']:.2f}", f"{sum(scores.values()) / len(scores):.2f}"]
     summary = (first_run / "data/report/summary.txt").read_text(encoding="utf-8").splitlines()
-    assert summary[0].split() == ["model", *(f"ppl@{n}" for n in sorted(perplexity, key=int)), "passkey", "LongBench"]
+    assert summary[0].split() == ["model", *(f"ppl@{n}" for n in sorted(perplexity, key=int)),
+                                  *(f"passkey@{n}" for n in sorted(passkey, key=int)),
+                                  "LongQA", "EM", "LongQA", "F1", "LongBench"]
     assert next(line for line in summary if line.startswith("extended")).split() == expected
     card = ModelCard.load(first_run / "data/report/models/extend/README.md")
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
