@@ -160,7 +160,7 @@ def load_model(args, variant: Variant, trained: Path | None):
 
 
 def evaluate(args, model, tokenizer, tokens, run: Run) -> None:
-    from longlora.passkey import passkey_accuracy
+    from longlora.passkey import passkey_accuracy, shortest_trial_length
     from longlora.perplexity import strided_perplexity
     from longlora.recipe import PASSKEY_DEPTHS
 
@@ -168,16 +168,22 @@ def evaluate(args, model, tokenizer, tokens, run: Run) -> None:
     for length in args.lengths:
         run.ppl[length] = round(strided_perplexity(model, tokens, length, batch_size=4, progress=False)["perplexity"],
                                 3)
+    shortest = shortest_trial_length(tokenizer, range(args.passkey_trials))
     for length in args.lengths:
-        run.passkey[length] = passkey_accuracy(model, tokenizer, length, depths=PASSKEY_DEPTHS,
-                                               trials=args.passkey_trials)
+        # None where the prompt alone is longer than `length` (a small base context with a coarse tokenizer).
+        run.passkey[length] = (passkey_accuracy(model, tokenizer, length, depths=PASSKEY_DEPTHS,
+                                                trials=args.passkey_trials) if length >= shortest else None)
     run.eval_cpu_seconds = round(time.process_time() - started, 1)
 
 
 # --- tables, plot ---------------------------------------------------------------------------------------------------
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def _mean_sd(values: list[float | None]) -> tuple[float, float] | None:
+    """Mean and standard deviation, None if nothing was measured."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -191,8 +197,7 @@ def summarise(runs: list[Run], variants: list[Variant], lengths: tuple[int, ...]
         for length in lengths:
             row[f"passkey_{length}"] = _mean_sd([r.passkey[length] for r in mine])
         for key in ("tokens_per_second", "cpu_seconds", "peak_memory_mib", "final_loss"):
-            values = [getattr(r, key) for r in mine if getattr(r, key) is not None]
-            row[key] = _mean_sd(values) if values else None
+            row[key] = _mean_sd([getattr(r, key) for r in mine])
         rows.append(row)
     return rows
 
@@ -204,7 +209,7 @@ def paired(runs: list[Run], a: str, b: str, length: int, metric: str = "ppl") ->
     second = {r.seed: getattr(r, metric)[length] for r in runs if r.variant == b}
     if list(first) == [None]:  # an untrained variant: the same model against every seed
         first = dict.fromkeys(second, first[None])
-    seeds = sorted(set(first) & set(second))
+    seeds = sorted(s for s in set(first) & set(second) if first[s] is not None and second[s] is not None)
     if not seeds:
         return None
     diffs = [second[s] - first[s] for s in seeds]

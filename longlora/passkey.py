@@ -104,6 +104,16 @@ def trial_prompt(tokenizer, length: int, depth: float, seed: int) -> tuple[str, 
     return prompt, key, answer_tokens
 
 
+def shortest_trial_length(tokenizer, seeds) -> int:
+    """The fewest positions in which the trial of every seed in `seeds` fits with this tokenizer (no filler): a
+    shorter `length` makes `trial_prompt` raise."""
+    def needed(seed: int) -> int:
+        key = passkey(seed)
+        return (_n_tokens(tokenizer, _prompt([], 0, key))
+                + len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) - 1)
+    return max(needed(seed) for seed in seeds)
+
+
 @torch.no_grad()
 def passkey_trial(model, tokenizer, length: int, depth: float, seed: int) -> PasskeyTrial:
     """One greedy retrieval with a KV cache: decode as many tokens as the key takes (as the reference does) and

@@ -189,6 +189,10 @@ def study_inputs(tmp_path_factory, tiny_tokenizer):
 def test_quick_study_runs_the_extend_stage_per_variant_and_writes_the_table(study_inputs, tmp_path, monkeypatch):
     import csv
 
+    from transformers import AutoTokenizer
+
+    from longlora.passkey import shortest_trial_length
+
     rp = _load("replicate")
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory: each run works in its own folder
     out, work = tmp_path / "results", tmp_path / "work"
@@ -210,12 +214,18 @@ def test_quick_study_runs_the_extend_stage_per_variant_and_writes_the_table(stud
     assert (work / "no_shift-seed0/data/logs/extend/timings.json").is_file()
     trained = runs[1]
     assert trained.cpu_seconds > 0 and trained.peak_memory_mib > 0 and trained.tokens_per_second > 0
+    shortest = shortest_trial_length(AutoTokenizer.from_pretrained(study_inputs / "base"), range(1))
+    assert 64 < shortest <= 256
     with open(out / "replication.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [(r["variant"], r["seed"]) for r in rows] == [("pi", ""), ("no_shift", "0")]
     for row in rows:
         # An untrained model on random tokens: about the vocabulary size, finite, at every length.
         assert all(100 < float(row[f"ppl_{n}"]) < 1000 for n in (64, 128, 256))
+        # Passkey where its prompt fits (the tiny tokenizer needs many tokens for it), left empty where it does not.
+        for n in (64, 128, 256):
+            assert (row[f"passkey_{n}"] == "") is (n < shortest), (n, shortest)
+            assert row[f"passkey_{n}"] == "" or 0 <= float(row[f"passkey_{n}"]) <= 1
     table = (out / "replication.md").read_text()
     assert f"Command: `python benchmarks/replicate.py {' '.join(argv)}`" in table
     assert "| 2. PI only |" in table and "| 7. PI + LoRA+, S²-Attn without shift |" in table

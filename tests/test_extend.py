@@ -86,7 +86,8 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_into_a_plain_model(project):
-    params = _params(extend={"max_steps": 12})
+    # Linear interpolation (the paper's): its inverse frequencies are exactly the base's divided by the factor.
+    params = _params(extend={"max_steps": 12}, model={"rope_type": "linear"})
     metrics = extend.run(params)
 
     # It learned: the last logged losses are below the first ones.

@@ -16,6 +16,8 @@ from longlora.passkey import (
     passkey,
     passkey_accuracy,
     passkey_prompt,
+    shortest_trial_length,
+    trial_prompt,
 )
 
 
@@ -53,6 +55,16 @@ def test_same_seed_same_prompt_and_bad_arguments_are_clear_errors(tiny_tokenizer
         passkey_prompt(tiny_tokenizer, 300, 1.5, 0)
     with pytest.raises(ValueError, match="needs more than 20 tokens"):
         passkey_prompt(tiny_tokenizer, 20, 0.5, 0)
+
+
+def test_shortest_trial_length_is_exactly_where_every_trial_starts_to_fit(tiny_tokenizer):
+    seeds = range(4)
+    shortest = shortest_trial_length(tiny_tokenizer, seeds)
+    for seed in seeds:
+        trial_prompt(tiny_tokenizer, shortest, 0.5, seed)
+    with pytest.raises(ValueError, match="needs more than"):
+        for seed in seeds:
+            trial_prompt(tiny_tokenizer, shortest - 1, 0.5, seed)
 
 
 class _Oracle(torch.nn.Module):

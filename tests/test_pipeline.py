@@ -316,7 +316,9 @@ def test_prefect_run_attaches_logs_and_artifacts(flow_runs):
             flow_run_id=ArtifactFilterFlowRunId(any_=[first.state_details.flow_run_id])))
     by_key = {artifact.key: artifact.data for artifact in artifacts}
     assert "| heldout_loss |" in by_key["build-base-model-metrics"]
-    assert {f"eval-perplexity-{m}-metrics" for m in load_params(repo / "params.yaml").eval_models} <= set(by_key)
+    # Keys have dashes for every other character (base_pi → base-pi).
+    assert {f"eval-perplexity-{m.replace('_', '-')}-metrics"
+            for m in load_params(repo / "params.yaml").eval_models} <= set(by_key)
     assert "### eval_passkey" in by_key["model-comparison"]
     assert "perplexity.csv" in by_key["plots"] and "heatmap.png" in by_key["plots"]
 
