@@ -36,8 +36,10 @@ def load_for_evaluation(name_or_path: str, interpolation: Interpolation | None =
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from longlora.rope import current_context_length, interpolated_config
+    from longlora.weights import check_finite, check_weight_files
 
     check_model_source(name_or_path, param, need_config=True)
+    check_weight_files(name_or_path, param)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -54,6 +56,7 @@ def load_for_evaluation(name_or_path: str, interpolation: Interpolation | None =
                                                      attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise InputError(f"{param} {name_or_path!r}: cannot load the model: {err}") from None
+    check_finite(model, name_or_path, param)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code, param)
     return model.eval(), tokenizer
 

@@ -78,24 +78,32 @@ def load_extended(folder: str | Path, base: str | Path | None = None, dtype: tor
     its base built with the folder's extended config; a full-model folder gives the model itself. `base` replaces the
     base model the folder names (e.g. the same model in another place).
     """
+    from longlora.weights import check_finite, check_weight_files
+
     description = read_description(folder, param)
     folder = Path(folder)
+    check_weight_files(folder, param)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise InputError(f"{param} {str(folder)!r}: cannot read its config.json: {err}") from None
     if not is_adapter(folder):
-        return AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
-                                                    trust_remote_code=trust_remote_code).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code).eval()
+        check_finite(model, folder, param)
+        return model
     from peft import PeftModel
 
     from longlora.sources import check_model_source
 
     base = str(base if base is not None else description["base_model"])
     check_model_source(base, f"{param}: base model", need_config=True)
+    check_weight_files(base, f"{param}: base model")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise InputError(f"{param}: base model {base!r} cannot be loaded: {err}") from None
-    return PeftModel.from_pretrained(model, folder).eval()
+    model = PeftModel.from_pretrained(model, folder).eval()
+    check_finite(model, folder, param)
+    return model

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from longlora.errors import InputError
+from longlora.errors import InputError, NonFiniteError, non_finite_paths
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,17 @@ def _umask() -> int:
 def _publish(path: Path, mode: int) -> None:
     """mkdtemp/mkstemp create owner-only (0700/0600) entries; give the final output the usual permissions."""
     os.chmod(path, mode & ~_umask())
+
+
+def _umask_owner_only(folder: Path) -> None:
+    """Libraries that write through mkstemp (transformers' safetensors files) leave owner-only (0600) files: give
+    those the permissions the process's umask gives any other file."""
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077 == 0:
+            _publish(path, 0o777 if path.is_dir() else 0o666 | (mode & 0o111))
 
 
 def resolved(path: str | Path) -> Path:
@@ -160,6 +172,7 @@ class StageOutput:
         self.metrics_param = metrics_param
         self._lock: int | None = None
         self._started: float | None = None
+        self._published = False
 
     @property
     def log_dir(self) -> Path:
@@ -325,6 +338,7 @@ class StageOutput:
             yield tmp
             files = sorted(_entries(tmp) - {OUTPUT_MARKER})
             write_json(tmp / OUTPUT_MARKER, {"stage": self.owner, "files": files})
+            _umask_owner_only(tmp)
             _publish(tmp, 0o777)
             self._check_folder()  # it may have changed during the run
             if self.path.exists():
@@ -335,6 +349,7 @@ class StageOutput:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(self.path)
+            self._published = True
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -360,6 +375,16 @@ class StageOutput:
         if self._lock is None or self._started is None:
             raise RuntimeError("use StageOutput as a context manager: the output is claimed in __enter__")
         self._check_metrics_file()
+        bad = non_finite_paths(metrics)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f", … ({len(bad)} in all)" if len(bad) > 5 else "")
+            if self._published:  # results that come with NaN metrics are not results: no stage may read them
+                if self.path.is_dir():
+                    shutil.rmtree(self.path, ignore_errors=True)
+                else:
+                    self.path.unlink(missing_ok=True)
+            raise NonFiniteError(f"stage {self.owner}: non-finite metrics ({shown}): neither they nor "
+                                 f"{str(self.path)!r} were kept; a NaN means the model or its run diverged")
         written = {"stage": self.owner, **metrics}
         write_json(self.metrics_file, written)
         if self.params is not None:
@@ -398,5 +423,28 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator:
 def write_json(path: str | Path, data: object) -> None:
     """Write `data` as indented JSON, atomically."""
     with atomic_file(path) as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
+        json.dump(data, handle, indent=2, sort_keys=True, allow_nan=False)  # NaN is not JSON: fail, never write it
         handle.write("\n")
+
+
+def file_digests(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path (files read in 1 MiB pieces: weights can be large)."""
+    folder = Path(folder)
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                digests[path.relative_to(folder).as_posix()] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
+
+
+def content_digest(source: str | Path) -> str:
+    """What identifies a model or data source by content: the sha256 of a local folder's files (names and bytes), of
+    a local file, or for anything else (a hub id) the name itself."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return hashlib.sha256(json.dumps(file_digests(path), sort_keys=True).encode()).hexdigest()
+    if path.is_file():
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    return str(source)

@@ -6,6 +6,7 @@ import argparse
 import gc
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,20 +16,47 @@ from longlora.errors import InputError
 from stages.params import DEFAULT_PARAMS_FILE, Params, load_params
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what `timeout`, SLURM, Docker and Prefect's cancellation send: unwound as Ctrl-C is, so that the
+    stage's temporary folders and lock go with it."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(stage: str, run: Callable[[Params], dict], argv: list[str] | None = None) -> int:
-    """Validate the whole params file, run the stage, print its metrics; bad input exits 2 with one clear line."""
+    """Validate the whole params file, run the stage, print its metrics; bad input exits 2 with one clear line,
+    SIGTERM exits 143 having removed what the run had started to write."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=run.__doc__)
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_FILE, help="parameters file (params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         params = load_params(args.params)
+        params.check_base_context(str(args.params))
         metrics = run(params)
     except (InputError, FileNotFoundError) as err:
+        _close_progress_bars()
         print(f"stages.{stage}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        _close_progress_bars()
+        print(f"stages.{stage}: terminated (SIGTERM): nothing was published", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
+
+
+def _close_progress_bars() -> None:
+    """A bar left open by the error (the Trainer's, at a diverged step) would put the message at the end of its line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def exit_process(code: int) -> NoReturn:

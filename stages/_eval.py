@@ -20,6 +20,32 @@ def load_tokenizer(params: Params, name: str):
     return load_tokenizer(params.eval_models[name].path, params.model.trust_remote_code, f"eval_models.{name}.path")
 
 
+def check_positions(params: Params, name: str, longest: int, what: str) -> None:
+    """Stop before loading any weights when `longest` tokens (what `what` asks of the model) exceed the positions
+    of `eval_models.<name>` (after interpolation) and the entry does not say `extrapolate: true`: a number measured
+    past them is an extrapolation study, not a result, and must be asked for."""
+    from transformers import AutoConfig
+
+    from longlora.errors import InputError
+
+    entry = params.eval_models[name]
+    check_model_source(entry.path, f"eval_models.{name}.path", need_config=True)
+    if entry.extrapolate:
+        return
+    if entry.interpolate:
+        positions = params.model.target_context
+    else:
+        try:
+            config = AutoConfig.from_pretrained(entry.path, trust_remote_code=params.model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise InputError(f"eval_models.{name}.path {entry.path!r}: cannot read its config: {err}") from None
+        positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and longest > positions:
+        raise InputError(f"{what}: {longest} tokens, beyond the {positions} positions of eval_models.{name} "
+                         f"({entry.path}); evaluate within them, or set eval_models.{name}.extrapolate: true to "
+                         "measure past them on purpose")
+
+
 def load_model(params: Params, name: str, dtype_choice: str):
     """(model, tokenizer) of `eval_models.<name>` on the GPU when there is one: RoPE interpolated to
     model.target_context when the entry says so, dense attention, eval mode."""

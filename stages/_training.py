@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from longlora.errors import InputError
-from longlora.io import StageOutput, write_json
+from longlora.errors import InputError, diverged, non_finite_tensors
+from longlora.io import StageOutput, content_digest, write_json
 from stages.params import Params, TrainingParams
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,10 @@ class Job:
     dataset: object
     collator: object
     data_meta: dict
-    """What identifies the data (part of the configuration a checkpoint must match)."""
+    """What describes the data (part of the configuration a checkpoint must match)."""
+    data_source: Path | None = None
+    """The data folder, whose content identifies the data (with the model's: a checkpoint of another model or other
+    data is never resumed)."""
     s2attn: dict = field(default_factory=dict)
     """`configure_s2attn` keyword arguments when the stage's attention is s2."""
     sequential: bool = False
@@ -93,7 +96,7 @@ def run_stage(stage: str, params: Params, prepare) -> dict:
 
 def train(job: Job, out: StageOutput | None) -> dict:
     """Train `job`, publish its folder into `out` (None on the other processes), return the metrics."""
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from longlora.training import peak_memory_mib, resolve_precision
 
@@ -117,8 +120,8 @@ def train(job: Job, out: StageOutput | None) -> dict:
     counts = _trainable_counts(model)
     _claim_checkpoints(job, run_dir, shaping)
     live = _live(run_dir, resumed=resume_from is not None)
-    trainer = Trainer(model=model, args=args, train_dataset=job.dataset, data_collator=job.collator,
-                      callbacks=_dvclive_callbacks(live))
+    trainer = _checked_trainer(job.stage)(model=model, args=args, train_dataset=job.dataset,
+                                          data_collator=job.collator, callbacks=_dvclive_callbacks(live))
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
@@ -127,6 +130,7 @@ def train(job: Job, out: StageOutput | None) -> dict:
     losses = [entry["loss"] for entry in history if "loss" in entry]
     # The Trainer's own count for this session (a resumed run counts from where it resumed).
     speed = next((e["train_tokens_per_second"] for e in reversed(history) if "train_tokens_per_second" in e), None)
+    _check_finite_weights(job, model, trainer.state.global_step)
     if out is None:
         # Under ZeRO-3 gathering the weights to save is collective: every process takes part, the main one writes.
         trainer.save_model(str(run_dir))
@@ -136,8 +140,6 @@ def train(job: Job, out: StageOutput | None) -> dict:
     if live is not None and live.dir and Path(live.dir).is_dir():
         _keep_logs(Path(live.dir), out.log_dir / "dvclive")
     shutil.rmtree(run_dir, ignore_errors=True)  # this configuration is done: its checkpoints are no longer needed
-    if losses and not all(math.isfinite(loss) for loss in losses):
-        log.warning("non-finite losses: %s", losses)
     metrics = {
         "method": p.method,
         "attention": p.attention,
@@ -160,6 +162,41 @@ def train(job: Job, out: StageOutput | None) -> dict:
     return out.write_metrics(metrics, timings=timings)
 
 
+def _checked_trainer(stage: str):
+    """The Trainer, stopped at the first non-finite loss or gradient norm. The Trainer itself goes on: with its
+    default `logging_nan_inf_filter` a NaN loss is logged as the average of the finite ones (or 0), and NaN weights
+    would be saved as the result."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+
+    class StopOnNonFiniteGradNorm(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            norm = (logs or {}).get("grad_norm")
+            if norm is not None and not math.isfinite(norm):
+                raise diverged(stage, state.global_step, f"the gradient norm is {norm}")
+
+    class CheckedTrainer(Trainer):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[*(callbacks or []), StopOnNonFiniteGradNorm()], **kwargs)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # One host sync per micro-batch: the Trainer's own NaN filter does the same.
+            if not torch.isfinite(loss).all():
+                raise diverged(stage, self.state.global_step + 1, f"the loss is {loss.item()}")
+            return loss
+
+    return CheckedTrainer
+
+
+def _check_finite_weights(job: Job, model, steps: int) -> None:
+    """The last optimizer step can make the weights non-finite with no loss after it to show it."""
+    bad = non_finite_tensors(model)
+    if bad:
+        raise diverged(job.stage, steps, f"{len(bad)} trained tensors hold NaN or infinite values ({bad[0]}, …)")
+
+
 def rope_parameters(config) -> dict:
     return dict(getattr(config, "rope_parameters", None) or {})
 
@@ -178,8 +215,12 @@ def _shaping(job: Job, processes: int, deepspeed: dict | None) -> dict:
     """Everything that shapes the trained weights: a checkpoint resumes only a run where all of it is equal."""
     p = job.section
     section = {k: v for k, v in p.model_dump(mode="json").items() if k not in _NOT_SHAPING}
+    # By content, not by name: the same `data/base_model` rebuilt, or other blocks in the same folder, are another
+    # configuration (hashing reads them once per run: seconds per GB).
+    identity = {"model": content_digest(job.model_source),
+                "data": content_digest(job.data_source) if job.data_source is not None else None}
     shaping = {"model": job.params.model.model_dump(mode="json"), job.stage: section, "world_size": processes,
-               "deepspeed": deepspeed, "data": job.data_meta}
+               "deepspeed": deepspeed, "data": job.data_meta, "content": identity}
     if p.attention == "s2":
         shaping["s2attn"] = job.s2attn
     if p.method != "full":
@@ -206,8 +247,32 @@ def _complete(checkpoint: Path) -> bool:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
+    """The latest whole checkpoint of `run_dir`. One whose files cannot be read (truncated, damaged) would fail every
+    rerun: it is moved aside to `corrupt-checkpoint-<step>` (a name the Trainer's rotation never deletes), with a
+    warning, and the one before it is taken."""
+    from longlora.weights import damaged_file
+
     found = [c for c in run_dir.iterdir() if _CHECKPOINT.match(c.name) and _complete(c)] if run_dir.is_dir() else []
-    return max(found, key=_step_of, default=None)
+    for checkpoint in sorted(found, key=_step_of, reverse=True):
+        damaged = damaged_file(checkpoint, recursive=True)
+        if damaged is None:
+            return checkpoint
+        aside = _aside(checkpoint)
+        checkpoint.rename(aside)
+        earlier = [c for c in found if _step_of(c) < _step_of(checkpoint)]
+        log.warning("checkpoint %s is unreadable (%s: %s): moved it to %s (it goes with this configuration's other "
+                    "checkpoints when the run completes); %s",
+                    checkpoint, damaged[0].name, damaged[1], aside,
+                    f"resuming from the one before it, {max(earlier, key=_step_of)}" if earlier else "starting over")
+    return None
+
+
+def _aside(checkpoint: Path) -> Path:
+    aside, number = checkpoint.with_name(f"corrupt-{checkpoint.name}"), 1
+    while aside.exists() or aside.is_symlink():
+        number += 1
+        aside = checkpoint.with_name(f"corrupt-{checkpoint.name}-{number}")
+    return aside
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -292,6 +357,7 @@ def _training_args(job: Job, run_dir: Path, accumulation: int, precision: str, d
         ddp_find_unused_parameters=False,  # every trainable weight gets a gradient; the search costs a graph walk
         remove_unused_columns=False,
         log_level_replica="warning",
+        logging_nan_inf_filter=False,  # log a NaN as NaN (a diverged run stops anyway: _checked_trainer)
     )
     if deepspeed is None:
         return TrainingArguments(**settings)
@@ -321,16 +387,19 @@ def _model(job: Job, precision: str):
 
     from longlora.lora import apply_lora_plus
     from longlora.s2attn import configure_s2attn
+    from longlora.weights import check_finite, check_weight_files
 
     p, params = job.section, job.params
     # Frozen weights may stay in the compute dtype; trained ones are cast to fp32 below.
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     dtype = torch.float32 if p.method == "full" else frozen_dtype
+    check_weight_files(job.model_source, _source_param(job))
     try:
         model = AutoModelForCausalLM.from_pretrained(job.model_source, config=job.config, dtype=dtype,
                                                      trust_remote_code=params.model.trust_remote_code)
     except (OSError, ValueError) as err:
         raise InputError(f"{_source_param(job)} {job.model_source!r}: cannot load the model: {err}") from None
+    check_finite(model, job.model_source, _source_param(job))
     model.config.use_cache = False
     if p.attention == "s2":
         configure_s2attn(model, **job.s2attn)
@@ -407,6 +476,19 @@ def _keep_logs(source: Path, kept: Path) -> None:
     staging.rename(kept)
 
 
+def _stable_adapter_config(folder: Path) -> None:
+    """PEFT writes `target_modules` from a set, in an order that follows the process's hash seed: the same adapter
+    would get a different hash on every rerun, and DVC would rerun everything after it. Sorted, it does not."""
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        return
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(settings.get(key), list):
+            settings[key] = sorted(settings[key])
+    write_json(config, settings)
+
+
 def _save(job: Job, trainer, model, tokenizer, folder: Path) -> None:
     """The adapter (or full model) folder, with the model's config, the tokenizer and extension.json."""
     from longlora.extension import describe, plain_config
@@ -420,6 +502,7 @@ def _save(job: Job, trainer, model, tokenizer, folder: Path) -> None:
     # The Trainer's save gathers ZeRO-3-partitioned weights; its pickled TrainingArguments are not part of a model.
     trainer.save_model(str(folder))
     (folder / "training_args.bin").unlink(missing_ok=True)
+    _stable_adapter_config(folder)
     if p.method != "full":
         plain_config(copy.deepcopy(job.config)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -20,7 +20,6 @@ stage's own earlier output (longlora/io.py); a second run at the same time fails
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,8 +33,8 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_wsd_schedule
 
 from longlora.checkpoint import load_checkpoint, save_checkpoint
-from longlora.errors import InputError
-from longlora.io import TIMINGS_FILE, StageOutput, run_log, same_path, write_json
+from longlora.errors import InputError, diverged, non_finite_tensors
+from longlora.io import TIMINGS_FILE, StageOutput, file_digests, run_log, same_path, write_json
 from longlora.packing import cut_blocks, join_encoded
 from longlora.passkey import PASSKEY_DEPTHS, passkey_accuracy
 from longlora.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy
@@ -163,6 +162,8 @@ def _pretrain(model: LlamaForCausalLM, code: np.ndarray, synthetic: SyntheticSeq
         for step in bar:
             lr = schedule.get_last_lr()[0]
             loss = train_step(model, _batch(step, code_blocks, synthetic, p), optimizer, schedule)
+            if not math.isfinite(loss.item()):
+                raise diverged("build_base_model", step + 1, f"the loss is {loss.item()}")
             bar.set_postfix(loss=f"{loss.item():.3f}")
             since_logged.append(loss.item())
             if (step + 1) % LOG_EVERY == 0 or step + 1 == p.steps:
@@ -173,6 +174,9 @@ def _pretrain(model: LlamaForCausalLM, code: np.ndarray, synthetic: SyntheticSeq
                 since_logged.clear()
             if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < p.steps:
                 _save_checkpoint(checkpoint, p, step + 1, model, optimizer, schedule)
+    bad = non_finite_tensors(model)  # the last step can break the weights with no loss after it to show it
+    if bad:
+        raise diverged("build_base_model", p.steps, f"{len(bad)} tensors hold NaN or infinite values ({bad[0]}, …)")
     return loss.item()
 
 
@@ -249,12 +253,6 @@ def _context_use(model: LlamaForCausalLM, tokenizer, heldout: np.ndarray, blocks
 def provenance_path(p: BaseModelParams) -> Path:
     """Where the record of how the shipped base model was built lives: beside its folder."""
     return p.out_dir.with_name(f"{p.out_dir.name}.provenance.json")
-
-
-def file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file in `folder`, by relative path."""
-    return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def shipped_params(params: Params) -> dict:

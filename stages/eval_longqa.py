@@ -63,6 +63,8 @@ def _evaluate(params: Params, name: str, records, out: StageOutput) -> dict:
     from longlora.qa import answer_all, prompt_ids
 
     p = params.eval_longqa
+    _eval.check_positions(params, name, params.model.target_context,
+                          "model.target_context (eval_longqa's prompt and answer)")
     model, tokenizer = _eval.load_model(params, name, p.dtype)
     room = params.model.target_context - p.max_new_tokens
     prompts, skipped, truncated = [], 0, 0

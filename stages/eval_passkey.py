@@ -35,6 +35,7 @@ def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
 
     p = params.eval_passkey
     lengths = tuple(sorted(p.lengths))
+    _eval.check_positions(params, name, max(lengths), "eval_passkey.lengths")
     tokenizer = _eval.load_tokenizer(params, name)
     for seed in range(p.seed, p.seed + p.trials):  # the shortest prompts fit, or nothing runs
         try:

@@ -63,6 +63,7 @@ def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
                 params.s2attn.group_size_for(length)
             except ValueError as err:
                 raise InputError(f"eval_perplexity.attention s2 at length {length}: {err} (s2attn)") from None
+    _eval.check_positions(params, name, max(lengths), "eval_perplexity.lengths")
     tokenizer = _eval.load_tokenizer(params, name)
     path = params.eval_models[name].path
     if len(tokenizer) != stream.meta.get("vocab_size"):

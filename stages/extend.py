@@ -52,7 +52,7 @@ def _job(params: Params) -> Job:
     return Job(
         stage="extend", params=params, model_source=params.model.name_or_path, config=config,
         dataset=BlockDataset(blocks, params.extend.document_attention), collator=default_data_collator,
-        data_meta=blocks.meta,
+        data_meta=blocks.meta, data_source=params.extend.data,
         s2attn={"group_size_ratio": s2.group_size_ratio or DEFAULT_GROUP_SIZE_RATIO, "group_size": s2.group_size,
                 "shift": s2.shift},
         description={

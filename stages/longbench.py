@@ -72,9 +72,10 @@ def _examples(params: Params) -> dict[str, list]:
 def _run(params: Params, model_name: str, examples: dict[str, list], out: StageOutput) -> dict:
     import torch
 
-    from stages._eval import load_model
+    from stages._eval import check_positions, load_model
 
     p = params.longbench
+    check_positions(params, model_name, p.max_length + p.max_new_tokens, "longbench.max_length + max_new_tokens")
     model, tokenizer = load_model(params, model_name, p.dtype)  # on the GPU when there is one
     loaded = time.perf_counter()
     threads = torch.get_num_threads()

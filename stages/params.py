@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import Annotated, Literal, Self
+from types import UnionType
+from typing import Annotated, Literal, Self, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -132,8 +133,26 @@ OutPath = Annotated[Path, BeforeValidator(_output)]
 """A file or folder a stage writes (and replaces on the next run)."""
 
 
+def _is_number(annotation) -> bool:
+    """A field meant to hold an int or a float (possibly None or constrained), not a bool or a choice."""
+    if get_origin(annotation) is Annotated:
+        return _is_number(get_args(annotation)[0])
+    types = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return bool(types & {int, float}) and bool not in types
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True)
+    # allow_inf_nan: `lr: .inf` or `1e309` (YAML reads the latter as a string that float() makes infinite) is refused.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value, info):
+        # Pydantic's lax mode reads `max_steps: true` as 1.
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"a number is needed here, not the boolean {str(value).lower()}")
+        return value
 
 
 class EmbeddedCorpusParams(Section):
@@ -668,6 +687,10 @@ class EvalModel(Section):
     interpolate: bool = False
     """Interpolate its RoPE to model.target_context when loading (model.rope_type, from model.original_context):
     the base model's "interpolation without training" baseline. Merged models already carry their scaling."""
+    extrapolate: bool = False
+    """Evaluate it at lengths beyond its positions (`max_position_embeddings`, after interpolation): a deliberate
+    extrapolation study, such as the base model as pre-trained at the extended lengths. Otherwise an evaluation that
+    would read past them stops, naming the length."""
 
 
 class EvalPerplexityParams(Section):
@@ -969,6 +992,23 @@ class Params(Section):
         FINAL_STAGES."""
         return STAGES + tuple(f"{stage}@{name}" for stage in EVAL_STAGES for name in self.eval_models) + FINAL_STAGES
 
+    def check_base_context(self, source: str = "params.yaml") -> None:
+        """Refuse, for every stage, a target context shorter than the local base model's (its config.json): the
+        extend stage would refuse it only after the data stages had run."""
+        import json
+
+        m = self.model
+        config = Path(m.name_or_path).expanduser() / "config.json"
+        if m.original_context is not None or not config.is_file():  # the model validator checked the former
+            return
+        try:
+            original = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            return  # unreadable: the stage that loads it names the file
+        if isinstance(original, int) and m.target_context < original:
+            raise ParamsError(f"{source}: model.target_context {m.target_context} is shorter than the context of "
+                              f"model.name_or_path, {original} ({config}): extension needs a longer target")
+
     def section(self, stage: str) -> Section:
         """The stage's own section (`merge@extend`: `merge.extend`; `eval_passkey@base`: `eval_passkey`)."""
         section = self
@@ -1147,4 +1187,12 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise ParamsError(f"{path}{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
-    return parse_params(raw, str(path))
+    params = parse_params(raw, str(path))
+    # The defaults are the paper's 7B recipe: a file that leaves sections out would silently run it (DVC refuses
+    # such a file, as the keys dvc.yaml declares are missing).
+    missing = [section for section in Params.model_fields if section not in (raw or {})]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f", … ({len(missing)} in all)" if len(missing) > 6 else "")
+        raise ParamsError(f"{path}: {'empty' if not raw else f'no section {shown}'}: every stage reads the whole "
+                          "file; start from the project's params.yaml or a profile in configs/")
+    return params

@@ -116,6 +116,16 @@ def test_cli_reports_bad_params_in_one_line(in_tmp, capsys):
     assert not (in_tmp / "data").exists()
 
 
+def test_a_diverging_build_stops_naming_the_step_and_publishes_nothing(in_tmp):
+    from longlora.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"build_base_model: training diverged at step \d+: .*nothing was "
+                                             r"published\. Lower build_base_model\.lr"):
+        build_base_model.run(parse_params(tiny_params_dict(build_base_model={"lr": 1.0e10, "warmup_steps": 0})))
+    assert not (in_tmp / "data/base_model").exists()
+    assert not (in_tmp / "data/metrics/build_base_model.json").exists()
+
+
 def test_another_base_model_means_nothing_to_build(in_tmp):
     params = parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"}))
     metrics = build_base_model.run(params)

@@ -250,6 +250,22 @@ def test_outputs_round_trip_through_a_local_remote(repo, experiment, tmp_path):
     repo.git("checkout", "-q", "--", ".dvc/config")
 
 
+def test_a_killed_stage_s_leftovers_do_not_make_the_stages_after_it_stale(repo):
+    """What a kill leaves beside an evaluation's output (its temporary folder, its lock) sits inside the folder report
+    reads: .dvcignore keeps it out of what DVC hashes, so report is not stale until the next real run."""
+    results = repo.path / "data/eval_results/passkey"
+    before = json.loads(repo.dvc("status", "--json"))
+    leftover, lock = results / ".extended.tmp-k1ll3d", results / ".extended.lock"
+    leftover.mkdir()
+    (leftover / "passkey.csv").write_text("half written")
+    lock.touch()
+    try:
+        assert json.loads(repo.dvc("status", "--json")) == before
+    finally:
+        shutil.rmtree(leftover)
+        lock.unlink()
+
+
 def test_metrics_show_groups_results_without_the_settings(repo):
     """`dvc metrics show <folder>` of an evaluation is a model-by-length table; the parameters each stage ran with
     (derived defaults resolved) are in its run log, not in its metrics."""

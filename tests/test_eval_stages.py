@@ -27,7 +27,10 @@ from stages.params import parse_params
 from tests.conftest import ROOT, tiny_params_dict
 
 TARGET = 128  # tiny_params_dict: model.target_context
-MODELS = {"base": {"path": "models/base", "interpolate": True}, "extended": {"path": "models/extended"}}
+# The tiny tokenizer needs about 200 tokens for a passkey prompt: these models are evaluated past their 128
+# positions on purpose (test_lengths_past_a_models_positions_need_extrapolate_true).
+MODELS = {"base": {"path": "models/base", "interpolate": True, "extrapolate": True},
+          "extended": {"path": "models/extended", "extrapolate": True}}
 EVALS = {"eval_models": MODELS,
          "eval_perplexity": {"lengths": [32, 64], "windowed_step": 32, "batch_size": 3, "max_tokens": 600},
          "eval_passkey": {"lengths": [200, 256], "depths": [0.0, 1.0], "trials": 2}}
@@ -171,6 +174,15 @@ def _cli(module, raw: dict, model: str, capsys) -> tuple[int, str]:
      r"eval_passkey\.lengths: 64 tokens cannot hold the passkey prompt and its answer with eval_models\.base's"),
     (eval_perplexity, "mine", {},
      r"eval_perplexity@mine: no model 'mine' in eval_models \(base, base_pi, extended, sft\)"),
+    # Past a model's positions only when asked: its own (the extended test model's 128), or the interpolated
+    # target's (the base one, interpolated to model.target_context 128).
+    (eval_perplexity, "extended", {"eval_models": {**MODELS, "extended": {"path": "models/extended"}},
+                                   "eval_perplexity": {"lengths": [32, 256], "max_tokens": None}},
+     r"eval_perplexity\.lengths: 256 tokens, beyond the 128 positions of eval_models\.extended \(models/extended\);"
+     r" evaluate within them, or set eval_models\.extended\.extrapolate: true"),
+    (eval_passkey, "base", {"eval_models": {**MODELS, "base": {"path": "models/base", "interpolate": True,
+                                                               "extrapolate": False}}},
+     r"eval_passkey\.lengths: 256 tokens, beyond the 128 positions of eval_models\.base"),
 ])
 def test_bad_input_stops_before_any_work_naming_the_parameter(project, capsys, module, model, sections, message):
     raw = tiny_params_dict(**{**EVALS, **sections})

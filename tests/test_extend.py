@@ -10,6 +10,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -596,3 +597,112 @@ def test_merge_without_an_extended_folder_names_it(project, capsys):
     assert err == ("stages.merge@extend: error: extend.out_dir 'data/extend': no such folder (run the extend stage "
                    "first)")
     assert not Path("data/extended_model").exists()
+
+
+# --- nothing silently wrong: divergence, byte-identical reruns ------------------------------------------------------
+
+
+def test_a_diverging_run_stops_naming_the_step_and_publishes_nothing(project, capsys):
+    """An absurd learning rate (1e10) makes the weights NaN after the first optimizer step: the Trainer alone would
+    log the loss as 0, write NaN weights and exit 0."""
+    code, err = _cli_run("extend", tiny_params_dict(extend={"lr": 1.0e10, "max_steps": 6, "warmup_steps": 0}),
+                         capsys)
+    errors = [line for line in re.split(r"[\r\n]", err) if "error" in line.lower()]  # the rest: progress bars
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("stages.extend: error: extend: training diverged at step 2: the loss is nan; nothing "
+                                "was published. Lower extend.lr"), err
+    assert not Path("data/extend").exists() and not Path("data/metrics/extend.json").exists()
+
+
+def test_a_non_finite_gradient_norm_stops_the_run_where_it_is_logged(project, monkeypatch):
+    """The gradient norm is checked where the Trainer logs it, whatever the loss."""
+    from transformers import Trainer
+
+    from longlora.errors import NonFiniteError
+
+    monkeypatch.setattr(Trainer, "_get_grad_norm", lambda self, model, grad_norm=None: float("inf"))
+    with pytest.raises(NonFiniteError, match="diverged at step 1: the gradient norm is inf"):
+        extend.run(parse_params(tiny_params_dict(extend={"max_steps": 3, "log_every": 1})))
+    assert not Path("data/extend").exists()
+
+
+def test_extend_writes_the_same_bytes_under_any_hash_seed(project):
+    """PEFT keeps target_modules in a set: its order in adapter_config.json followed PYTHONHASHSEED, so every rerun
+    changed the output's hash and DVC reran everything after it."""
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(extend={"max_steps": 2})), encoding="utf-8")
+    outputs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-m", "stages.extend"], check=True, env=env, capture_output=True)
+        outputs.append(_snapshot(project / "data/extend"))
+        shutil.rmtree(project / "data/extend")
+    assert outputs[0] == outputs[1], [name for name in outputs[0] if outputs[0][name] != outputs[1].get(name)]
+    config = json.loads(outputs[0]["adapter_config.json"])
+    assert config["target_modules"] == sorted(config["target_modules"])
+
+
+def _interrupted_run(project: Path, monkeypatch, params) -> list[Path]:
+    """A run that trains to the end and dies before publishing (as a kill after the last checkpoint would): its
+    checkpoints stay."""
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_training, "_check_finite_weights", killed)
+        with pytest.raises(KeyboardInterrupt):
+            extend.run(params)
+    assert not (project / "data/extend").exists()
+    return sorted(_complete_checkpoints(project), key=_training._step_of)
+
+
+def test_a_checkpoint_of_another_base_model_is_never_resumed(project, monkeypatch, caplog):
+    """The same params and the same folder name, other weights (the base rebuilt): its checkpoints belong to another
+    configuration, and the run starts over."""
+    from transformers import AutoModelForCausalLM
+
+    params = parse_params(tiny_params_dict(extend={"max_steps": 4, "checkpoint_every": 2}))
+    assert [c.name for c in _interrupted_run(project, monkeypatch, params)] == ["checkpoint-2", "checkpoint-4"]
+    base = AutoModelForCausalLM.from_pretrained("data/base_model")
+    with torch.no_grad():
+        base.model.norm.weight.mul_(1.01)
+    base.save_pretrained("data/base_model")
+    with caplog.at_level("INFO"):
+        extend.run(params)
+    assert json.loads((run_log("extend") / TIMINGS_FILE).read_text())["resumed_from_step"] is None
+    assert "resuming from" not in caplog.text
+    assert "also holds checkpoints of other configurations" in caplog.text
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_the_one_before_it_resumed(project, monkeypatch, caplog):
+    params = parse_params(tiny_params_dict(extend={"max_steps": 4, "checkpoint_every": 2}))
+    first, latest = (c.relative_to(project) for c in _interrupted_run(project, monkeypatch, params))
+    optimizer = project / latest / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-100])
+    with caplog.at_level("INFO"):
+        extend.run(params)
+    assert json.loads((run_log("extend") / TIMINGS_FILE).read_text())["resumed_from_step"] == 2
+    assert f"checkpoint {latest} is unreadable (optimizer.pt: not a whole torch archive" in caplog.text
+    assert f"resuming from the one before it, {first}" in caplog.text
+    assert f"moved it to {latest.parent / 'corrupt-checkpoint-4'}" in caplog.text
+    # The run completed: its configuration's folder went, the checkpoint set aside with it.
+    assert not (project / latest.parent).exists() and (project / "data/extend/adapter_model.safetensors").is_file()
+
+
+def test_sigterm_ends_a_stage_as_ctrl_c_does_leaving_no_lock_or_temporary_folder(project):
+    """What `timeout`, SLURM and Docker send: the stage exits 143 and takes its lock and temporary folders with it."""
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(extend={"max_steps": 100000})), encoding="utf-8")
+    child = subprocess.Popen([sys.executable, "-m", "stages.extend"], env=_stage_env(), stderr=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        marker = project / "data/checkpoints/extend" / _training.CHECKPOINTS_MARKER
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (project / "data/.extend.lock").exists(), "the run holds its lock while it trains"
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "stages.extend: terminated (SIGTERM): nothing was published"
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["base_model", "checkpoints", "pretrain"]

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -70,10 +71,16 @@ def test_outputs_get_the_usual_permissions_not_owner_only(tmp_path):
     try:
         with atomic_dir(tmp_path / "model", "stage_a") as tmp:
             (tmp / "w").write_text("x")
+            # What transformers' safetensors writer leaves: an owner-only file (mkstemp), here in a subfolder.
+            (tmp / "sub").mkdir()
+            fd, owner_only = tempfile.mkstemp(dir=tmp / "sub")
+            os.close(fd)
         write_json(tmp_path / "m.json", {"a": 1})
     finally:
         os.umask(old)
     assert _mode(tmp_path / "model") == 0o755
+    assert _mode(tmp_path / "model/sub") == 0o755
+    assert _mode(tmp_path / "model/sub" / Path(owner_only).name) == 0o644
     assert _mode(tmp_path / "m.json") == 0o644
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
 
@@ -301,3 +308,17 @@ def test_timings_go_to_the_run_log_and_the_metrics_stay_the_same_from_run_to_run
         assert out.log_dir == run_log("stage_a@x") == Path("data/logs/stage_a@x")
     assert written[0] == written[1]
 
+
+
+def test_non_finite_metrics_fail_the_stage_and_take_its_results_with_them(tmp_path, monkeypatch):
+    """A NaN is no result (and not JSON): the stage fails naming the metric, and what it published is removed, so no
+    later stage reads results of a diverged model."""
+    from longlora.errors import NonFiniteError
+
+    monkeypatch.chdir(tmp_path)
+    with StageOutput("stage_a@x", "out", "a.out_dir", "m.json", "a.metrics_file") as out:
+        with out.publish() as tmp:
+            (tmp / "data.txt").write_text("scores")
+        with pytest.raises(NonFiniteError, match=r"stage stage_a@x: non-finite metrics \(ppl\.256, by_length\[1\]\)"):
+            out.write_metrics({"ppl": {"256": float("nan"), "512": 3.0}, "by_length": [1.0, float("inf")]})
+    assert not Path("out").exists() and not Path("m.json").exists()

@@ -67,6 +67,21 @@ def test_wrong_type_names_the_key():
         parse_params(tiny_params_dict(build_base_model={"steps": "many"}))
 
 
+@pytest.mark.parametrize(("section", "key", "value", "reason"), [
+    ("extend", "lr", float("inf"), "Input should be a finite number"),
+    ("sft", "lr", "1e309", "Input should be a finite number"),  # YAML reads 1e309 as a string; float() makes it inf
+    ("build_base_model", "lr", float("nan"), "Input should be a finite number"),
+    ("extend", "max_grad_norm", float("inf"), "Input should be a finite number"),
+    ("extend", "max_steps", True, "a number is needed here, not the boolean true"),
+    ("eval_passkey", "trials", False, "a number is needed here, not the boolean false"),
+])
+def test_non_finite_numbers_and_booleans_for_numbers_are_rejected_at_their_key(section, key, value, reason):
+    with pytest.raises(ParamsError, match=rf"params\.yaml: {section}\.{key}: {reason}"):
+        parse_params(tiny_params_dict(**{section: {key: value}}))
+    # Booleans stay booleans, and YAML's exponent strings stay numbers.
+    parse_params(tiny_params_dict(extend={"gradient_checkpointing": True, "lr": "2e-5"}))
+
+
 def test_target_not_divisible_by_group_size():
     raw = tiny_params_dict(model={"target_context": 1000}, s2attn={"group_size": 256})
     with pytest.raises(ParamsError) as err:
@@ -253,3 +268,34 @@ def test_the_default_chain_and_hub_names_are_fine(tmp_path):
     hub = parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"},
                                         prepare_pretrain={"input": "togethercomputer/RedPajama-Data-1T-Sample"}))
     assert hub.prepare_pretrain.input == "togethercomputer/RedPajama-Data-1T-Sample"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", r"params\.yaml: empty: every stage reads the whole file"),
+    ("model:\n  target_context: 1024\n", r"params\.yaml: no section embedded_corpus, build_base_model, s2attn, lora, "
+                                         r"prepare_corpus, prepare_pretrain, … \(18 in all\)"),
+])
+def test_an_empty_or_partial_file_is_refused_rather_than_run_as_the_paper_s_7b_recipe(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def test_a_target_shorter_than_the_base_model_s_context_stops_every_stage_before_it_runs(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """Not only extend (which used to find out after the data stages had run): every stage's command line."""
+    import json
+
+    from stages import _cli, prepare_corpus
+    from tests.conftest import tiny_params_dict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/base_model").mkdir(parents=True)
+    (tmp_path / "data/base_model/config.json").write_text(json.dumps({"max_position_embeddings": 256}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()), encoding="utf-8")  # target 128
+    assert _cli.main("prepare_corpus", prepare_corpus.run, ["--params", "params.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "stages.prepare_corpus: error: params.yaml: model.target_context 128 is shorter than the context of "
+        "model.name_or_path, 256 (data/base_model/config.json): extension needs a longer target")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["base_model"]

@@ -11,7 +11,8 @@ import re
 
 import yaml
 
-from stages.build_base_model import file_digests, provenance_path, shipped_params
+from longlora.io import file_digests
+from stages.build_base_model import provenance_path, shipped_params
 from stages.params import load_params
 from tests.conftest import ROOT
 
