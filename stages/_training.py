@@ -432,7 +432,8 @@ def _check_checkpoint_dir(job: Job) -> None:
     if root.exists() or root.is_symlink():
         if not root.is_dir():
             raise InputError(f"{stage}.checkpoint_dir {str(root)!r} is a file, not a folder")
-        entries = [e.name for e in root.iterdir()]
+        # Another process of the same run may be writing the marker (atomically: a temporary file, then renamed).
+        entries = [e.name for e in root.iterdir() if not e.name.startswith(f".{CHECKPOINTS_MARKER}.tmp-")]
         if entries and CHECKPOINTS_MARKER not in entries:
             raise InputError(f"{stage}.checkpoint_dir {str(root)!r} holds files the {stage} stage did not write "
                              f"({', '.join(sorted(entries)[:5])}; no {CHECKPOINTS_MARKER}); name another folder")

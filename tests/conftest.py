@@ -44,6 +44,8 @@ TINY_OVERRIDES = {
     # The tiny tokenizer spends ~160 tokens on the passkey prompt's fixed lines: 32-token prompts cannot hold them.
     "eval_perplexity": {"windowed_step": 32},
     "eval_passkey": {"lengths": [200, 256], "depths": [0.0, 1.0], "trials": 1},
+    # … so every model is evaluated past the tiny 128 positions, on purpose.
+    "eval_models": {name: {"extrapolate": True} for name in ("base", "base_pi", "extended", "sft")},
     "longbench": {"max_examples": 2, "max_new_tokens": 4},
     "extend": {"max_steps": 6, "global_batch_size": 4, "per_device_batch_size": 2, "lr": 0.003, "warmup_steps": 1,
                "log_every": 1, "checkpoint_every": 2},

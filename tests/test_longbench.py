@@ -239,8 +239,9 @@ def test_predict_and_score_end_to_end(tmp_path, monkeypatch, model_folder, singl
     monkeypatch.chdir(tmp_path)
     _inputs(tmp_path / "lb_inputs")
     params = parse_params(tiny_params_dict(
-        eval_models={"tiny": {"path": str(model_folder)}, "tiny_pi": {"path": str(model_folder),
-                                                                       "interpolate": True}},
+        # The tiny model has 128 positions; the budget (max_length 250 + 6 new tokens) is past them, on purpose.
+        eval_models={"tiny": {"path": str(model_folder), "extrapolate": True},
+                     "tiny_pi": {"path": str(model_folder), "interpolate": True}},
         model={"target_context": 256},
         longbench={"input": "lb_inputs", "max_new_tokens": 6, "cpu_threads": 1}))
     threads: list[int] = []
@@ -269,8 +270,9 @@ def test_predict_and_score_end_to_end(tmp_path, monkeypatch, model_folder, singl
     assert json.loads((out / "result.json").read_text()) == result
     # The interpolated instance writes beside it; LongBench-E reads lcc_e.jsonl and scores by length too.
     params = parse_params(tiny_params_dict(
-        eval_models={"tiny": {"path": str(model_folder)}, "tiny_pi": {"path": str(model_folder),
-                                                                       "interpolate": True}},
+        # The tiny model has 128 positions; the budget (max_length 250 + 6 new tokens) is past them, on purpose.
+        eval_models={"tiny": {"path": str(model_folder), "extrapolate": True},
+                     "tiny_pi": {"path": str(model_folder), "interpolate": True}},
         model={"target_context": 256}, longbench={"input": "lb_inputs", "max_new_tokens": 6, "longbench_e": True}))
     metrics = stage.run(params, "tiny_pi")
     assert metrics["examples"] == {"lcc": 2} and set(metrics["by_length"]["lcc"]) == {"0-4k", "4-8k", "8k+"}
