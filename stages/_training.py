@@ -16,6 +16,7 @@ to write into extension.json. `train` does the rest the same way for both:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -88,10 +89,22 @@ class Job:
 
 def run_stage(stage: str, params: Params, prepare) -> dict:
     """Claim the stage's outputs on the main process, `prepare(params) -> Job`, train, return metrics."""
-    if rank() != 0:  # one process claims and publishes the outputs; the others only train with it
-        return train(prepare(params), None)
-    with params.output(stage) as out:  # checked and locked before any work
-        return train(prepare(params), out)
+    try:
+        if rank() != 0:  # one process claims and publishes the outputs; the others only train with it
+            return train(prepare(params), None)
+        with params.output(stage) as out:  # checked and locked before any work
+            return train(prepare(params), out)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Tear down the process group the Trainer started: a process that exits with gloo's threads still running can
+    abort at exit ("terminate called without an active exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def train(job: Job, out: StageOutput | None) -> dict:
@@ -168,7 +181,6 @@ def _checked_trainer(stage: str):
     would be saved as the result."""
     import torch
     from transformers import Trainer, TrainerCallback
-
 
     class StopOnNonFiniteGradNorm(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -258,7 +270,8 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
         if damaged is None:
             return checkpoint
         aside = _aside(checkpoint)
-        checkpoint.rename(aside)
+        with contextlib.suppress(FileNotFoundError):  # another process of the same run moved it first
+            checkpoint.rename(aside)
         earlier = [c for c in found if _step_of(c) < _step_of(checkpoint)]
         log.warning("checkpoint %s is unreadable (%s: %s): moved it to %s (it goes with this configuration's other "
                     "checkpoints when the run completes); %s",

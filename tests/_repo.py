@@ -41,8 +41,8 @@ SHIPPED_BASE_MODEL = """    frozen: true
 def unfrozen_dvc_yaml() -> str:
     """The project's dvc.yaml with build_base_model as an ordinary stage."""
     text = (ROOT / "dvc.yaml").read_text(encoding="utf-8")
-    for shipped, built in ((SHIPPED_BASE_MODEL, ""), ("      - data/base_model:\n          cache: false\n",
-                                                      "      - data/base_model\n")):
+    for shipped, built in ((SHIPPED_BASE_MODEL, ""), ("      - ${build_base_model.out_dir}:\n          cache: false\n",
+                                                      "      - ${build_base_model.out_dir}\n")):
         assert text.count(shipped) == 1, f"dvc.yaml no longer has {shipped!r} once"
         text = text.replace(shipped, built)
     return text

@@ -250,15 +250,31 @@ def test_outputs_round_trip_through_a_local_remote(repo, experiment, tmp_path):
     repo.git("checkout", "-q", "--", ".dvc/config")
 
 
-def test_a_killed_stage_s_leftovers_do_not_make_the_stages_after_it_stale(repo):
-    """What a kill leaves beside an evaluation's output (its temporary folder, its lock) sits inside the folder report
-    reads: .dvcignore keeps it out of what DVC hashes, so report is not stale until the next real run."""
+def test_a_killed_evaluation_does_not_make_the_stages_after_it_stale(repo):
+    """An evaluation killed with SIGKILL (no handler runs) leaves its lock, and at publication its temporary folder,
+    beside its output, inside the folder report reads: .dvcignore keeps them out of what DVC hashes, so report is not
+    stale until the next real run."""
+    import signal
+    import subprocess
+    import sys
+
     results = repo.path / "data/eval_results/passkey"
     before = json.loads(repo.dvc("status", "--json"))
-    leftover, lock = results / ".extended.tmp-k1ll3d", results / ".extended.lock"
+    lock = results / ".extended.lock"
+    child = subprocess.Popen([sys.executable, "-m", "stages.eval_passkey", "extended"], cwd=repo.path, env=repo.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not lock.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGKILL and lock.exists(), "killed while it held its lock"
+    leftover = results / ".extended.tmp-k1ll3d"  # what a kill during publication leaves too
     leftover.mkdir()
     (leftover / "passkey.csv").write_text("half written")
-    lock.touch()
     try:
         assert json.loads(repo.dvc("status", "--json")) == before
     finally:

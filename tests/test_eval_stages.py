@@ -176,7 +176,8 @@ def _cli(module, raw: dict, model: str, capsys) -> tuple[int, str]:
      r"eval_perplexity@mine: no model 'mine' in eval_models \(base, base_pi, extended, sft\)"),
     # Past a model's positions only when asked: its own (the extended test model's 128), or the interpolated
     # target's (the base one, interpolated to model.target_context 128).
-    (eval_perplexity, "extended", {"eval_models": {**MODELS, "extended": {"path": "models/extended"}},
+    (eval_perplexity, "extended", {"eval_models": {**MODELS, "extended": {"path": "models/extended",
+                                                                          "extrapolate": False}},
                                    "eval_perplexity": {"lengths": [32, 256], "max_tokens": None}},
      r"eval_perplexity\.lengths: 256 tokens, beyond the 128 positions of eval_models\.extended \(models/extended\);"
      r" evaluate within them, or set eval_models\.extended\.extrapolate: true"),

@@ -152,6 +152,24 @@ def test_every_stage_declares_the_code_params_and_data_it_reads():
         assert "prepare_eval.lengths" in spec[f"eval_perplexity@{name}"]["params"]
 
 
+def test_every_path_of_a_stage_comes_from_params_yaml_alone():
+    """dvc.yaml names no data path of its own: an `out_dir` (or an input) changed in params.yaml moves in DVC's eyes
+    too, instead of DVC deleting the old output and the stage then writing elsewhere."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in spec["stages"].items():
+        body = stage.get("do", stage)
+        for path in _paths(body.get("deps")) + _paths(body.get("outs")) + _paths(body.get("metrics")):
+            assert path.endswith(".py") or path.startswith("${"), f"{name}: {path!r} is written in dvc.yaml"
+        for item in (stage.get("foreach") or {}).values() if isinstance(stage.get("foreach"), dict) else ():
+            for key in ("from", "base", "out", "metrics"):
+                assert str(item[key]).startswith("${"), f"{name}: {key} {item[key]!r} is written in dvc.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["extend"]["out_dir"] = "runs/extend"
+    moved = expand_stages(spec, raw)
+    assert _paths(moved["extend"]["outs"])[0] == "runs/extend"
+    assert "runs/extend" in _paths(moved["merge@extend"]["deps"])
+
+
 def test_plots_show_every_training_curve_and_every_evaluated_model():
     """The loss curves of the three training stages (dvclive's logs in their run logs), and the evaluations: top-level
     plots cannot loop over eval_models, so they must name each model's files (one line per model in the perplexity

@@ -14,6 +14,7 @@ import yaml
 from longlora.io import file_digests
 from stages.build_base_model import provenance_path, shipped_params
 from stages.params import load_params
+from tests._repo import expanded_stages
 from tests.conftest import ROOT
 
 
@@ -47,7 +48,7 @@ def test_dvc_lock_records_the_shipped_folder():
 def test_dvc_repro_never_rebuilds_the_shipped_model():
     """Frozen: `dvc repro` verifies its output and never runs it, whatever changed in its code; its output is
     git's (not DVC's cache), so a fresh clone has it."""
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["build_base_model"]
+    stage = expanded_stages()["build_base_model"]
     assert stage["frozen"] is True
     assert stage["outs"] == [{"data/base_model": {"cache": False}}]
     ignored = (ROOT / "data/.gitignore").read_text().splitlines()
