@@ -979,20 +979,6 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
-    def _packed_documents_need_the_shifted_s2(self) -> Self:
-        """Document-aware attention (extend's packed documents, sft's padding-free rows) is the shifted S²-Attn's."""
-        if self.extend.document_attention and self.extend.attention == "s2" and not self.s2attn.shift:
-            raise KeyProblem("extend.document_attention", "document-aware attention needs the shifted S²-Attn; with "
-                             "s2attn.shift false (the short-attention ablation) set extend.document_attention false")
-        if self.sft.padding_free and self.sft.attention != "s2":
-            raise KeyProblem("sft.padding_free", "packed rows need document-aware S²-Attn (sft.attention s2); with "
-                             f"sft.attention {self.sft.attention} set sft.padding_free false")
-        if self.sft.padding_free and not self.s2attn.shift:
-            raise KeyProblem("sft.padding_free", "packed rows need the shifted S²-Attn; with s2attn.shift false (the "
-                             "short-attention ablation) set sft.padding_free false")
-        return self
-
-    @model_validator(mode="after")
     def _evaluations_fit(self) -> Self:
         try:
             self.eval_perplexity.check_windows()

@@ -54,6 +54,12 @@ def _job(params: Params) -> Job:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise InputError(f"{PARAM} {p.base_model!r}: the tokenizer has neither a pad nor an EOS token to pad with")
+    if p.padding_free and p.attention != "s2":
+        raise InputError("sft.padding_free: packed rows need document-aware S²-Attn (sft.attention s2); with "
+                         f"sft.attention {p.attention} set sft.padding_free false")
+    if p.padding_free and not params.s2attn.shift:
+        raise InputError("sft.padding_free: packed rows need the shifted S²-Attn; with s2attn.shift false (the "
+                         "short-attention ablation) set sft.padding_free false")
     # Padding-free rows hold up to the model's context (the longest a padded row may be; _examples checked that every
     # example fits): document-aware S² costs a row of several examples what those examples cost alone.
     collator = PaddedBatches(pad_id, group_size,

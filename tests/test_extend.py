@@ -579,10 +579,9 @@ def test_document_attention_without_the_shift_is_refused(project, capsys):
     code, err = _cli_run("extend", tiny_params_dict(extend={"document_attention": True}, s2attn={"shift": False}),
                          capsys)
     assert code == 2 and not Path("data/extend").exists() and not Path("data/checkpoints").exists()
-    # Refused when params.yaml loads, before the stage does anything.
-    assert err == ("stages.extend: error: params.yaml: extend.document_attention: document-aware attention needs the "
-                   "shifted S²-Attn; with s2attn.shift false (the short-attention ablation) set "
-                   "extend.document_attention false")
+    assert err == ("stages.extend: error: extend.document_attention: document-aware attention needs the shifted "
+                   "S²-Attn; with s2attn.shift false (the short-attention ablation) set extend.document_attention "
+                   "false")
 
 
 def test_a_deepspeed_config_deepspeed_rejects_is_refused(project, capsys):

@@ -222,11 +222,10 @@ def _bad_dataset(folder: str) -> str:
     ("other vocabulary", "sft.data 'foreign': token id 5000 is outside the model's 400-token vocabulary"),
     ("batch of another grouping", "sft.per_device_batch_size 4: 'grouped_sft/order.json' says the examples are "
                                   "stored in length-grouped batches of 2"),
-    # Static combinations: refused when params.yaml loads, before the stage does anything.
-    ("padding-free with dense attention", "params.yaml: sft.padding_free: packed rows need document-aware S²-Attn "
-                                          "(sft.attention s2); with sft.attention dense set sft.padding_free false"),
-    ("padding-free without the shift", "params.yaml: sft.padding_free: packed rows need the shifted S²-Attn; with "
-                                       "s2attn.shift false (the short-attention ablation) set sft.padding_free false"),
+    ("padding-free with dense attention", "sft.padding_free: packed rows need document-aware S²-Attn (sft.attention "
+                                          "s2); with sft.attention dense set sft.padding_free false"),
+    ("padding-free without the shift", "sft.padding_free: packed rows need the shifted S²-Attn; with s2attn.shift "
+                                       "false (the short-attention ablation) set sft.padding_free false"),
 ])
 def test_bad_input_stops_before_training_with_one_line(project, capsys, case, expected):
     import yaml
