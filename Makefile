@@ -3,6 +3,7 @@
 # `make base-model` — rebuild the shipped embedded base model (data/base_model/) and record how it was built.
 # `make bench` — the speed benchmarks (run on an idle machine); `make flow` — the pipeline as a Prefect flow;
 # `make server` — the Prefect UI on 127.0.0.1:4200; `make serve` — the flow as a deployment runnable from the UI.
+# `make docs` — regenerate docs/params.md from stages/params.py (tests/test_docs.py checks it is current).
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -14,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test lint bench flow server serve clean-venv base-model
+.PHONY: setup repro test lint bench flow server serve clean-venv base-model docs
 
 setup: $(VENV)/.installed
 
@@ -47,6 +48,9 @@ base-model: setup
 	$(BIN)/python -m stages.build_base_model
 	$(BIN)/python -m stages.build_base_model provenance
 	$(BIN)/dvc commit --force build_base_model
+
+docs: setup
+	$(BIN)/python -m stages.params_doc > docs/params.md
 
 flow: setup
 	$(BIN)/python -m pipelines.longlora_flow

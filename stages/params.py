@@ -190,11 +190,11 @@ class BaseModelParams(Section):
     """Seeds tokenizer training order, weight initialisation and batch sampling."""
     vocab_size: int = Field(1024, ge=300, le=65535)
     """Byte-level BPE vocabulary size (256 byte symbols and 4 special tokens included). Small, so that most of
-    the compute goes into the layers rather than the output softmax (see README: the base model study)."""
+    the compute goes into the layers rather than the output softmax (docs/base-model.md: the study)."""
     hidden_size: int = Field(128, gt=0)
     intermediate_size: int = Field(256, gt=0)
     num_layers: int = Field(4, gt=0)
-    """Four: two-layer models did not learn to look back within the budget, four did (README)."""
+    """Four: two-layer models did not learn to look back within the budget, four did (docs/base-model.md)."""
     num_heads: int = Field(4, gt=0)
     num_kv_heads: int = Field(4, gt=0)
     """Fewer than num_heads gives grouped-query attention."""
@@ -205,8 +205,8 @@ class BaseModelParams(Section):
     """The short pre-training context that later stages extend; becomes max_position_embeddings."""
     batch_size: int = Field(8, gt=0)
     steps: int = Field(5000, gt=0)
-    """The copying mechanism forms after about 2000 steps of 8 × 256 tokens; the shipped model trained 5000 and
-    retrieves every passkey at 256 (docs/base-model.md)."""
+    """Enough for the copying mechanism to form and carry over to passkey retrieval at context_length; how many that
+    takes: docs/base-model.md."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (AdamW, β = (0.9, 0.95), weight decay 0.1)."""
     warmup_steps: int = Field(50, ge=0)
@@ -352,8 +352,8 @@ class PretrainDataParams(Section):
 
     input: Source = "data/corpus/pretrain.jsonl"
     """A .jsonl, .jsonl.gz, .jsonl.zst, .parquet or .txt file, a folder of them, or a Hugging Face dataset
-    name (e.g. togethercomputer/RedPajama-Data-1T-Sample; streamed, needs the network). The dvc.yaml dep
-    names the default file: point it at another local input too."""
+    name (e.g. togethercomputer/RedPajama-Data-1T-Sample; streamed, needs the network). dvc.yaml takes its dep
+    from here, so DVC tracks whichever local input it names."""
     text_field: str = "text"
     """Field (or parquet column) holding each document's text (a .txt file is one document whatever it says)."""
     hub_split: str = "train"
@@ -812,9 +812,8 @@ class LongBenchParams(Section):
     """Weights dtype the models are loaded in (bfloat16 on GPUs)."""
     cpu_threads: int | None = Field(None, gt=0)
     """torch's CPU threads while predicting; None: torch's default (one per core). Decoding a tiny model is a
-    chain of small matrix products that more threads do not speed up, and on a busy machine two threads waiting for
-    each other made it 11× slower than one (embedded default, load 5 on 2 cores: 5.8 s against 0.54 s per example);
-    1 in params.yaml."""
+    chain of small matrix products that more threads do not speed up, and on a busy machine threads waiting for each
+    other slow it down many times over (docs/performance.md)."""
     out_dir: OutPath = Path("data/longbench")
     """One folder per model, `<out_dir>/<model>`: LongBench's prediction files `<dataset>.jsonl` ({"pred",
     "answers", "all_classes", "length"}) and result.json (score per task, as LongBench's eval.py writes it)."""

@@ -23,3 +23,13 @@ def test_every_cited_project_file_exists():
     assert ("dvc.yaml", "docs/data.md") in cited  # the pattern finds what it is meant to find
     missing = sorted((where, ref) for where, ref in cited if not (ROOT / ref).exists())
     assert not missing, f"(citing file, missing file): {missing}"
+
+
+def test_the_parameters_page_is_generated_from_the_current_code_and_params():
+    from stages.params_doc import markdown
+
+    committed = (ROOT / "docs/params.md").read_text(encoding="utf-8")
+    assert committed == markdown(ROOT / "params.yaml"), "docs/params.md is out of date: run `make docs`"
+    # Every key of every section is on the page, with its default and params.yaml's value.
+    assert "| `lr` | float > 0 | `2e-05` | `0.003` |" in committed
+    assert "| `extend.out_dir` | path (written) | `data/extended_model` |" in committed
