@@ -1,11 +1,11 @@
 """First-principles cost of the full profile: Llama-2-7B extended with LongLoRA on one 8-GPU node, dense attention
 against S²-Attn, from 8k to 100k tokens — FLOPs per step and memory per GPU, to plan a run.
 
-    .venv/bin/python benchmarks/cost_model.py              # prints the README's "Cost of the full profile" tables
+    .venv/bin/python benchmarks/cost_model.py              # prints the tables of docs/full-size.md
     .venv/bin/python benchmarks/cost_model.py --mfu 0.3    # hours at another assumed utilisation
 
 Runs anywhere in well under a second (arithmetic only, no torch). Every number follows from the formulas below; the
-README puts the paper's published figures beside them.
+docs/full-size.md puts the paper's published figures beside them.
 
 FLOPs (a multiply-add counts 2):
 - Linear layers per token, forward: 2 × (4d² + 3·d·ff) per layer + 2·V·d for the output head (embedding lookups

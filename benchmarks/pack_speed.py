@@ -18,7 +18,7 @@ in an order rotated from round to round, each right after its own run of the bat
 median over rounds of those paired ratios (a pair shares the machine's load at that moment, which matters on a
 shared machine), next to the best (least disturbed) throughput of each case. Target: prepare_pretrain ≥ 0.85 × raw.
 
-Hardware: written and measured on a 2-core AMD EPYC KVM guest; the numbers are in the README (Data: Throughput).
+Hardware: written and measured on a 2-core AMD EPYC KVM guest; the numbers are in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 data, steps and seeds) under each variant, then held-out perplexity and passkey at 256/512/1024, training
 speed and memory.
 
-    .venv/bin/python benchmarks/replicate.py --steps 100 --seeds 2 --jobs 2 --threads 1  # the study (README: Results)
+    .venv/bin/python benchmarks/replicate.py --steps 100 --seeds 2 --jobs 2 --threads 1  # the study (docs/results.md)
     .venv/bin/python benchmarks/replicate.py --quick    # smoke run: 2 variants × 1 seed × 2 steps, about a minute
 
 Writes benchmarks/results/replication.{md,csv,png}, the command that made them and its wall clock in the .md header;
-the README's "Results" section and docs/extension.md discuss them. `--base`, `--pretrain`, `--eval` default to the
+docs/results.md and docs/extension.md discuss them. `--base`, `--pretrain`, `--eval` default to the
 pipeline's outputs (run `make repro` first).
 
 Each trained variant runs the real `extend` stage (`python -m stages.extend --params <file>`, one process per run,

@@ -6,8 +6,8 @@ there on `make repro`'s outputs (quiet machine, `--rounds 7`): padding 26 % of t
 % of the padding-free ones, and about the same real tokens/s both ways (1.02–1.12× over two runs: one example per
 row, and on this CPU document-aware attention costs what the rounding saves); with `--crop 256` (four examples per
 row) padding 37 % against 0 and 1.12–1.38× the real tokens/s (the per-round ratios spread widely on a 2-core guest:
-read the range it prints). The losses agree to float32 rounding. Table in the README ("Performance report",
-"Padding-free SFT").
+read the range it prints). The losses agree to float32 rounding. Table in docs/performance.md
+("Padding-free SFT").
 
 What `sft.padding_free` buys, measured on the sft stage's own job (`stages.sft._job` with params.yaml, the same
 checks of model and data): its model built as `stages._training` builds it — the merged extended model (`--model`,

@@ -7,8 +7,8 @@ transformers, peft, the project's stage machinery), runs a small Llama forward a
 exits one way or the other; the parent times from that printed time to the child's exit. The two kinds alternate,
 in an order rotated from round to round; the table gives each kind's median and the ratio of the medians.
 
-Hardware: written and measured on a 2-core AMD EPYC KVM guest; the numbers are in the README (What runs:
-`make repro`'s time). Expected there: plain about 2.4 s, exit_process about 0.4 s.
+Hardware: written and measured on a 2-core AMD EPYC KVM guest; the numbers are in docs/performance.md
+("Stage exit"). Expected there: plain about 2.4 s, exit_process about 0.4 s.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 Hardware: written and measured on a 2-core AMD EPYC KVM guest (AVX-512), torch 2.13.0 CPU build, float32.
 Expected on that CPU at 16k tokens (target: ≥ 2.3× and ≥ 90 % of the Amdahl bound below): a whole LoRA+ training step
 with S²-Attn ~3.2× faster than the same step with transformers' SDPA attention, ~110 % of the bound (2.9×); 2.3× at
-8k, 2.1× at 4k (measured with `--threads 1 --clock cpu` while the machine was shared; table in the README).
+8k, 2.1× at 4k (measured with `--threads 1 --clock cpu` while the machine was shared; table in docs/performance.md).
 
 One whole training step (forward, loss over the vocabulary, backward, gradient clipping, AdamW step, zero_grad) of
 the project's default tiny model (params.yaml `build_base_model`: Llama, vocab 1024, hidden 128, ff 256, 4 layers,

@@ -13,7 +13,7 @@ adapter (or the full weights):
 - the tokenizer.
 
 `load_extended(folder)` rebuilds the extended model from that folder alone. The other ways of loading, and what each
-gives, are in the README ("Loading an extended model").
+gives: docs/training.md ("Loading an extended model").
 """
 
 from __future__ import annotations

@@ -111,8 +111,7 @@ def _literal_source(value: ast.expr, ast_lines: list[str]) -> str | None:
 
 def _source_segment(node: ast.expr, ast_lines: list[str]) -> str:
     """`ast.get_source_segment(text, node)` from the module's lines split once: that function splits the whole
-    module again on every call, which made LongQA generation quadratic in a file's constants (11 of
-    prepare_corpus's 29 s)."""
+    module again on every call, which made LongQA generation quadratic in a file's constants."""
     first, last = node.lineno - 1, node.end_lineno - 1
     if first == last:
         return ast_lines[first].encode()[node.col_offset:node.end_col_offset].decode()

@@ -62,7 +62,7 @@ def _close_progress_bars() -> None:
 def exit_process(code: int) -> NoReturn:
     """End a stage's own process (`python -m stages.<name>`) with `code`. The objects torch and transformers leave
     behind are frozen first, so that the interpreter's shutdown does not walk them all in its final garbage
-    collections: 2.0 s of every stage process's 2.4 s exit here (×19 processes in `make repro`). Only for the
-    process's end: frozen objects are never collected, which would leak in a process that goes on (the tests)."""
+    collections, most of a stage process's exit (docs/performance.md). Only for the process's end: frozen objects are
+    never collected, which would leak in a process that goes on (the tests)."""
     gc.freeze()
     raise SystemExit(code)

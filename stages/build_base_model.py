@@ -114,7 +114,7 @@ def _skip(params: Params, out: StageOutput) -> dict:
 
 def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
     """The documents as one token stream, each `BOS text EOS`: encoded as the data stages do, on every core (the
-    tokenizer's own call ran on one, and took 11 s of the stage)."""
+    tokenizer's own call runs on one)."""
     with rust_parallelism():
         lengths, flat = BatchEncoder(tokenizer, np.int32)(texts)
     return join_encoded(lengths, flat, eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id)[0]

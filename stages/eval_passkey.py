@@ -4,10 +4,8 @@
 
 LongLoRA's prompt (longlora/passkey.py), with length and depth measured in the model's own tokens; greedy decoding
 with a KV cache of as many tokens as the key has; a trial is right when the digits the model writes are exactly the
-key. Every cell (length, depth) runs `trials` prompts with keys seeded seed, seed + 1, … On 2 CPU cores the tiny
-default (256, 512 and 1024 tokens × 5 depths × 2 trials) takes about 7 s per model; the embedded base model
-retrieves few keys (README: the base model study), so expect low accuracies there. On a GPU, bfloat16 (README:
-passkey to 100k).
+key. Every cell (length, depth) runs `trials` prompts with keys seeded seed, seed + 1, … On a GPU the model runs in
+bfloat16. How to run it and read it: docs/evaluation.md; to 100k tokens: docs/full-size.md.
 Output: `<out_dir>/<model>/` with passkey.csv (accuracy per cell), trials.csv (every prompt: key, answer, tokens)
 and heatmap.png (length × depth, a DVC plot), and `<metrics_dir>/<model>.json` (`accuracy` overall and
 `by_length.<length>`).

@@ -4,9 +4,8 @@
 
 Two numbers per length (longlora/perplexity.py): the standard strided perplexity (each token scored once) and
 LongLoRA's own (its eval.py: windows every 256 tokens, exp of the mean window loss), which the paper's tables use.
-Dense attention unless `attention: s2`. On 2 CPU cores the tiny default (256, 512 and 1024 tokens over the stream's
-first 8192 tokens) takes about 16 s per model; expected: the extended model below the base model with interpolation
-alone at every length. On a GPU the model runs in bfloat16 (README: PG19 and proof-pile at 2k … 32k).
+Dense attention unless `attention: s2`. On a GPU the model runs in bfloat16. How to run it and read it:
+docs/evaluation.md; PG19 and proof-pile at 2k … 32k: docs/full-size.md.
 Output: `<out_dir>/<model>/perplexity.csv` (one row per length: the DVC plot of perplexity against context length,
 one line per model) and `<metrics_dir>/<model>.json`: `ppl.<length>` (strided) and `ppl_windowed.<length>` (LongLoRA's),
 so that `dvc metrics show data/metrics/eval_perplexity` is a model-by-length table.

@@ -3,13 +3,13 @@
     .venv/bin/python -m stages.extend     # one process; dvc repro extend runs `python -m stages.launch extend`,
                                           # which starts it as params.yaml's `launch` says (torchrun: 8 GPUs)
 
-What the tiny default gives and how its recipe was chosen: docs/extension.md.
+What the embedded recipe gives and how it was chosen: docs/extension.md; how to run it: docs/training.md.
 
 Loads the base model (`model.name_or_path`, a local folder or a hub id) with its RoPE interpolated to
 `model.target_context` (written into the config before the model is built), selects S²-Attn (`extend.attention`),
 wraps it with LoRA+ (`extend.method`), and trains it on the packed blocks of prepare_pretrain, read memory-mapped:
 documents see the documents before them in their block (the paper's recipe), or, with `extend.document_attention`,
-each only itself (document-aware S²-Attn, README "Document-aware attention").
+each only itself (document-aware S²-Attn, docs/method.md).
 Under torchrun or accelerate (stages/launch.py) every process runs this module; the Trainer reads RANK and
 WORLD_SIZE, and the main process alone claims and writes the outputs.
 The training itself (Trainer, checkpoints and resume after a kill, dvclive, the saved folder) is shared with `sft`:

@@ -6,7 +6,7 @@ every device of one or several nodes.
 Expected: with the default `launcher: none`, exactly `python -m stages.extend` (same output, same metrics); with
 `launcher: torchrun, nproc_per_node: 8` on an 8×A100 node, this process is replaced by
 `python -m torch.distributed.run --nnodes 1 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint localhost:0
--m stages.extend --params params.yaml`, whose 8 processes train together (README, "Full-size profile").
+-m stages.extend --params params.yaml`, whose 8 processes train together (docs/full-size.md).
 
 `command` builds the argument list, for every launcher, here and nowhere else; configs/slurm/multinode.sbatch runs
 the same torchrun line on every node of a SLURM allocation (a test checks that they agree). torchrun and accelerate

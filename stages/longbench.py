@@ -8,9 +8,8 @@ The first form predicts with LongBench's prompts and generation lengths, middle 
 makes from held-out code, see longlora/longbench_data.py), then scores. It writes `<longbench.out_dir>/<model>/`:
 the prediction files `<dataset>.jsonl`, `result.json` (score per task, 0–100, as LongBench writes it) and
 `summary.json` (category averages; for LongBench-E the length buckets), and the DVC metrics
-`<longbench.metrics_dir>/<model>.json`, so `dvc metrics show` puts the models side by side. On the 2-core
-reference machine the embedded default (4 tasks × 16 examples, at most 16 new tokens, the 1024-token model, one
-torch thread: `longbench.cpu_threads`) took 46 s per model with the machine loaded 2.5× over (0.54 s per example).
+`<longbench.metrics_dir>/<model>.json`, so `dvc metrics show` puts the models side by side. How long it takes, and
+the full LongBench on GPUs: docs/evaluation.md, docs/full-size.md.
 
 The second form scores any folder of LongBench prediction files (`{"pred", "answers", "all_classes", "length"}`
 per line, files named `<dataset>.jsonl`), ours or LongBench's own pred.py's, and writes result.json and

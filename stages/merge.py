@@ -13,8 +13,6 @@ added), and a Hugging Face model card, README.md (longlora/modelcard.py: base mo
 scaling, data and recipe of every training step, the reproducing command; `dvc repro report` adds the results). Its
 config carries the composed RoPE scaling and the new `max_position_embeddings` and names no S²-Attn attribute or
 backend: plain `AutoModelForCausalLM.from_pretrained(folder)` loads it, in a process that never imports this project.
-
-On 2 CPU cores the default (the embedded model) takes a few seconds.
 """
 
 from __future__ import annotations

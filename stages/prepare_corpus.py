@@ -2,8 +2,7 @@
 
     .venv/bin/python -m stages.prepare_corpus     # or: dvc repro prepare_corpus
 
-On 2 CPU cores (the default params) it takes about 10 seconds and writes, under `data/corpus/`, the inputs the
-other data stages read, in the formats real data comes in:
+It writes, under `data/corpus/`, the inputs the other data stages read, in the formats real data comes in:
 
 - `pretrain.jsonl` — RedPajama format ({"text", "meta"}), one record per file of the `extend` split;
 - `eval/doc_00000.txt`… — PG19 style, one long document per file: held-out files (never seen by the base model)
@@ -16,9 +15,8 @@ other data stages read, in the formats real data comes in:
   prompts and metrics (lcc, passage_count, passage_retrieval_en, and the held-out LongQA as multifieldqa_en; see
   longlora/longbench_data.py), contexts in the LongQA length range.
 
-Expected: 169 pretraining documents, 62 evaluation documents (the held-out split runs out before 64), 512 + 128
-questions spread evenly over five depth bands. Deterministic for a given seed, Python version and tokenizer (the
-tokenizer only measures lengths).
+Deterministic for a given seed, Python version and tokenizer (the tokenizer only measures lengths); what the
+embedded pipeline's run writes: docs/data.md.
 """
 
 from __future__ import annotations

@@ -2,14 +2,15 @@
 
     .venv/bin/python -m stages.prepare_eval     # or: dvc repro prepare_eval
 
-On 2 CPU cores (the default params: the 64 held-out documents of data/corpus/eval/) it takes a few seconds. Input:
-a folder of text files, one document each (PG19 / proof-pile style), or .jsonl/.parquet records with a text field,
-or a hub dataset name (needs the network). Each document becomes `[BOS] tokens EOS`, back to back, like the `.bin`
-token files LongLoRA's evaluation reads — uint16 when the vocabulary fits, else uint32 — with the offsets of every
-document, so evaluation can stay within documents or slide across them.
+Input (the default params: the held-out documents of data/corpus/eval/): a folder of text files, one document each (PG19
+/ proof-pile style), or .jsonl/.parquet records with a text field, or a hub dataset name (needs the network). Each
+document becomes `[BOS] tokens EOS`, back to back, like the `.bin` token files LongLoRA's evaluation reads — uint16 when
+the vocabulary fits, else uint32 — with the offsets of every document, so evaluation can stay within documents or slide
+across them.
 Output: data/eval/ (tokens.bin, doc_offsets.npy, meta.json — read it with `longlora.packing.TokenStream`) and
 data/metrics/prepare_eval.json, which counts the documents that reach each evaluation length (`lengths`, default
-model.target_context / 4, / 2, × 1). Expected on the default data: every document reaches every length.
+model.target_context / 4, / 2, × 1). prepare_corpus joins held-out files until each document reaches the longest
+default length.
 """
 
 from __future__ import annotations

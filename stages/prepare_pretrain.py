@@ -2,10 +2,9 @@
 
     .venv/bin/python -m stages.prepare_pretrain     # or: dvc repro prepare_pretrain
 
-The default params read the ~170 `extend`-split files of data/corpus/pretrain.jsonl (2.9 M characters, about 1100
-blocks of 1024 tokens) and append three times as many synthetic blocks, in a few seconds on 2 CPU cores. The input may
-also be a .jsonl.gz/.jsonl.zst/.parquet file, a folder of them, or a hub dataset name (the paper used
-togethercomputer/RedPajama-Data-1T-Sample; needs the network). Memory stays bounded: documents are read, tokenized
+The default params read the `extend`-split files of data/corpus/pretrain.jsonl and append three times as many synthetic
+blocks. The input may also be a .jsonl.gz/.jsonl.zst/.parquet file, a folder of them, or a hub dataset name (the paper
+used togethercomputer/RedPajama-Data-1T-Sample; needs the network). Memory stays bounded: documents are read, tokenized
 (the fast tokenizer's batch encoder, all cores) and packed batch by batch.
 
 Documents are joined as `[BOS] text EOS` (`bos` param) and cut into blocks; every block's document start offsets
@@ -14,7 +13,7 @@ With `synthetic_share` (the embedded default), blocks of synthetic long-range se
 follow them (longlora/synthetic.py, build_base_model's mix: docs/extension.md).
 Output: data/pretrain/ (tokens.bin, doc_starts.bin, doc_index.npy, meta.json — read it with
 `longlora.packing.PackedBlocks`) and data/metrics/prepare_pretrain.json (documents, tokens, blocks, dropped or padded
-tokens, skipped records, tokens/s). Expected: tokens/s ≥ 0.85 × the tokenizer's raw batch-encode rate
+tokens, skipped records, tokens/s). Its speed against the tokenizer's raw batch encoder: docs/performance.md
 (benchmarks/pack_speed.py).
 """
 

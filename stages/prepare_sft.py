@@ -2,8 +2,8 @@
 
     .venv/bin/python -m stages.prepare_sft     # or: dvc repro prepare_sft
 
-On 2 CPU cores (the default params: data/corpus/longqa.json, 512 long-code questions) it takes a few seconds.
-Each record {"instruction", "output", optional "input"} becomes the paper code's Llama-2 prompt
+The default params read data/corpus/longqa.json, long-code questions sized to fit model.target_context. Each
+record {"instruction", "output", optional "input"} becomes the paper code's Llama-2 prompt
 (`[INST]{instruction}[/INST]`, or the system-prompt variant when `input` is present) or the tokenizer's own chat
 template (`template` param), followed by `output` + EOS. Labels are −100 on the prompt; examples longer than
 `max_length` (default model.target_context) are dropped when the prompt alone leaves no room for an answer token,
@@ -11,7 +11,6 @@ or cut in the middle of the prompt (`truncation: truncate_middle`) — never kep
 Output: data/sft/ (a Hugging Face dataset, `datasets.load_from_disk`: input_ids, labels, length; in length-grouped
 batches when `group_by_length`, which order.json beside it records for the sft stage) and
 data/metrics/prepare_sft.json (kept, dropped, truncated, tokens, padding).
-Expected on the default data: all 512 examples kept, none truncated.
 """
 
 from __future__ import annotations

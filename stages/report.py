@@ -17,7 +17,7 @@ the model card `merge` wrote into each merged folder, and writes `report.out_dir
   prints at the end).
 
 An evaluation that has not run (no metrics file) is reported as such, not guessed. Same inputs, same bytes (no
-dates; the PNG carries no software tag). On 2 CPU cores it takes about 2 seconds (matplotlib).
+dates; the PNG carries no software tag).
 """
 
 from __future__ import annotations

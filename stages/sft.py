@@ -2,7 +2,7 @@
 
     .venv/bin/python -m stages.sft     # or: dvc repro sft
 
-Expected with the tiny default on 2 CPU cores: see README, "Fine-tune (SFT)".
+How to run it: docs/training.md; what the embedded recipe gives and how its learning rate was chosen: docs/sft.md.
 
 Loads `sft.base_model` (default: the merged extended model of `merge@extend`; a chat model whose context is shorter
 than model.target_context is interpolated to it at load time), selects S²-Attn with a fixed group size (the group

@@ -1,4 +1,4 @@
-"""The pipeline under DVC, as a user drives it (README, "DVC: everyday commands"), in a temporary git repository on
+"""The pipeline under DVC, as a user drives it (docs/pipeline.md), in a temporary git repository on
 the tiny model: one `dvc repro` of the whole chain, shared by every test here, then the follow-ups, each cheap: a
 second repro does nothing; an evaluation parameter reruns that evaluation only; an `extend` parameter, as an
 experiment, reruns extend and everything after it and nothing before; `dvc exp show`, `dvc metrics diff` and
@@ -60,8 +60,8 @@ def _all_stages() -> set[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Repo:
-    """The whole tiny chain reproduced once, and committed with dvc.lock and the metrics: the baseline that README
-    tells users to commit after their first run."""
+    """The whole tiny chain reproduced once, and committed with dvc.lock and the metrics: the baseline that
+    docs/pipeline.md tells users to commit after their first run."""
     path = make_repo(tmp_path_factory.mktemp("dvc"))
     repo = Repo(path, repo_env(path.parent))
     repo.first_repro = repo.dvc("repro")
@@ -124,7 +124,7 @@ def _queue_done(repo: Repo, names: set[str], timeout: float = 900.0) -> dict[str
 
 
 def test_evaluations_fan_out_through_the_queue_and_come_back_from_the_run_cache(repo, tmp_path):
-    """README, "Scaling out": in a second clone sharing the first one's DVC cache (as a node would), evaluation
+    """docs/full-size.md, scaling out: in a second clone sharing the first one's DVC cache (as a node would), evaluation
     instances queued as experiments, two queue workers (each started with its own CUDA_VISIBLE_DEVICES, as one per
     GPU) run them in temporary copies of the repository, and a plain `dvc repro` in the workspace then checks their
     results out of DVC's run-cache instead of running them; the instances not queued run there, and the report."""

@@ -1,7 +1,7 @@
 """Stages extend and merge end to end on a 2-layer tiny model (pre-trained at 32 tokens, extended to 128): what they
 write, that it learned, that a run killed with SIGKILL resumes to the same weights, that two processes under torchrun
 train as one with the same global batch, that a chat model whose BOS is a chat marker goes through, that every way of
-loading the result gives what the README says, and that every bad input stops before training with one line naming
+loading the result gives what docs/training.md says, and that every bad input stops before training with one line naming
 the parameter or file."""
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_int
     with_config = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained("data/base_model", config=AutoConfig.from_pretrained(out)), out).eval()
     torch.testing.assert_close(_logits(with_config, ids), expected)
-    # ... the PEFT ways without it run without interpolation (what the README warns about) ...
+    # ... the PEFT ways without it run without interpolation (what docs/training.md warns about) ...
     for unscaled in (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("data/base_model"), out),
                      AutoPeftModelForCausalLM.from_pretrained(out)):
         assert (_logits(unscaled.eval(), ids) - expected).abs().max() > 1e-3
