@@ -28,7 +28,10 @@ Variants (the paper's Tables 2 and 6, issue #10; 9 and 10: the default's departu
   no_shift    PI + LoRA+ with S²-Attn without the shift (every head in plain groups: the paper's short attention)
   doc_aware   LongLoRA with document-aware S²-Attn (extend.document_attention: each packed document attends to itself)
   group_half  LongLoRA with S² groups of N/2 (s2attn.group_size_ratio 0.5)
-  rope_linear LongLoRA with linear position interpolation (model.rope_type linear), the paper's
+  rope_linear LongLoRA with linear position interpolation and no headroom (model.rope_type linear,
+              model.rope_headroom 1), the paper's
+  no_headroom LongLoRA with the default's scaling type but no headroom (model.rope_headroom 1): the factor is
+              target / original, as in the paper
 """
 
 from __future__ import annotations
@@ -76,7 +79,10 @@ VARIANTS = (
     Variant("group_half", "9. LongLoRA, S² groups of N/2", {"method": "lora_plus", "attention": "s2",
                                                            "s2attn": {"group_size_ratio": 0.5}}),
     Variant("rope_linear", "10. LongLoRA, linear interpolation", {"method": "lora_plus", "attention": "s2",
-                                                                 "model": {"rope_type": "linear"}}),
+                                                                 "model": {"rope_type": "linear",
+                                                                           "rope_headroom": 1.0}}),
+    Variant("no_headroom", "11. LongLoRA, no position headroom", {"method": "lora_plus", "attention": "s2",
+                                                                  "model": {"rope_headroom": 1.0}}),
 )
 QUICK_VARIANTS = ("pi", "longlora")
 
@@ -155,7 +161,7 @@ def load_model(args, variant: Variant, trained: Path | None):
         return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).eval()
     config = AutoConfig.from_pretrained(args.base)
     if variant.interpolate:
-        config = interpolated_config(config, args.lengths[-1], args.rope_type)
+        config = interpolated_config(config, args.lengths[-1], args.rope_type, headroom=args.rope_headroom)
     return AutoModelForCausalLM.from_pretrained(args.base, config=config).eval()
 
 
@@ -230,6 +236,7 @@ CLAIMS = (  # (a, b, what the paper says)
     ("pi", "longlora", "extension vs interpolation alone"),
     ("longlora", "group_half", "S² groups of N/2 vs N/4 (the paper's ablation)"),
     ("longlora", "rope_linear", "linear interpolation (the paper's) vs the default scaling"),
+    ("longlora", "no_headroom", "factor target / original (the paper's) vs the default's headroom"),
 )
 
 
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
         raise SystemExit(str(err)) from None
     target = recipe.model.target_context
     args.rope_type = recipe.model.rope_type
+    args.rope_headroom = recipe.model.rope_headroom
     args.lengths = tuple(sorted({target // 4, target // 2, target}))
     known = {v.name: v for v in VARIANTS}
     names = args.variants or [v.name for v in VARIANTS]

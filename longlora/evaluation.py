@@ -21,11 +21,12 @@ from longlora.tokenizing import load_tokenizer
 @dataclass(frozen=True)
 class Interpolation:
     """Position interpolation applied at load time: RoPE scaled from `original_context` (None: the config's
-    max_position_embeddings) to `target_context` tokens."""
+    max_position_embeddings) to `target_context` tokens, with `headroom` (`longlora.rope.interpolated_config`)."""
 
     target_context: int
     rope_type: RopeType = "linear"
     original_context: int | None = None
+    headroom: float = 1.0
 
 
 def load_for_evaluation(name_or_path: str, interpolation: Interpolation | None = None, *,
@@ -47,7 +48,8 @@ def load_for_evaluation(name_or_path: str, interpolation: Interpolation | None =
     if interpolation is not None:
         try:
             original = interpolation.original_context or current_context_length(config)
-            config = interpolated_config(config, interpolation.target_context, interpolation.rope_type, original)
+            config = interpolated_config(config, interpolation.target_context, interpolation.rope_type, original,
+                                         interpolation.headroom)
         except ValueError as err:
             raise InputError(f"{param} {name_or_path!r}: {err}") from None
     try:

@@ -50,12 +50,15 @@ def _step_table(stage: str, step: dict) -> str:
                  "heads shifted by half a group; dense attention at inference" if attention == "s2"
                  else f"{attention} (dense causal attention)")
     rope = step.get("rope_parameters") or {}
+    headroom = ((step.get("params") or {}).get("model") or {}).get("rope_headroom", 1.0)
+    scaled_as = f", scaled as for {round(step.get('target_context', 0) * headroom)} (headroom ×{headroom})" \
+        if headroom != 1.0 and isinstance(step.get("target_context"), int) else ""
     rows = [
         ("training data", f"`{step.get('training_data', run.get('data'))}`"),
         ("method", method),
         ("attention in training", attention),
         ("position interpolation", f"{rope.get('rope_type')}, factor {rope.get('factor')}: "
-                                   f"{step.get('original_context')} → {step.get('target_context')} tokens"),
+                                   f"{step.get('original_context')} → {step.get('target_context')} tokens{scaled_as}"),
         ("optimiser", f"AdamW, betas ({run.get('adam_beta1')}, {run.get('adam_beta2')}), eps {run.get('adam_epsilon')}"
                       f", weight decay {run.get('weight_decay')}, gradient clipping {run.get('max_grad_norm')}"),
         ("learning rate", f"{run.get('lr')}, {run.get('lr_schedule')}, {run.get('warmup_steps')} warm-up steps"),

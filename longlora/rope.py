@@ -8,6 +8,7 @@ returns such a config; `rotary_inv_freq` reads back what a built model actually 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from transformers import PretrainedConfig
@@ -34,13 +35,19 @@ def interpolated_config(
     target_length: int,
     rope_type: RopeType = "linear",
     original_length: int | None = None,
+    headroom: float = 1.0,
 ) -> PretrainedConfig:
     """Return a copy of `config` whose RoPE is scaled from `original_length` to `target_length` tokens.
 
-    The factor is `target_length / original_length` (not rounded up, unlike the reference code). An existing
-    scaling of the same type is *multiplied*: a model already interpolated ×2 to 8k and extended to 32k from its
-    8k gets ×8 in total. Mixing types (e.g. linear on top of llama3) is refused rather than silently replaced.
+    The factor is `target_length / original_length × headroom` (not rounded up, unlike the reference code). An
+    existing scaling of the same type is *multiplied*: a model already interpolated ×2 to 8k and extended to 32k from
+    its 8k gets ×8 in total. Mixing types (e.g. linear on top of llama3) is refused rather than silently replaced.
     `original_length` defaults to the config's current `max_position_embeddings`.
+
+    `headroom` > 1 scales positions as if the target were that many times longer, while `max_position_embeddings`
+    still says `target_length`: a model reads the far end of the distances it was pre-trained on least well (they
+    are the rarest in its training windows), and plain interpolation maps the target's longest distances exactly
+    there; headroom moves them back into the well-trained range.
     """
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_type={rope_type!r} is not one of {ROPE_TYPES}")
@@ -49,6 +56,8 @@ def interpolated_config(
         raise ValueError(f"context lengths must be positive, got original={original}, target={target_length}")
     if target_length < original:
         raise ValueError(f"target_length={target_length} is shorter than the original context {original}")
+    if not math.isfinite(headroom) or headroom < 1:
+        raise ValueError(f"headroom={headroom} must be a finite number of at least 1")
 
     new = copy.deepcopy(config)
     params = dict(getattr(new, "rope_parameters", None) or {})
@@ -66,7 +75,7 @@ def interpolated_config(
 
     params["rope_type"] = rope_type
     params.pop("type", None)
-    params["factor"] = existing_factor * target_length / original
+    params["factor"] = existing_factor * target_length / original * headroom
     if rope_type in ("yarn", "llama3"):
         # The pre-training length these types interpolate from: keep the oldest one known.
         params.setdefault("original_max_position_embeddings", original)

@@ -55,7 +55,7 @@ def load_model(params: Params, name: str, dtype_choice: str):
     interpolation = None
     if entry.interpolate:
         m = params.model
-        interpolation = Interpolation(m.target_context, m.rope_type, m.original_context)
+        interpolation = Interpolation(m.target_context, m.rope_type, m.original_context, m.rope_headroom)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype_choice == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

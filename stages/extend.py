@@ -79,7 +79,7 @@ def _extended_config(params: Params):
         raise InputError(f"model.name_or_path {m.name_or_path!r}: cannot read its config: {err}") from None
     try:
         original = m.original_context or current_context_length(config)
-        return interpolated_config(config, m.target_context, m.rope_type, original), original
+        return interpolated_config(config, m.target_context, m.rope_type, original, m.rope_headroom), original
     except ValueError as err:
         raise InputError(f"model: {err}") from None
 

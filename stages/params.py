@@ -252,9 +252,14 @@ class ModelParams(Section):
     original_context: int | None = Field(None, gt=0)
     """Context the model was pre-trained at; default: the config's max_position_embeddings."""
     target_context: int = Field(1024, gt=0)
-    """Context to extend to; the RoPE factor is target_context / original_context."""
+    """Context to extend to; the RoPE factor is target_context / original_context × rope_headroom."""
     rope_type: RopeType = "linear"
     """Position interpolation: linear (paper), or dynamic NTK, YaRN, Llama-3 scaling."""
+    rope_headroom: float = Field(1.0, ge=1.0)
+    """Scale positions as if the target were this many times longer (1: the paper's recipe); the saved config
+    still says max_position_embeddings = target_context. A model reads the longest distances it was pre-trained on
+    least well (they are the rarest in its windows) and interpolation maps the target's longest distances exactly
+    there; headroom moves them back into the well-trained range (docs/extension.md)."""
     trust_remote_code: bool = False
     """Never enabled implicitly: executing a hub repository's code is the user's explicit decision."""
 

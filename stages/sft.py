@@ -105,7 +105,7 @@ def _base_config(params: Params):
     if current < m.target_context:
         log.info("%s has a context of %d tokens: interpolating its RoPE to %d", source, current, m.target_context)
         try:
-            config = interpolated_config(config, m.target_context, m.rope_type, current)
+            config = interpolated_config(config, m.target_context, m.rope_type, current, m.rope_headroom)
         except ValueError as err:
             raise InputError(f"{PARAM} {source!r}: {err}") from None
     return config, original

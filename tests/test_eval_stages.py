@@ -86,7 +86,8 @@ def test_perplexity_writes_both_numbers_per_length_as_the_library_computes_them(
     params = _params()
     metrics = {name: eval_perplexity.run(params, name) for name in MODELS}
     tokens = TokenStream("data/eval").tokens[:600]
-    base, _ = load_for_evaluation("models/base", Interpolation(TARGET, params.model.rope_type))
+    base, _ = load_for_evaluation("models/base", Interpolation(TARGET, params.model.rope_type,
+                                                                headroom=params.model.rope_headroom))
     for name in MODELS:
         rows = _csv(Path(f"data/eval_results/perplexity/{name}/perplexity.csv"))
         assert [(row["model"], int(row["length"])) for row in rows] == [(name, 32), (name, 64)]
@@ -101,8 +102,9 @@ def test_perplexity_writes_both_numbers_per_length_as_the_library_computes_them(
     # The base model is scored with its RoPE interpolated to model.target_context, as load_for_evaluation gives it.
     want = {64: (strided_perplexity(base, tokens, 64, progress=False)["perplexity"],
                  windowed_perplexity(base, tokens, 64, 32, progress=False)["perplexity"])}
-    assert metrics["base"]["ppl"]["64"] == pytest.approx(want[64][0], abs=1e-4)
-    assert metrics["base"]["ppl_windowed"]["64"] == pytest.approx(want[64][1], abs=1e-4)
+    # The metrics keep 3 decimals.
+    assert metrics["base"]["ppl"]["64"] == pytest.approx(want[64][0], abs=5e-4)
+    assert metrics["base"]["ppl_windowed"]["64"] == pytest.approx(want[64][1], abs=5e-4)
     base_rows = {row["length"]: row for row in _csv(Path("data/eval_results/perplexity/base/perplexity.csv"))}
     assert int(base_rows["64"]["tokens_scored"]) == 9 * 63  # 600 tokens: 9 side-by-side windows of 64
     assert int(base_rows["64"]["windows"]) == len(range(0, 600 - 64, 32)) - 1

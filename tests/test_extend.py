@@ -86,9 +86,22 @@ def _logits(model, ids) -> torch.Tensor:
 # --- extend, then merge ------------------------------------------------------------------------------------------
 
 
+def test_headroom_scales_positions_further_and_the_folders_say_so(project):
+    params = _params(extend={"max_steps": 1}, model={"rope_type": "yarn", "rope_headroom": 1.5})
+    metrics = extend.run(params)
+    assert metrics["rope_parameters"]["factor"] == TARGET / ORIGINAL * 1.5
+    merge.run(params, "extend")
+    config = json.loads((project / "data/extended_model/config.json").read_text())
+    # Scaled as for 1.5 × the target, but trained for, and claiming, the target context only.
+    assert config["max_position_embeddings"] == TARGET and config["rope_parameters"]["factor"] == 6
+    card = ModelCard.load(project / "data/extended_model" / CARD_FILE)
+    assert f"{ORIGINAL} → {TARGET} tokens, scaled as for {TARGET * 3 // 2} (headroom ×1.5)" in card.text
+
+
 def test_extend_learns_and_writes_a_self_describing_adapter_that_merge_folds_into_a_plain_model(project):
-    # Linear interpolation (the paper's): its inverse frequencies are exactly the base's divided by the factor.
-    params = _params(extend={"max_steps": 12}, model={"rope_type": "linear"})
+    # Linear interpolation (the paper's, no headroom): its inverse frequencies are exactly the base's divided by the
+    # factor.
+    params = _params(extend={"max_steps": 12}, model={"rope_type": "linear", "rope_headroom": 1.0})
     metrics = extend.run(params)
 
     # It learned: the last logged losses are below the first ones.

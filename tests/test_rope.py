@@ -33,6 +33,23 @@ def test_existing_factor_is_multiplied_not_replaced():
     torch.testing.assert_close(scaled, base / 16)
 
 
+def test_headroom_scales_further_but_keeps_the_target_context():
+    config = interpolated_config(_llama_config(), 1024, "yarn", headroom=1.5)
+    assert config.rope_parameters["factor"] == pytest.approx(6.0)
+    assert config.rope_parameters["original_max_position_embeddings"] == 256
+    assert config.max_position_embeddings == 1024  # trained and evaluated to the target, not to 1536
+    six = interpolated_config(_llama_config(), 1536, "yarn")  # the same frequencies as a plain ×6
+    torch.testing.assert_close(rotary_inv_freq(LlamaForCausalLM(config)), rotary_inv_freq(LlamaForCausalLM(six)))
+    again = interpolated_config(config, 2048, "yarn", headroom=1.5)  # multiplied, like any existing factor
+    assert again.rope_parameters["factor"] == pytest.approx(6.0 * 2 * 1.5)
+
+
+@pytest.mark.parametrize("headroom", [0.5, float("inf"), float("nan")])
+def test_headroom_below_one_or_not_finite_is_refused(headroom):
+    with pytest.raises(ValueError, match="headroom"):
+        interpolated_config(_llama_config(), 1024, headroom=headroom)
+
+
 def test_original_length_override():
     config = interpolated_config(_llama_config(), 1024, original_length=128)
     assert config.rope_parameters["factor"] == pytest.approx(8.0)

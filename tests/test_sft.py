@@ -80,7 +80,9 @@ def test_sft_fine_tunes_the_extended_model_and_merge_folds_it_into_the_final_mod
     assert all(np.isfinite(metrics["losses"])) and metrics["s2attn_group_size"] == GROUP
     # Batches are right-padded to a multiple of the group: some padding, and the tokens counted are the real ones.
     assert 0 < metrics["padding_share"] < 0.5
-    assert metrics["trainable_parameters"]["embeddings"] > 0 and metrics["rope_parameters"]["factor"] == 4
+    # The fixture's extended model is still at its base's context: sft interpolates it, headroom included.
+    assert metrics["trainable_parameters"]["embeddings"] > 0
+    assert metrics["rope_parameters"]["factor"] == TARGET / ORIGINAL * params.model.rope_headroom
     assert json.loads(Path("data/metrics/sft.json").read_text()) == metrics
     assert [p.name for p in Path("data/checkpoints/sft").iterdir()] == [".longlora-checkpoints.json"]
 
@@ -111,7 +113,8 @@ def test_sft_fine_tunes_the_extended_model_and_merge_folds_it_into_the_final_mod
 
 
 def test_a_chat_base_with_a_shorter_context_is_interpolated_to_the_target(project):
-    metrics = sft.run(_params(sft={"base_model": "data/base_model", "max_steps": 1}))
+    params = _params(sft={"base_model": "data/base_model", "max_steps": 1}, model={"rope_headroom": 1.0})
+    metrics = sft.run(params)
     assert metrics["rope_parameters"]["factor"] == TARGET / ORIGINAL
     config = json.loads((project / "data/sft_adapter/config.json").read_text())
     assert config["max_position_embeddings"] == TARGET and config["rope_parameters"]["factor"] == 4
