@@ -753,9 +753,11 @@ class EvalPasskeyParams(Section):
     depths: tuple[float, ...] = PASSKEY_DEPTHS
     """Where the key line sits, as a share of the filler tokens before it (0: first, 1: last)."""
     trials: int = Field(2, gt=0)
-    """Prompts per cell (length, depth), keys drawn with seeds seed, seed + 1, …"""
+    """Prompts per cell (length, depth). With 4 or more, every cell uses the keys of seeds seed, seed + 1, … (cells
+    compared on the same keys); with fewer, each cell has keys of its own (cell c: seed + c × trials + t), so that
+    one trial per cell does not test one key everywhere (longlora.passkey.cell_seeds)."""
     seed: int = 0
-    """Seed of the first trial's key; trial t uses seed + t in every cell."""
+    """Seed of the first key."""
     dtype: EvalDtype = "auto"
     """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
     out_dir: OutPath = Path("data/eval_results/passkey")
