@@ -257,3 +257,14 @@ def test_the_report_waits_for_every_evaluation_and_merge():
     assert graph["report"] == {f"{stage}@{name}" for stage in EVAL_STAGES for name in names} | {"merge@extend",
                                                                                                 "merge@sft"}
     assert list(graph)[-1] == "report"
+
+
+def test_the_card_counts_one_step_in_the_singular():
+    """The tiny default's sft warms up for 5 steps; one of 1 step read "1 warm-up steps"."""
+    step = _step("extend", "data/corpus/pretrain.jsonl", "meta-llama/Llama-2-7b-hf")
+    step["params"]["extend"].update(warmup_steps=1, max_steps=1, global_batch_size=1)
+    text = merged_model_card([("extend", step)], "meta-llama/Llama-2-7b-hf", CONFIG, parameters=1, dtype="float32",
+                             command="dvc repro merge@extend").text
+    assert "| learning rate | 2e-05, constant_with_warmup, 1 warm-up step |" in text
+    assert "| steps and batch | 1 step, global batch 1 sequence |" in text
+    assert "20 warm-up steps |" in _card(["extend"]).text
