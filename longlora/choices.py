@@ -13,8 +13,9 @@ from typing import Literal
 OnError = Literal["raise", "skip"]
 """A bad record stops the stage (raise) or is skipped and counted (skip)."""
 
-BosPolicy = Literal["document", "none"]
-"""`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`."""
+BosPolicy = Literal["auto", "document", "none"]
+"""`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`; `auto`: `document`
+unless the tokenizer has no BOS or its BOS is a chat turn marker (ChatML's `<|im_start|>`), then `none`."""
 
 TokenDtype = Literal["auto", "uint16", "uint32"]
 """Dtype of written token ids: auto picks uint16 when the vocabulary fits (ids < 65536), else uint32."""

@@ -38,6 +38,11 @@ def _pairs(rows: list[tuple[str, object]]) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows) + "\n"
 
 
+
+def _count(n, noun: str) -> str:
+    """`1 step`, `20 steps` (whatever `n` is, as written)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
 def _step_table(stage: str, step: dict) -> str:
     params = step.get("params") or {}
     run = params.get(stage) or {}
@@ -61,8 +66,10 @@ def _step_table(stage: str, step: dict) -> str:
                                    f"{step.get('original_context')} → {step.get('target_context')} tokens{scaled_as}"),
         ("optimiser", f"AdamW, betas ({run.get('adam_beta1')}, {run.get('adam_beta2')}), eps {run.get('adam_epsilon')}"
                       f", weight decay {run.get('weight_decay')}, gradient clipping {run.get('max_grad_norm')}"),
-        ("learning rate", f"{run.get('lr')}, {run.get('lr_schedule')}, {run.get('warmup_steps')} warm-up steps"),
-        ("steps and batch", f"{run.get('max_steps')} steps, global batch {run.get('global_batch_size')} sequences"),
+        ("learning rate", f"{run.get('lr')}, {run.get('lr_schedule')}, "
+                          f"{_count(run.get('warmup_steps'), 'warm-up step')}"),
+        ("steps and batch", f"{_count(run.get('max_steps'), 'step')}, global batch "
+                            f"{_count(run.get('global_batch_size'), 'sequence')}"),
         ("precision", f"{run.get('precision')}; gradient checkpointing "
                       f"{'on' if run.get('gradient_checkpointing') else 'off'}; "
                       f"DeepSpeed {run.get('deepspeed') or 'none'}"),

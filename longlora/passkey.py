@@ -25,6 +25,9 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE = (1, 50000)
 """The reference draws the key uniformly from these integers."""
+PAIRED_TRIALS = 4
+"""With at least this many trials per cell, every cell of a grid uses the same keys (seeds seed … seed + trials - 1),
+so that cells are compared on equal keys; with fewer, each cell draws keys of its own (`cell_seeds`)."""
 
 
 def _n_tokens(tokenizer, text: str) -> int:
@@ -38,6 +41,21 @@ def passkey(seed: int) -> str:
 
 def _prompt(words: list[str], cut: int, key: str) -> str:
     return "\n".join([TASK, " ".join(words[:cut]), KEY_LINE.format(key=key), " ".join(words[cut:]), QUESTION])
+
+
+def cell_seeds(cell: int, trials: int, seed: int = 0) -> list[int]:
+    """The key seeds of the `trials` trials of a grid's `cell`-th cell (cells numbered from 0 in grid order).
+
+    With PAIRED_TRIALS or more trials, seed, seed + 1, … in every cell: the cells are compared on the same keys.
+    With fewer, seed + cell × trials + t: every cell has keys of its own, so that a grid of one or two trials per
+    cell does not rest on one or two keys (one key for every cell made the whole heatmap one key's)."""
+    offset = 0 if trials >= PAIRED_TRIALS else cell * trials
+    return [seed + offset + t for t in range(trials)]
+
+
+def grid_seeds(cells: int, trials: int, seed: int = 0) -> list[int]:
+    """Every key seed a grid of `cells` cells uses, each once, in order."""
+    return sorted({s for cell in range(cells) for s in cell_seeds(cell, trials, seed)})
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, seed: int) -> tuple[str, str]:
@@ -130,12 +148,13 @@ def passkey_trial(model, tokenizer, length: int, depth: float, seed: int) -> Pas
 
 
 def passkey_accuracy(model, tokenizer, length: int, depths=PASSKEY_DEPTHS, trials: int = 4, seed: int = 0) -> float:
-    """Share of correct retrievals over `depths` × `trials` prompts of `length` tokens (seeds seed, seed + 1, …)."""
+    """Share of correct retrievals over `depths` × `trials` prompts of `length` tokens (keys seeded per cell:
+    `cell_seeds`)."""
     was_training = model.training
     model.eval()
     try:
-        results = [passkey_trial(model, tokenizer, length, depth, seed + t)
-                   for depth in depths for t in range(trials)]
+        results = [passkey_trial(model, tokenizer, length, depth, trial_seed)
+                   for cell, depth in enumerate(depths) for trial_seed in cell_seeds(cell, trials, seed)]
     finally:
         model.train(was_training)
     return sum(r.correct for r in results) / len(results)
@@ -143,10 +162,13 @@ def passkey_accuracy(model, tokenizer, length: int, depths=PASSKEY_DEPTHS, trial
 
 def passkey_grid(model, tokenizer, lengths, depths=PASSKEY_DEPTHS, trials: int = 4, seed: int = 0,
                  progress: bool = True) -> list[PasskeyTrial]:
-    """Every trial of the grid lengths × depths × `trials` (seeds seed, seed + 1, … in every cell), in that order."""
+    """Every trial of the grid lengths × depths × `trials` (keys seeded per cell: `cell_seeds`), in that order."""
+    from itertools import product
+
     from tqdm.auto import tqdm
 
-    cells = [(length, depth, seed + t) for length in lengths for depth in depths for t in range(trials)]
+    cells = [(length, depth, trial_seed) for cell, (length, depth) in enumerate(product(lengths, depths))
+             for trial_seed in cell_seeds(cell, trials, seed)]
     was_training = model.training
     model.eval()
     try:

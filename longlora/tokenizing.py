@@ -26,6 +26,7 @@ import numpy as np
 
 from longlora.choices import BosPolicy, TokenDtype
 from longlora.errors import InputError
+from longlora.sources import bos_opens_chat_turns as _bos_opens_chat_turns
 from longlora.sources import check_model_source
 
 Encoded = tuple[np.ndarray, np.ndarray]
@@ -64,32 +65,38 @@ def token_dtype(vocab_size: int, requested: TokenDtype = "auto", param: str = "d
 def bos_opens_chat_turns(tokenizer) -> bool:
     """Whether the BOS token is a chat turn marker (ChatML's `<|im_start|>` set as BOS): it appears more than once
     in a rendered user + assistant exchange, where a start-of-sequence token (Llama 2's `<s>`, Llama 3's
-    `<|begin_of_text|>`) appears once."""
-    bos = tokenizer.bos_token
-    if not bos or not getattr(tokenizer, "chat_template", None):
-        return False
-    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    try:
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template that rejects this exchange (e.g. requires a system turn) says nothing here
-        return False
-    return rendered.count(bos) > 1
+    `<|begin_of_text|>`) appears once. The rule params.yaml is checked with (longlora.sources), on the loaded
+    tokenizer."""
+    specials = {key: getattr(tokenizer, key, None) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    template = getattr(tokenizer, "chat_template", None)
+    return _bos_opens_chat_turns(tokenizer.bos_token, template if isinstance(template, str) else None,
+                                 {key: value if isinstance(value, str) else None for key, value in specials.items()})
+
+
+def resolve_bos(tokenizer, bos_policy: BosPolicy) -> BosPolicy:
+    """`auto` as params.yaml resolves it when it can read the model's folder (a hub model's tokenizer is only known
+    here): `document` for a start-of-sequence BOS, `none` for a chat turn marker or no BOS at all."""
+    if bos_policy != "auto":
+        return bos_policy
+    if tokenizer.bos_token_id is None or bos_opens_chat_turns(tokenizer):
+        return "none"
+    return "document"
 
 
 def special_ids(tokenizer, bos_policy: BosPolicy, param: str = "bos") -> tuple[int, int | None, int]:
-    """EOS (required), BOS (when the policy asks for it) and the pad id (pad token, else EOS)."""
+    """EOS (required), BOS (when the policy, `auto` resolved, asks for it) and the pad id (pad token, else EOS)."""
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise InputError("model.name_or_path: the tokenizer has no EOS token, which separates documents")
     bos_id = None
-    if bos_policy == "document":
+    if resolve_bos(tokenizer, bos_policy) == "document":
         bos_id = tokenizer.bos_token_id
         if bos_id is None:
-            raise InputError(f"{param}: document, but the tokenizer has no BOS token; use none")
+            raise InputError(f"{param}: document, but the tokenizer has no BOS token; use auto or none")
         if bos_opens_chat_turns(tokenizer):
             raise InputError(f"{param}: document, but the tokenizer's BOS {tokenizer.bos_token!r} opens every turn of "
                              "its chat template (a chat marker, not a start-of-document token): every document would "
-                             "start with it; use none")
+                             "start with it; use auto or none")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     return eos_id, bos_id, pad_id
 

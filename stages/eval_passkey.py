@@ -4,8 +4,9 @@
 
 LongLoRA's prompt (longlora/passkey.py), with length and depth measured in the model's own tokens; greedy decoding
 with a KV cache of as many tokens as the key has; a trial is right when the digits the model writes are exactly the
-key. Every cell (length, depth) runs `trials` prompts with keys seeded seed, seed + 1, … On a GPU the model runs in
-bfloat16. How to run it and read it: docs/evaluation.md; to 100k tokens: docs/full-size.md.
+key. Every cell (length, depth) runs `trials` prompts, keys seeded seed, seed + 1, … in every cell with 4 trials or
+more, each cell its own keys with fewer (longlora.passkey.cell_seeds). On a GPU the model runs in bfloat16. How to
+run it and read it: docs/evaluation.md; to 100k tokens: docs/full-size.md.
 Output: `<out_dir>/<model>/` with passkey.csv (accuracy per cell), trials.csv (every prompt: key, answer, tokens)
 and heatmap.png (length × depth, a DVC plot), and `<metrics_dir>/<model>.json` (`accuracy` overall and
 `by_length.<length>`).
@@ -29,13 +30,13 @@ def run(params: Params, model: str) -> dict:
 
 
 def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
-    from longlora.passkey import cell_accuracy, passkey_grid, save_heatmap, trial_prompt
+    from longlora.passkey import cell_accuracy, grid_seeds, passkey_grid, save_heatmap, trial_prompt
 
     p = params.eval_passkey
     lengths = tuple(sorted(p.lengths))
     _eval.check_positions(params, name, max(lengths), "eval_passkey.lengths")
     tokenizer = _eval.load_tokenizer(params, name)
-    for seed in range(p.seed, p.seed + p.trials):  # the shortest prompts fit, or nothing runs
+    for seed in grid_seeds(len(lengths) * len(p.depths), p.trials, p.seed):  # the shortest prompts fit, or none runs
         try:
             trial_prompt(tokenizer, lengths[0], min(p.depths), seed)
         except ValueError as err:

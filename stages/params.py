@@ -31,7 +31,7 @@ from longlora.choices import (
 )
 from longlora.corpus import Document, Split, stdlib_documents
 from longlora.errors import InputError
-from longlora.io import StageOutput, protected_place, resolved
+from longlora.io import StageOutput, protected_place, resolved, same_path
 from longlora.recipe import (
     DEFAULT_GROUP_SIZE_RATIO,
     PAPER_TARGET_MODULES,
@@ -47,7 +47,7 @@ from longlora.recipe import (
     check_group_size_ratio,
     group_size_for,
 )
-from longlora.sources import is_hub_model_id, is_hub_name
+from longlora.sources import is_hub_model_id, is_hub_name, local_model
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -372,8 +372,12 @@ class PretrainDataParams(Section):
     (raise) or is skipped and counted in the metrics (skip)."""
     block_length: int | None = Field(None, gt=0)
     """Tokens per block; None: model.target_context. Must not exceed it and must be tiled by S²-Attn groups."""
-    bos: BosPolicy = "document"
-    """`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`."""
+    bos: BosPolicy = "auto"
+    """`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`; `auto`: follows
+    the model, `document` for a start-of-sequence BOS (Llama's `<s>`, the embedded model's), `none` when the
+    tokenizer has no BOS or its BOS is a chat turn marker (SmolLM2's `<|im_start|>`). Resolved when params.yaml loads
+    if model.name_or_path is a local folder (the stage reports the result), else by the stage from the tokenizer.
+    `document` with a chat-marker BOS is refused."""
     remainder: Remainder = "drop"
     """The last tokens that do not fill a block: dropped, or padded with the pad token to a full block
     (the training stage must mask padding); either way the count is reported."""
@@ -460,8 +464,9 @@ class EvalDataParams(Section):
     """Read at most this many documents; None reads all."""
     on_error: OnError = "raise"
     """A malformed or empty record stops the stage with file:line (raise) or is skipped and counted (skip)."""
-    bos: BosPolicy = "document"
-    """`document`: each document is `BOS text EOS` in the stream; `none`: `text EOS`."""
+    bos: BosPolicy = "auto"
+    """`document`: each document is `BOS text EOS` in the stream; `none`: `text EOS`; `auto`: as
+    prepare_pretrain.bos, from the model's tokenizer."""
     dtype: TokenDtype = "auto"
     """Stream dtype: auto picks uint16 when the vocabulary fits (ids < 65536), else uint32."""
     lengths: tuple[int, ...] | None = None
@@ -687,8 +692,11 @@ class MergeParams(Section):
 class EvalModel(Section):
     """One model the evaluation stages compare."""
 
-    path: Source
-    """A Hugging Face causal-LM folder (e.g. a merge stage's out_dir) or a hub id (needs the network)."""
+    path: Source | None = None
+    """A Hugging Face causal-LM folder (e.g. a merge stage's out_dir) or a hub id (needs the network). None (not in
+    params.yaml, whose dvc.yaml names each path as a dependency: DVC refuses a null one) follows the pipeline:
+    `extended` and `sft` are merge.extend.out_dir and merge.sft.out_dir (PIPELINE_MODELS), any other name is
+    model.name_or_path."""
     interpolate: bool = False
     """Interpolate its RoPE to model.target_context when loading (model.rope_type, from model.original_context):
     the base model's "interpolation without training" baseline. Merged models already carry their scaling."""
@@ -750,9 +758,11 @@ class EvalPasskeyParams(Section):
     depths: tuple[float, ...] = PASSKEY_DEPTHS
     """Where the key line sits, as a share of the filler tokens before it (0: first, 1: last)."""
     trials: int = Field(2, gt=0)
-    """Prompts per cell (length, depth), keys drawn with seeds seed, seed + 1, …"""
+    """Prompts per cell (length, depth). With 4 or more, every cell uses the keys of seeds seed, seed + 1, … (cells
+    compared on the same keys); with fewer, each cell has keys of its own (cell c: seed + c × trials + t), so that
+    one trial per cell does not test one key everywhere (longlora.passkey.cell_seeds)."""
     seed: int = 0
-    """Seed of the first trial's key; trial t uses seed + t in every cell."""
+    """Seed of the first key."""
     dtype: EvalDtype = "auto"
     """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
     out_dir: OutPath = Path("data/eval_results/passkey")
@@ -859,9 +869,13 @@ class ReportParams(Section):
     """DVC metrics: the models reported, the evaluations found for each, the cards written."""
 
 
+PIPELINE_MODELS = {"extended": "extend", "sft": "sft"}
+"""The eval_models names whose default path is a merged model of the pipeline (`merge.<source>.out_dir`); every other
+name defaults to model.name_or_path."""
+
 DEFAULT_EVAL_MODELS = {
-    "base_pi": EvalModel(path="data/base_model", interpolate=True),
-    "extended": EvalModel(path="data/extended_model"),
+    "base_pi": EvalModel(interpolate=True),
+    "extended": EvalModel(),
 }
 
 
@@ -914,7 +928,15 @@ class Params(Section):
             if unset:
                 # Frozen for the stages that read it; this validator is still building the object.
                 object.__setattr__(self, name, section.model_copy(update=unset))
+        models = {name: model if model.path is not None else model.model_copy(update={"path": self._default_path(name)})
+                  for name, model in self.eval_models.items()}
+        object.__setattr__(self, "eval_models", models)
         return self
+
+    def _default_path(self, eval_model: str) -> str:
+        """Where an eval_models entry without a path points: a merged model of the pipeline, else the model itself."""
+        source = PIPELINE_MODELS.get(eval_model)
+        return str(getattr(self.merge, source).out_dir) if source else self.model.name_or_path
 
     @field_validator("eval_models")
     @classmethod
@@ -934,6 +956,16 @@ class Params(Section):
             self.s2attn.group_size_for(self.model.target_context)
         except ValueError as err:
             raise ValueError(f"s2attn vs model.target_context: {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> Self:
+        for stage in TRAINING_STAGES:
+            p = self.section(stage)
+            if p.warmup_steps > p.max_steps:
+                raise KeyProblem(f"{stage}.warmup_steps", f"{p.warmup_steps} exceeds {stage}.max_steps {p.max_steps}: "
+                                                          "the learning rate would never reach lr; warm up for fewer "
+                                                          "steps")
         return self
 
     @model_validator(mode="after")
@@ -1104,6 +1136,50 @@ class Params(Section):
                 if relation:
                     raise KeyProblem(out_key, f"{str(out_path)!r} {relation} {key} {source!r}: a stage never writes "
                                               "where data is read from")
+        return self
+
+    @model_validator(mode="after")
+    def _follow_the_model(self) -> Self:
+        """What params.yaml can check against the model's own folder when it is local (its config.json and
+        tokenizer files, read as JSON; a hub id is checked by the stage that loads it): resolve `bos: auto`, refuse
+        a BOS policy, an original context or an evaluation path the model contradicts."""
+        m = self.model
+        embedded = same_path(m.name_or_path, self.build_base_model.out_dir)
+        folder = local_model(m.name_or_path)
+        # The embedded tokenizer's BOS is a start-of-sequence `<s>` (longlora/tiny.py), whatever the folder holds
+        # before build_base_model has run.
+        chat_bos = False if embedded else (folder.bos_opens_chat_turns() if folder is not None else None)
+        for name in ("prepare_pretrain", "prepare_eval"):
+            section = getattr(self, name)
+            if section.bos == "auto" and chat_bos is not None:
+                resolved_bos = "none" if chat_bos or (not embedded and folder.bos_token is None) else "document"
+                object.__setattr__(self, name, section.model_copy(update={"bos": resolved_bos}))
+            elif section.bos == "document" and chat_bos:
+                raise KeyProblem(f"{name}.bos", f"document, but the tokenizer's BOS {folder.bos_token!r} opens every "
+                                                f"turn of its chat template (model.name_or_path {m.name_or_path!r}): "
+                                                "a chat marker, not a start-of-document token, would open every "
+                                                "document; use auto or none")
+        context = folder.context_length if folder is not None and not embedded else None
+        if m.original_context is not None and context is not None and m.original_context < context:
+            raise KeyProblem("model.original_context",
+                             f"{m.original_context} is below the context of model.name_or_path, {context} "
+                             f"(max_position_embeddings in {folder.folder / 'config.json'}): the RoPE factor would "
+                             f"squeeze positions the model already reads; leave it null (uses {context}) or set it "
+                             f"to at least {context}")
+        for name, model in self.eval_models.items():
+            place = Path(model.path).expanduser()
+            built_here = same_path(place, self.build_base_model.out_dir)
+            if built_here and embedded:
+                continue  # build_base_model builds the embedded model there, whatever the folder holds now
+            if built_here and place.exists():
+                raise KeyProblem(f"eval_models.{name}.path",
+                                 f"{model.path!r} is build_base_model.out_dir, which holds no model of yours: "
+                                 f"model.name_or_path is {m.name_or_path!r} (build_base_model writes only "
+                                 f"NOT_BUILT.txt there); set it to {m.name_or_path!r} to evaluate your model")
+            if (place / "NOT_BUILT.txt").is_file() and not (place / "config.json").exists():
+                raise KeyProblem(f"eval_models.{name}.path",
+                                 f"{model.path!r} holds only NOT_BUILT.txt (build_base_model built no model there); "
+                                 f"name a model folder, e.g. model.name_or_path {m.name_or_path!r}")
         return self
 
     def output(self, stage: str) -> StageOutput:

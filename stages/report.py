@@ -4,7 +4,8 @@
     .venv/bin/python -m stages.report summary    # print the last report's summary (`make repro` ends with it)
 
 Reads what the evaluation stages wrote (their metrics files and the passkey heatmaps, for each eval_models name) and
-the model card `merge` wrote into each merged folder, and writes `report.out_dir` (data/report/):
+the model card `merge` wrote into each merged folder that an eval_models entry names (a merged folder no entry names
+is left out, and no dependency of the report in dvc.yaml), and writes `report.out_dir` (data/report/):
 
 - README.md: the models, the summary, perplexity by context length (tables, both numbers, and perplexity.png),
   passkey accuracy by prompt length (table, and each model's heatmap copied to passkey/<model>.png), LongBench
@@ -93,7 +94,8 @@ def _report(params: Params, out: StageOutput) -> dict:
     cards = {}
     for source in MERGE_SOURCES:
         folder = params.section(f"merge@{source}").out_dir
-        if (folder / CARD_FILE).is_file():
+        # Only an evaluated folder's card: dvc.yaml reaches the merged folders through their evaluations alone.
+        if _evaluated_as(params, folder) and (folder / CARD_FILE).is_file():
             cards[source] = folder
     with out.publish() as tmp:
         plotted = perplexity_plot(results, tmp / PLOT_FILE)
@@ -141,12 +143,7 @@ def _card_with_results(params: Params, folder: Path, results: dict[str, ModelRes
         card = ModelCard.load(path)
     except (ValueError, OSError) as err:
         raise InputError(f"{path}: not a model card merge wrote ({err})") from None
-    names = _evaluated_as(params, folder)
-    if not names:
-        text = (f"Not evaluated: no `eval_models` entry names `{folder}`; add one (and its instances in dvc.yaml's "
-                "plots) to evaluate it.")
-        return with_evaluation(card, text, [])
-    name = names[0]
+    name = _evaluated_as(params, folder)[0]
     text = "\n".join([
         f"This model is `{name}` in the tables below, beside the other models the pipeline evaluated "
         f"({', '.join(f'`{n}`' for n in results if n != name) or 'none'}).",
@@ -255,11 +252,13 @@ def _readme(params: Params, results: dict[str, ModelResults], sections: dict[str
               sections.get("eval_longqa", "No LongQA results.\n")]
     lines += ["## LongBench", "", setup["longbench"], "", sections.get("longbench", "No LongBench results.\n"),
               "## Model cards", ""]
+    unevaluated = [f"`{params.section(f'merge@{source}').out_dir}` (merge@{source})" for source in MERGE_SOURCES
+                   if not _evaluated_as(params, params.section(f"merge@{source}").out_dir)]
     if not cards:
-        lines += ["No merged model with a card (the merge stages write one).", ""]
+        lines += ["No evaluated merged model with a card (the merge stages write one).", ""]
     else:
         rows = [[f"`{folder}`", f"[models/{source}/{CARD_FILE}](models/{source}/{CARD_FILE})",
-                 ", ".join(f"`{n}`" for n in _evaluated_as(params, folder)) or "not evaluated"]
+                 ", ".join(f"`{n}`" for n in _evaluated_as(params, folder))]
                 for source, folder in cards.items()]
         source, folder = next(reversed(cards.items()))
         lines += [
@@ -277,6 +276,10 @@ def _readme(params: Params, results: dict[str, ModelResults], sections: dict[str
             "```",
             "",
         ]
+    if unevaluated:
+        lines += [f"No card here for {' or '.join(unevaluated)}: no `eval_models` entry names it (the report reads "
+                  "the cards of evaluated models only, so that `dvc repro report` does not run the merges it does not "
+                  "evaluate); add one to report it.", ""]
     return "\n".join(lines)
 
 

@@ -106,3 +106,44 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SMOL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+"""SmolLM2-135M-Instruct's chat template (ChatML, a default system turn)."""
+
+
+@pytest.fixture(scope="session")
+def smol_chat_model_dir(tmp_path_factory):
+    """A stand-in for SmolLM2-135M-Instruct, brought as one's own model: a Llama with 9 query and 3 key-value heads,
+    tied embeddings, a 64-token context, and a tokenizer whose BOS is the ChatML marker `<|im_start|>` (EOS
+    `<|im_end|>`, no BOS added when encoding) with SmolLM2's chat template; saved as a local folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from longlora.corpus import stdlib_documents
+
+    specials = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                "unk_token": "<|endoftext|>"}
+    backend = Tokenizer(models.BPE(unk_token=specials["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        [d.text for d in stdlib_documents("base", max_documents=10)],
+        trainer=trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    tokenizer.chat_template = SMOL_CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=36, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("models") / "SmolLM2-tiny-Instruct"
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -323,13 +323,14 @@ def test_a_chat_model_whose_bos_is_a_chat_marker_extends_and_merges(project):
     with open("chat.jsonl", "w", encoding="utf-8") as f:
         for text in ("def f(x):\n    return x + 1\n" * 40, "class A:\n    pass\n" * 60):
             f.write(json.dumps({"text": text}) + "\n")
-    # A chat marker is no document start: pre-training text goes in without it (bos: none).
+    # A chat marker is no document start: pre-training text goes in without it (`bos: auto` resolves to none). The
+    # base models evaluated follow model.name_or_path (data/base_model holds the embedded model, not this one).
     raw = tiny_params_dict(model={"name_or_path": "models/chat"},
-                           prepare_pretrain={"input": "chat.jsonl", "out_dir": "data/chat_blocks", "bos": "none",
-                                             "remainder": "pad"},
-                           extend={"max_steps": 2})
+                           prepare_pretrain={"input": "chat.jsonl", "out_dir": "data/chat_blocks", "remainder": "pad"},
+                           extend={"max_steps": 2}, eval_models={"base": {"path": None}, "base_pi": {"path": None}})
     params = parse_params(raw)
-    # With the default `bos: document` the chat marker would open every document: refused before anything is written.
+    assert params.prepare_pretrain.bos == "none" and params.eval_models["base"].path == "models/chat"
+    # With `bos: document` the chat marker would open every document: refused before anything is written.
     with pytest.raises(InputError, match=r"prepare_pretrain.bos: document, but the tokenizer's BOS '<\|im_start\|>' "
                                          "opens every turn of its chat template"):
         prepare_pretrain.run(parse_params(_merge(raw, {"prepare_pretrain": {"bos": "document"}})))

@@ -265,9 +265,13 @@ def test_the_default_chain_and_hub_names_are_fine(tmp_path):
     parse_params(tiny_params_dict())  # inputs inside prepare_corpus.out_dir are its products, read by other stages
     same = parse_params(tiny_params_dict(model={"name_or_path": str(ROOT / "data/base_model")}))
     assert same.model.name_or_path == str(ROOT / "data/base_model")
+    # Another model: the base models evaluated follow it (path null), not the embedded one in data/base_model.
     hub = parse_params(tiny_params_dict(model={"name_or_path": "meta-llama/Llama-2-7b-hf"},
-                                        prepare_pretrain={"input": "togethercomputer/RedPajama-Data-1T-Sample"}))
+                                        prepare_pretrain={"input": "togethercomputer/RedPajama-Data-1T-Sample"},
+                                        eval_models={"base": {"path": None}, "base_pi": {"path": None}}))
     assert hub.prepare_pretrain.input == "togethercomputer/RedPajama-Data-1T-Sample"
+    assert hub.eval_models["base"].path == hub.eval_models["base_pi"].path == "meta-llama/Llama-2-7b-hf"
+    assert hub.prepare_pretrain.bos == hub.prepare_eval.bos == "auto"  # the stage resolves it from the tokenizer
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -299,3 +303,107 @@ def test_a_target_shorter_than_the_base_model_s_context_stops_every_stage_before
         "stages.prepare_corpus: error: params.yaml: model.target_context 128 is shorter than the context of "
         "model.name_or_path, 256 (data/base_model/config.json): extension needs a longer target")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["base_model"]
+
+
+# --- bring your own model: the defaults follow it, what contradicts it is refused when params.yaml loads ----------
+
+
+def _own_model_params(tmp_path: Path, folder: Path, **sections: dict) -> Path:
+    """The project's params.yaml as a new user edits it for a model of their own (model.name_or_path), with
+    `sections` merged in."""
+    from tests.conftest import _merge
+
+    raw = _merge(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")),
+                 {"model": {"name_or_path": str(folder)}, **sections})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_the_project_s_defaults_resolve_to_what_they_always_ran_with():
+    """bos: auto is `document` for the embedded model's plain `<s>`; the evaluated models are the ones named."""
+    params = load_params(ROOT / "params.yaml")
+    assert params.prepare_pretrain.bos == params.prepare_eval.bos == "document"
+    assert {name: model.path for name, model in params.eval_models.items()} == {
+        "base": "data/base_model", "base_pi": "data/base_model", "extended": "data/extended_model",
+        "sft": "data/sft_model"}
+
+
+def test_a_smollm2_like_model_of_one_s_own_loads_with_defaults_that_follow_it(tmp_path, monkeypatch,
+                                                                              smol_chat_model_dir):
+    """The issue's run: SmolLM2-135M-Instruct (9/3 heads, tied embeddings, ChatML BOS) named in model.name_or_path.
+    No error at load, `bos: auto` resolved to none (its BOS is a chat marker) and the base models evaluated are it,
+    whether named (as dvc.yaml needs) or left null."""
+    monkeypatch.chdir(tmp_path)
+    folder = str(smol_chat_model_dir)
+    named = load_params(_own_model_params(tmp_path, smol_chat_model_dir, eval_models={
+        "base": {"path": folder}, "base_pi": {"path": folder}}))
+    assert named.prepare_pretrain.bos == named.prepare_eval.bos == "none"
+    null = load_params(_own_model_params(tmp_path, smol_chat_model_dir, eval_models={
+        "base": {"path": None}, "base_pi": {"path": None}, "extended": {"path": None}, "sft": {"path": None}}))
+    assert {name: model.path for name, model in null.eval_models.items()} == {
+        "base": folder, "base_pi": folder, "extended": "data/extended_model", "sft": "data/sft_model"}
+    assert null.prepare_pretrain.bos == null.prepare_eval.bos == "none"
+    null.check_base_context()  # 1024 > its 64 tokens
+    # A model with a plain start-of-sequence BOS keeps `document`.
+    plain = parse_params(tiny_params_dict(model={"name_or_path": str(ROOT / "data/base_model")}))
+    assert plain.prepare_pretrain.bos == plain.prepare_eval.bos == "document"
+
+
+@pytest.mark.parametrize("holds", ["NOT_BUILT.txt", "the embedded model"])
+def test_an_evaluated_base_left_at_data_base_model_is_refused_at_load(tmp_path, monkeypatch, smol_chat_model_dir,
+                                                                       holds):
+    """params.yaml names data/base_model for the base models; with another model.name_or_path no model of the user's
+    is there: refused when params.yaml loads (it was found by eval_perplexity@base, after training)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/base_model").mkdir(parents=True)
+    if holds == "NOT_BUILT.txt":
+        (tmp_path / "data/base_model/NOT_BUILT.txt").write_text("No embedded base model was built")
+    else:
+        (tmp_path / "data/base_model/config.json").write_text("{}")
+    with pytest.raises(ParamsError, match=rf"^{tmp_path / 'params.yaml'}: eval_models.base.path: 'data/base_model' "
+                                          r"is build_base_model.out_dir, which holds no model of yours: "
+                                          r"model.name_or_path is '.*SmolLM2-tiny-Instruct' .*; set it to"):
+        load_params(_own_model_params(tmp_path, smol_chat_model_dir))
+    # A folder elsewhere holding only NOT_BUILT.txt is no model either.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old/NOT_BUILT.txt").write_text("No embedded base model was built")
+    with pytest.raises(ParamsError, match=r"eval_models.extended.path: 'old' holds only NOT_BUILT.txt"):
+        parse_params(tiny_params_dict(eval_models={"extended": {"path": "old"}}))
+
+
+@pytest.mark.parametrize("section", ["prepare_pretrain", "prepare_eval"])
+def test_bos_document_for_a_chat_marker_bos_is_refused_at_load(tmp_path, monkeypatch, smol_chat_model_dir, section):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError, match=rf"{section}.bos: document, but the tokenizer's BOS '<\|im_start\|>' opens "
+                                          r"every turn of its chat template .*; use auto or none"):
+        parse_params(tiny_params_dict(model={"name_or_path": str(smol_chat_model_dir)},
+                                      **{section: {"bos": "document"}},
+                                      eval_models={"base": {"path": None}, "base_pi": {"path": None}}))
+    explicit = parse_params(tiny_params_dict(model={"name_or_path": str(smol_chat_model_dir)},
+                                             **{section: {"bos": "none"}},
+                                             eval_models={"base": {"path": None}, "base_pi": {"path": None}}))
+    assert explicit.section(section).bos == "none"
+
+
+@pytest.mark.parametrize("stage", ["extend", "sft"])
+def test_more_warmup_steps_than_steps_are_refused(stage):
+    with pytest.raises(ParamsError, match=rf"params.yaml: {stage}.warmup_steps: 50 exceeds {stage}.max_steps 40: the "
+                                          "learning rate would never reach lr"):
+        parse_params(tiny_params_dict(**{stage: {"max_steps": 40, "warmup_steps": 50}}))
+    assert parse_params(tiny_params_dict(**{stage: {"max_steps": 40, "warmup_steps": 40}})).section(stage)
+
+
+def test_an_original_context_below_the_model_s_own_is_refused_where_its_config_is_local(tmp_path, monkeypatch,
+                                                                                      smol_chat_model_dir):
+    monkeypatch.chdir(tmp_path)
+    own = {"eval_models": {"base": {"path": None}, "base_pi": {"path": None}}}
+    with pytest.raises(ParamsError, match=r"params.yaml: model.original_context: 32 is below the context of "
+                                          r"model.name_or_path, 64 \(max_position_embeddings in .*config.json\)"):
+        parse_params(tiny_params_dict(model={"name_or_path": str(smol_chat_model_dir), "original_context": 32}, **own))
+    assert parse_params(tiny_params_dict(model={"name_or_path": str(smol_chat_model_dir), "original_context": 64},
+                                         **own)).model.original_context == 64
+    # A hub id's config is not read when params.yaml loads (no network): its stage checks it.
+    hub = parse_params(tiny_params_dict(model={"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                               "original_context": 32}, **own))
+    assert hub.model.original_context == 32 and hub.prepare_pretrain.bos == "auto"

@@ -99,3 +99,19 @@ def test_accuracy_scores_exact_keys_and_keeps_the_exchange_within_the_length(tin
                                                  (" 42110", False), (" 421", False), (" a 4211", False), ("", False)])
 def test_a_trial_is_correct_when_the_first_digits_are_exactly_the_key(answer, correct):
     assert PasskeyTrial(256, 0.5, 0, "4211", answer, 250).correct is correct
+
+
+def test_one_trial_per_cell_draws_a_key_per_cell_and_four_keep_the_same_keys_in_every_cell(tiny_tokenizer):
+    """`eval_passkey.trials: 1` used to test one key in every cell of the grid; with 4 or more (the default) every
+    cell keeps the keys seeded seed … seed + trials - 1, as before, so that cells compare on the same keys."""
+    from longlora.passkey import grid_seeds, passkey_grid
+
+    one = passkey_grid(_Oracle(tiny_tokenizer), tiny_tokenizer, (256, 300), (0.0, 1.0), trials=1, seed=5,
+                       progress=False)
+    assert [(t.length, t.depth, t.seed) for t in one] == [(256, 0.0, 5), (256, 1.0, 6), (300, 0.0, 7), (300, 1.0, 8)]
+    assert len({t.key for t in one}) == 4 and all(t.correct for t in one)
+    two = passkey_grid(_Oracle(tiny_tokenizer), tiny_tokenizer, (256,), (0.0, 1.0), trials=2, progress=False)
+    assert [t.seed for t in two] == [0, 1, 2, 3]
+    four = passkey_grid(_Oracle(tiny_tokenizer), tiny_tokenizer, (256, 300), (0.0, 1.0), trials=4, progress=False)
+    assert [t.seed for t in four] == [0, 1, 2, 3] * 4
+    assert grid_seeds(15, 4) == [0, 1, 2, 3] and grid_seeds(15, 1, seed=2) == list(range(2, 17))

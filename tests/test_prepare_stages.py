@@ -685,3 +685,41 @@ def test_eval_text_field_does_not_apply_to_txt_files(in_tmp, tiny_tokenizer_dir,
     (in_tmp / "docs/a.txt").write_text(texts[0], encoding="utf-8")
     metrics = prepare_eval.run(_params(tiny_tokenizer_dir, prepare_eval={"input": "docs", "text_field": "content"}))
     assert metrics["documents"] == 1 and metrics["skipped_records"] == 0
+
+
+# --- bos: auto follows the model -----------------------------------------------------------------------------------
+
+def test_a_chat_marker_bos_model_s_data_stages_run_with_the_defaults(in_tmp, smol_chat_model_dir, texts):
+    """SmolLM2-like (BOS `<|im_start|>`, ChatML): `bos: auto` (params.yaml's) resolves to none when params.yaml loads,
+    and both data stages run, no document opened by the chat marker."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_chat_model_dir)
+    _write_jsonl(in_tmp / "in.jsonl", [{"text": t} for t in texts])
+    (in_tmp / "eval").mkdir()
+    for i, text in enumerate(texts[:4]):
+        (in_tmp / f"eval/{i}.txt").write_text(text, encoding="utf-8")
+    params = _params(smol_chat_model_dir, prepare_pretrain={"input": "in.jsonl", "remainder": "pad"},
+                     prepare_eval={"input": "eval"}, eval_models={"base": {"path": None}, "base_pi": {"path": None}})
+    assert params.prepare_pretrain.bos == params.prepare_eval.bos == "none"
+    prepare_pretrain.run(params)
+    prepare_eval.run(params)
+    blocks = PackedBlocks(in_tmp / "data/pretrain")
+    assert tokenizer.bos_token_id not in np.asarray(blocks.tokens)
+    stream = TokenStream(in_tmp / "data/eval")
+    ids = tokenizer(texts[:4], add_special_tokens=False)["input_ids"]
+    assert [stream.document(i).tolist() for i in range(4)] == [[*d, tokenizer.eos_token_id] for d in ids]
+
+
+def test_bos_auto_left_to_the_stage_follows_the_tokenizer(tiny_tokenizer, smol_chat_model_dir):
+    """A hub model's tokenizer is known only to the stage: special_ids resolves `auto` itself, as params.yaml does."""
+    from transformers import AutoTokenizer
+
+    from longlora.tokenizing import special_ids
+
+    chat = AutoTokenizer.from_pretrained(smol_chat_model_dir)
+    assert special_ids(chat, "auto")[1] is None
+    assert special_ids(tiny_tokenizer, "auto")[1] == tiny_tokenizer.bos_token_id
+    with pytest.raises(InputError, match=r"prepare_eval.bos: document, but the tokenizer's BOS '<\|im_start\|>' opens "
+                                         "every turn of its chat template"):
+        special_ids(chat, "document", "prepare_eval.bos")

@@ -162,14 +162,17 @@ def test_the_report_is_the_same_bytes_twice_and_says_what_was_not_evaluated(eval
     assert "| sft | - | - | - |" in text
 
 
-def test_a_merged_model_that_no_evaluation_names_gets_a_card_that_says_so(evaluated):
+def test_a_merged_model_that_no_evaluation_names_is_left_out_and_the_report_says_so(evaluated):
+    """The report reads the cards of evaluated merged folders only: dvc.yaml reaches those through their evaluations,
+    and `dvc repro report` must not run a merge that nothing evaluates."""
     raw = tiny_params_dict()
     raw["eval_models"] = {"sft": {"path": "data/sft_model"}}
-    report.run(parse_params(raw))
-    card = ModelCard.load(Path("data/report/models/extend") / CARD_FILE)
-    assert "Not evaluated: no `eval_models` entry names `data/extended_model`" in card.text
-    assert card.data.eval_results is None
-    assert "| base |" not in Path("data/report/README.md").read_text(encoding="utf-8")
+    metrics = report.run(parse_params(raw))
+    assert not Path("data/report/models/extend").exists() and metrics["cards"] == {
+        "sft": "data/report/models/sft/README.md"}
+    text = Path("data/report/README.md").read_text(encoding="utf-8")
+    assert "No card here for `data/extended_model` (merge@extend): no `eval_models` entry names it" in text
+    assert "| base |" not in text
 
 
 def test_merges_card_states_the_base_model_method_context_rope_data_recipe_and_command(tmp_path):
@@ -247,13 +250,46 @@ def test_merge_traces_every_training_step_back_to_the_first_base_model(tmp_path,
 
 def test_the_report_waits_for_every_evaluation_and_merge():
     """Its deps are the evaluations' folders (whatever eval_models holds): the flow links it, as DVC does, to every
-    stage writing inside them."""
+    stage writing inside them, and through them to the merges they evaluate."""
     from pipelines.longlora_flow import stage_graph
     from stages.params import EVAL_STAGES
     from tests.conftest import ROOT
 
     graph = stage_graph(ROOT / "dvc.yaml")
     names = load_params(ROOT / "params.yaml").eval_models
-    assert graph["report"] == {f"{stage}@{name}" for stage in EVAL_STAGES for name in names} | {"merge@extend",
-                                                                                                "merge@sft"}
+    assert graph["report"] == {f"{stage}@{name}" for stage in EVAL_STAGES for name in names}
+    assert {"merge@extend", "merge@sft", "sft"} <= _upstream(graph, "report")
     assert list(graph)[-1] == "report"
+
+
+def _upstream(graph: dict[str, set[str]], stage: str) -> set[str]:
+    """Every stage `stage` waits for, directly or through another."""
+    seen, todo = set(), [stage]
+    while todo:
+        for before in graph[todo.pop()] - seen:
+            seen.add(before)
+            todo.append(before)
+    return seen
+
+
+def test_dvc_repro_report_runs_no_sft_when_eval_models_does_not_evaluate_it(tmp_path):
+    """Issue #20: `dvc repro report` forced sft and merge@sft whatever eval_models held."""
+    from pipelines.longlora_flow import stage_graph
+    from tests.conftest import ROOT
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    del raw["eval_models"]["sft"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    upstream = _upstream(stage_graph(ROOT / "dvc.yaml", tmp_path / "params.yaml"), "report")
+    assert "merge@extend" in upstream and not upstream & {"sft", "merge@sft", "prepare_sft"}
+
+
+def test_the_card_counts_one_step_in_the_singular():
+    """The tiny default's sft warms up for 5 steps; one of 1 step read "1 warm-up steps"."""
+    step = _step("extend", "data/corpus/pretrain.jsonl", "meta-llama/Llama-2-7b-hf")
+    step["params"]["extend"].update(warmup_steps=1, max_steps=1, global_batch_size=1)
+    text = merged_model_card([("extend", step)], "meta-llama/Llama-2-7b-hf", CONFIG, parameters=1, dtype="float32",
+                             command="dvc repro merge@extend").text
+    assert "| learning rate | 2e-05, constant_with_warmup, 1 warm-up step |" in text
+    assert "| steps and batch | 1 step, global batch 1 sequence |" in text
+    assert "20 warm-up steps |" in _card(["extend"]).text
