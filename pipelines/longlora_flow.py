@@ -9,9 +9,11 @@ Completed state), and a `dvc repro` after it has nothing to do. The task graph c
 becomes one task per instance, as DVC names them: `merge@extend`, `eval_perplexity@base`), each task waiting for the
 stages whose outputs it reads, so the UI draws dvc.yaml's DAG. A stage's output lines (progress lines at most every
 PROGRESS_EVERY_S) go to its task's log; a failing stage fails its task with the stage's own `stages.<name>: error:`
-line. Each task attaches its metrics as a table artifact; the flow attaches one comparison table of the evaluated
-models and the evaluations' CSV plots. `-S key=value` (the flow's `set_params`) edits params.yaml as `dvc exp run -S`
-does, after checking that the result is valid: the change stays in params.yaml, where `dvc status` sees it.
+line, and the stages downstream of it are NotReady, their message naming it. Each task attaches its metrics as a
+table artifact; the flow attaches one comparison table of the evaluated models, the evaluations' CSV plots and
+heatmaps, and the report, images embedded. `-S key=value` (the flow's `set_params`) edits params.yaml as
+`dvc exp run -S` does, after checking that the result is valid, rewriting only the lines of the values it changes:
+the change stays in params.yaml, where `dvc status` sees it, and the run's log says so. docs/prefect.md: the UI.
 
 With PREFECT_API_URL set (`make server`, then export what it prints), the run shows in that server's UI; without it,
 Prefect starts a temporary local server for the run. `make serve` serves the flow as a deployment that the UI can run
