@@ -172,6 +172,6 @@ def apply(path: Path, overrides: list[str]) -> tuple[list[Change], bool]:
     try:
         found = changes(old_data, new_data)
     except _Structural:
-        found = [Change(key, old_data.get(key), new_data.get(key)) for key in {*old_data, *new_data}
+        found = [Change(key, old_data.get(key), new_data.get(key)) for key in sorted({*old_data, *new_data})
                  if old_data.get(key) != new_data.get(key)]
     return found, True
