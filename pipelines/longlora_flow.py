@@ -9,9 +9,11 @@ Completed state), and a `dvc repro` after it has nothing to do. The task graph c
 becomes one task per instance, as DVC names them: `merge@extend`, `eval_perplexity@base`), each task waiting for the
 stages whose outputs it reads, so the UI draws dvc.yaml's DAG. A stage's output lines (progress lines at most every
 PROGRESS_EVERY_S) go to its task's log; a failing stage fails its task with the stage's own `stages.<name>: error:`
-line. Each task attaches its metrics as a table artifact; the flow attaches one comparison table of the evaluated
-models and the evaluations' CSV plots. `-S key=value` (the flow's `set_params`) edits params.yaml as `dvc exp run -S`
-does, after checking that the result is valid: the change stays in params.yaml, where `dvc status` sees it.
+line, and the stages downstream of it are NotReady, their message naming it. Each task attaches its metrics as a
+table artifact; the flow attaches one comparison table of the evaluated models, the evaluations' CSV plots and
+heatmaps, and the report, images embedded. `-S key=value` (the flow's `set_params`) edits params.yaml as
+`dvc exp run -S` does, after checking that the result is valid, rewriting only the lines of the values it changes:
+the change stays in params.yaml, where `dvc status` sees it, and the run's log says so. docs/prefect.md: the UI.
 
 With PREFECT_API_URL set (`make server`, then export what it prints), the run shows in that server's UI; without it,
 Prefect starts a temporary local server for the run. `make serve` serves the flow as a deployment that the UI can run
@@ -21,7 +23,10 @@ with parameter overrides.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import logging
+import mimetypes
 import os
 import re
 import subprocess
@@ -29,15 +34,18 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from prefect import flow, get_run_logger, task
+from prefect import allow_failure, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed, Pending, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from longlora.errors import InputError
 from longlora.report import comparison_markdown, markdown_table, model_results
+from pipelines import overrides as params_overrides
 from stages.params import EVAL_STAGES, TRAINING_STAGES, ParamsError, load_params
 from stages.report import REPORT_FILE
 
@@ -177,15 +185,41 @@ def _attach_comparison(results: dict[str, dict], models: list[str]) -> None:
         create_markdown_artifact(key="model-comparison", description="evaluation metrics per model", markdown=markdown)
 
 
+_MARKDOWN_LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+_URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|#)", re.IGNORECASE)
+
+
+def _embedded_image(path: Path, alt: str) -> str:
+    """A markdown image holding the file itself (a data URI): the UI shows it without access to the file."""
+    kind = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"![{alt}](data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')})"
+
+
+def self_contained(markdown: str, folder: Path) -> str:
+    """`markdown` written to be read beside its files (folder), made whole for an artifact: each relative image
+    embedded as a data URI, each relative link written as the file's path (a link the UI could not follow)."""
+
+    def replace(match: re.Match) -> str:
+        bang, text, target = match.groups()
+        if _URL.match(target):
+            return match.group(0)
+        path = folder / target
+        if bang:
+            return _embedded_image(path, text) if path.is_file() else f"*{text}: no `{path}`*"
+        return f"`{path}`" if text in (target, f"`{target}`") else f"{text} (`{path}`)"
+
+    return _MARKDOWN_LINK.sub(replace, markdown)
+
+
 def _attach_report(report: Path) -> None:
-    """The report stage's README.md (its images are files beside it, which the artifact cannot show)."""
+    """The report stage's README.md, its plots and heatmaps embedded (report.py writes them beside it)."""
     if report.is_file():
         create_markdown_artifact(key="report", description=f"the report ({report})",
-                                 markdown=report.read_text(encoding="utf-8"))
+                                 markdown=self_contained(report.read_text(encoding="utf-8"), report.parent))
 
 
 def _attach_plots(folders: list[Path], max_rows: int = 50) -> None:
-    """The evaluations' plot data: each CSV as a table, each image by its path (`dvc plots show` renders them)."""
+    """The evaluations' plot data: each CSV as a table, each image embedded (`dvc plots show` renders them too)."""
     sections = []
     for folder in folders:
         for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
@@ -196,7 +230,7 @@ def _attach_plots(folders: list[Path], max_rows: int = 50) -> None:
             rows = [line.split(",") for line in lines[1:max_rows]]
             sections.append(f"### {path}\n\n" + markdown_table(header, rows))
         for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
-            sections.append(f"### {path}\n\n`{path.resolve()}` (`dvc plots show` renders it)\n")
+            sections.append(f"### {path}\n\n{_embedded_image(path, str(path))}\n")
     if sections:
         create_markdown_artifact(key="plots", description="the evaluations' plots", markdown="\n".join(sections))
 
@@ -228,16 +262,20 @@ def run_stage(stage: str, metrics_file: str) -> dict | State:
                     if time.monotonic() - last_progress < PROGRESS_EVERY_S:
                         continue
                     last_progress = time.monotonic()
-                logger.info("%s", line)
+                is_error = bool(_ERROR_LINE.match(line) or line.startswith("ERROR: "))
+                logger.log(logging.ERROR if is_error else logging.INFO, "%s", line)
                 tail = [*tail[-19:], line]
-                if _ERROR_LINE.match(line) or line.startswith("ERROR: "):
+                if is_error:
                     error_lines.append(line)
                 skipped = skipped or bool(_SKIPPED_LINE.search(line))
                 restored = restored or bool(_RESTORED_LINE.search(line))
         if pending.strip():
             line = pending.decode("utf-8", "replace").rstrip()
-            logger.info("%s", line)
+            is_error = bool(_ERROR_LINE.match(line) or line.startswith("ERROR: "))
+            logger.log(logging.ERROR if is_error else logging.INFO, "%s", line)
             tail.append(line)
+            if is_error:
+                error_lines.append(line)
     if process.returncode != 0:
         # The stage's own `stages.<name>: error: …` line when it printed one, else DVC's own ERROR line (a missing
         # dependency, a locked repository), else the last lines (a crash).
@@ -268,15 +306,21 @@ def _run_name() -> str:
     return " ".join([profile, *overrides, f"{datetime.now():%Y-%m-%d %H:%M:%S}"])
 
 
-def apply_overrides(overrides: list[str]) -> None:
-    """Apply `key=value` overrides to params.yaml as `dvc exp run -S` does (DVC's own Hydra-syntax editor, comments
-    kept), after checking on a copy that the result is valid: a bad override leaves params.yaml untouched."""
-    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+def apply_overrides(overrides: list[str]) -> tuple[list[params_overrides.Change], bool]:
+    """Apply `key=value` overrides to params.yaml as `dvc exp run -S` does (DVC's own Hydra-syntax parser), after
+    checking on a copy that the result is valid: a bad override leaves params.yaml untouched. Only the lines of the
+    values that changed are rewritten (pipelines/overrides.py); returns the changes, and whether DVC's writer had to
+    rewrite the whole file instead (an override that adds or removes a key: formatting not kept)."""
+    from dvc.exceptions import InvalidArgumentError
 
     trial = PARAMS_FILE.with_name(".params-overrides.yaml")  # beside params.yaml: relative paths resolve the same
     trial.write_bytes(PARAMS_FILE.read_bytes())
     try:
-        dvc_apply_overrides(trial, list(overrides))
+        try:
+            changed, rewritten = params_overrides.apply(trial, list(overrides))
+        except InvalidArgumentError as err:  # Hydra's reason, on one line
+            reason = "; ".join(line.strip() for line in str(err.__cause__ or err).splitlines() if line.strip())
+            raise ParamsError(f"-S {' '.join(overrides)}: {reason}") from None
         try:
             load_params(trial)
         except ParamsError as err:  # name the file the user knows, and what changed it
@@ -284,32 +328,133 @@ def apply_overrides(overrides: list[str]) -> None:
         trial.replace(PARAMS_FILE)
     finally:
         trial.unlink(missing_ok=True)
+    return changed, rewritten
+
+
+def _log_overrides(logger, changed: list[params_overrides.Change], rewritten: bool) -> None:
+    """Say in the run's log what `-S` changed in params.yaml, and that it stays there."""
+    if not changed:
+        logger.info("-S: %s already has these values; nothing changed", PARAMS_FILE)
+        return
+    logger.warning("-S changed %s, and the change stays there (DVC and the next runs see it; `git diff %s` shows it, "
+                   "`git checkout %s` undoes it): %s", PARAMS_FILE, PARAMS_FILE, PARAMS_FILE,
+                   "; ".join(map(str, changed)))
+    if rewritten:
+        logger.warning("-S added or removed a key: DVC's YAML writer rewrote all of %s (null values written empty, "
+                       "lists re-indented, long lines folded); its comments are kept", PARAMS_FILE)
+
+
+def _known_stages() -> tuple[str, ...]:
+    """The stage names the run form offers: those of the dvc.yaml in the current directory (the repository the flow
+    runs in), else of the one beside this package; none when neither can be read."""
+    for dvc_file in (DVC_FILE, Path(__file__).resolve().parents[1] / DVC_FILE):
+        try:
+            return tuple(stage_order(dvc_file))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+    return ()
+
+
+KNOWN_STAGES = _known_stages()
+StageName = Literal[KNOWN_STAGES] if KNOWN_STAGES else str  # the run form's choices (a Literal is an enum there)
+
+class _PrefectLogFilter(logging.Filter):
+    """A failed state returned by a task (a stage that failed, see run_stage) is logged by Prefect's engine with
+    `exc_info=True` outside any exception, which appends a stray `NoneType: None` to the line: dropped here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+def _install_log_filter() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PrefectLogFilter) for f in logger.filters):
+            logger.addFilter(_PrefectLogFilter())
+
+
+_install_log_filter()
+
+
+def _tag_run(params) -> None:
+    """Tag this flow run with the model and the target context (the UI filters runs by tag)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    tags = [f"model:{Path(str(params.model.name_or_path)).name}", f"target_context:{params.model.target_context}"]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+        client.update_flow_run(run.id, tags=list(dict.fromkeys([*run.tags, *tags])))
+
+
+@task(name="run_stage", cache_policy=NO_CACHE, task_run_name="{stage}")
+def hold_stage(stage: str, reason: str) -> State:
+    """A stage that cannot run because a stage it reads did not complete: NotReady, as Prefect's own check makes it,
+    but its message names that stage (Prefect's names the upstream task run by its id)."""
+    message = f"{stage} did not run: {reason}"
+    get_run_logger().warning("%s", message)
+    return Pending(name="NotReady", message=message)
+
+
+def _held_back(upstream: list[str], states: dict[str, State]) -> str | None:
+    """Why a stage cannot run (its upstream stages that did not complete), or None."""
+    held = [up for up in upstream if not states[up].is_completed()]
+    if not held:
+        return None
+    return "its upstream stage " + ", ".join(f"{up} {'failed' if states[up].is_failed() else 'did not run'}"
+                                             for up in held)
 
 
 # One stage at a time: `dvc repro` holds the repository's lock while it runs, so a second one would fail to start.
 @flow(name="longlora", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def longlora_flow(set_params: list[str] | None = None, stages: list[str] | None = None, training_retries: int = 2,
-                  retry_delay_seconds: float = 60.0) -> dict[str, dict]:
-    """Run the pipeline's stages (all, or the named ones in pipeline order) through `dvc repro --single-item`, after
-    applying `set_params` (`key=value`, as `dvc exp run -S`) to params.yaml; returns the metrics per stage. A training
-    stage that fails is retried `training_retries` times (it resumes from its checkpoint_dir)."""
-    if set_params:
-        apply_overrides(set_params)
-    params = load_params(PARAMS_FILE)  # fail before any task starts if params.yaml is invalid
-    graph = stage_graph(DVC_FILE, PARAMS_FILE)
-    unknown = sorted(set(stages or ()) - set(graph))
-    if unknown:
-        raise ValueError(f"unknown stages {unknown}; dvc.yaml has {list(graph)}")
-    selected = [s for s in graph if stages is None or s in stages]
-    for stage in selected:
-        params.output(stage).check()  # an output a late stage may not write stops the flow before the first
+def longlora_flow(set_params: list[str] | None = None, stages: list[StageName] | None = None,
+                  training_retries: int = 2, retry_delay_seconds: float = 60.0) -> dict[str, dict]:
+    """Run the pipeline's stages through `dvc repro --single-item`; returns the metrics per stage.
+
+    Args:
+        set_params: params.yaml overrides, `key=value` as `dvc exp run -S` takes them (`extend.max_steps=10`,
+            `model.target_context=2048`). They are written into params.yaml, and stay there.
+        stages: The stages to run, in pipeline order; empty: every stage. DVC skips a stage whose inputs have not
+            changed since it last ran.
+        training_retries: How many times a training stage (extend, sft) that fails is retried; it resumes from its
+            checkpoint_dir.
+        retry_delay_seconds: Seconds to wait before such a retry.
+    """
+    logger = get_run_logger()
+    try:
+        if set_params:
+            _log_overrides(logger, *apply_overrides(set_params))
+        params = load_params(PARAMS_FILE)  # fail before any task starts if params.yaml is invalid
+        graph = stage_graph(DVC_FILE, PARAMS_FILE)
+        unknown = sorted(set(stages or ()) - set(graph))
+        if unknown:
+            raise InputError(f"unknown stages {unknown}; dvc.yaml has {list(graph)}")
+        selected = [s for s in graph if not stages or s in stages]
+        for stage in selected:
+            params.output(stage).check()  # an output a late stage may not write stops the flow before the first
+    except InputError as err:  # bad input: one line, as a failing stage gives, no traceback
+        logger.error("%s", err)
+        return Failed(message=str(err), data=err)
+    _tag_run(params)
     futures = {}
+    states: dict[str, State] = {}
     for stage in selected:
+        upstream = [up for up in graph[stage] if up in futures]
+        for up in upstream:  # one stage at a time in any case (see the task runner): wait for those it reads
+            if up not in states:
+                futures[up].wait()
+                states[up] = futures[up].state
+        reason = _held_back(upstream, states)
+        if reason:  # the graph keeps its edges: the upstream runs are still waited for, their failure allowed
+            futures[stage] = hold_stage.submit(stage, reason, wait_for=[allow_failure(futures[up]) for up in upstream])
+            continue
         runner = run_stage
         if stage in TRAINING_STAGES:
             runner = run_stage.with_options(retries=training_retries, retry_delay_seconds=retry_delay_seconds)
         futures[stage] = runner.submit(stage, str(params.destination(stage)[2]),
-                                       wait_for=[futures[up] for up in graph[stage] if up in futures])
+                                       wait_for=[futures[up] for up in upstream])
     states = {stage: future.wait() or future.state for stage, future in futures.items()}
     failed = [state for state in states.values() if state.is_failed()]
     if failed:  # the first failed stage's own message, as the flow's; no second traceback in the flow's log
@@ -325,20 +470,24 @@ def longlora_flow(set_params: list[str] | None = None, stages: list[str] | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.longlora_flow", description=longlora_flow.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipelines.longlora_flow", description=__doc__.split("\n\n")[0],
+                                     epilog="The Prefect UI shows the run's logs, its task graph and its artifacts.")
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml value, as `dvc exp run -S` (repeatable)")
-    parser.add_argument("--stages", nargs="*", help="run only these stages (default: all)")
+                        help="override a params.yaml value, as `dvc exp run -S` (repeatable); the change stays in "
+                             "params.yaml")
+    parser.add_argument("--stages", nargs="*", metavar="STAGE", choices=KNOWN_STAGES or None,
+                        help=f"run only these stages (default: all): {', '.join(KNOWN_STAGES)}")
     parser.add_argument("--serve", metavar="NAME", help="serve the flow as deployment NAME (runs from the UI)")
     args = parser.parse_args(argv)
     if args.serve:
-        longlora_flow.serve(name=args.serve, parameters={"set_params": args.set_param, "stages": args.stages})
+        longlora_flow.serve(name=args.serve, parameters={"set_params": args.set_param, "stages": args.stages},
+                            tags=["longlora"])
         return 0
     try:
         longlora_flow(set_params=args.set_param, stages=args.stages)
-    except StageFailed as err:  # the task's log has the stage's output; here one line, no second traceback
-        print(f"longlora_flow: {err}", file=sys.stderr)
-        return 1
+    except (StageFailed, InputError) as err:  # the run's log has the details; here one line, no traceback
+        print(f"longlora_flow: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, InputError) else 1
     return 0
 
 

@@ -338,7 +338,11 @@ def test_prefect_run_attaches_logs_and_artifacts(flow_runs):
     assert {f"eval-perplexity-{m.replace('_', '-')}-metrics"
             for m in load_params(repo / "params.yaml").eval_models} <= set(by_key)
     assert "### eval_passkey" in by_key["model-comparison"]
-    assert "perplexity.csv" in by_key["plots"] and "heatmap.png" in by_key["plots"]
+    assert "perplexity.csv" in by_key["plots"] and "heatmap.png](data:image/png;base64," in by_key["plots"]
+    # The report as the UI shows it: its plot and heatmaps embedded, no link to a file beside it.
+    report = by_key["report"]
+    assert report.count("](data:image/png;base64,") == 1 + len(load_params(repo / "params.yaml").eval_models)
+    assert not re.search(r"\]\((?!data:|https?:)", report), "no relative link or image is left"
 
 
 @pytest.mark.slow
@@ -364,6 +368,11 @@ def test_prefect_failing_stage_fails_its_task_with_its_message(flow_runs):
     assert task_run.state.is_failed()
     assert "stages.prepare_corpus: error:" in task_run.state.message
     assert any(line.startswith("stages.prepare_corpus: error:") for line in _logs(task_run.id))
+    # The stage's error line is logged as an error; Prefect's own line about the failed state has no stray
+    # `NoneType: None` (a traceback of no exception).
+    logs = _flow_logs(latest.id)
+    assert {level for level, message, _ in logs if message.startswith("stages.prepare_corpus: error:")} == {40}
+    assert not any("NoneType: None" in message for _, message, _ in logs), logs
 
 
 @pytest.mark.slow
@@ -394,3 +403,142 @@ def test_prefect_flow_checks_every_output_before_the_first_stage(prefect_harness
         longlora_flow()
     assert not (tmp_path / "data").exists(), "the last stage's output is checked before the first stage runs"
     assert (tmp_path / "results/keep.txt").read_text() == "mine"
+
+
+def test_flow_overrides_keep_params_yaml_formatting(tmp_path, monkeypatch):
+    """`-S` rewrites only the lines of the values it changes: `null` stays `null`, block lists keep their indentation,
+    long lines stay whole, comments stay where they are (DVC's own writer changes all of that)."""
+    from pipelines.longlora_flow import apply_overrides
+
+    monkeypatch.chdir(tmp_path)
+    original = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(original, encoding="utf-8")
+    changed, rewritten = apply_overrides(["extend.max_steps=10", "eval_passkey.lengths=[256,512]",
+                                          "eval_passkey.depths=[0.0,1.0]"])
+    assert not rewritten
+    assert [str(c) for c in changed] == ["extend.max_steps: 200 -> 10", "eval_passkey.lengths: null -> [256, 512]",
+                                         "eval_passkey.depths: [0.0, 0.25, 0.5, 0.75, 1.0] -> [0.0, 1.0]"]
+    edited = (tmp_path / "params.yaml").read_text(encoding="utf-8")
+    expected = (original.replace("  max_steps: 200\n", "  max_steps: 10\n", 1)
+                .replace("  lengths: null\n  depths:\n    - 0.0\n    - 0.25\n    - 0.5\n    - 0.75\n    - 1.0\n",
+                         "  lengths:\n    - 256\n    - 512\n  depths:\n    - 0.0\n    - 1.0\n", 1))
+    assert edited == expected
+    assert apply_overrides(["extend.max_steps=10"]) == ([], False)
+    assert (tmp_path / "params.yaml").read_text(encoding="utf-8") == expected
+
+
+def test_override_editor_replaces_values_in_place():
+    from pipelines.overrides import edit_in_place
+
+    text = ("a:\n  n: 1  # one\n  s: x # y\n  l:\n  - 1\n  - 2\n\n# b's\nb:\n  m: {k: 1}\n  e: null\n")
+    data = yaml.safe_load(text)
+    data["a"].update(n=2, s="p: #q", l=None)
+    data["b"].update(m={"k": 2}, e=[1])
+    edited, changed = edit_in_place(text, data)
+    assert edited == "a:\n  n: 2  # one\n  s: 'p: #q' # y\n  l: null\n\n# b's\nb:\n  m: {k: 2}\n  e:\n    - 1\n"
+    assert yaml.safe_load(edited) == data
+    assert [c.key for c in changed] == ["a.n", "a.s", "a.l", "b.m.k", "b.e"]
+    data["a"]["new"] = 1  # a key added or removed: DVC's writer does it
+    assert edit_in_place(text, data) is None
+
+
+def test_flow_parameters_are_described_and_stages_are_choices():
+    """The deployment's run form: a description for each parameter (the flow's docstring), the stage names to pick
+    from."""
+    from pipelines.longlora_flow import longlora_flow
+
+    schema = longlora_flow.parameters.model_dump()["properties"]
+    assert set(schema) == {"set_params", "stages", "training_retries", "retry_delay_seconds"}
+    assert all(field.get("description") for field in schema.values()), schema
+    choices = next(option["items"]["enum"] for option in schema["stages"]["anyOf"] if option.get("type") == "array")
+    assert choices == stage_order(ROOT / "dvc.yaml")
+
+
+def test_report_artifact_embeds_its_images_and_unlinks_its_files(tmp_path):
+    """The report's README.md is written to be read beside its files; as an artifact it must stand alone."""
+    import base64
+
+    from pipelines.longlora_flow import self_contained
+
+    (tmp_path / "passkey").mkdir()
+    (tmp_path / "perplexity.png").write_bytes(b"\x89PNG one")
+    (tmp_path / "passkey/base.png").write_bytes(b"\x89PNG two")
+    markdown = ("![perplexity vs context length](perplexity.png)\n\n![passkey: base](passkey/base.png)\n"
+                "| [models/sft/README.md](models/sft/README.md) | [card](models/x.md) | [hub](https://hf.co) |\n"
+                "![gone](missing.png)\n")
+    shown = self_contained(markdown, tmp_path)
+    one, two = (base64.b64encode(data).decode() for data in (b"\x89PNG one", b"\x89PNG two"))
+    assert f"![perplexity vs context length](data:image/png;base64,{one})" in shown
+    assert f"![passkey: base](data:image/png;base64,{two})" in shown
+    assert f"| `{tmp_path}/models/sft/README.md` | card (`{tmp_path}/models/x.md`) | [hub](https://hf.co) |" in shown
+    assert f"*gone: no `{tmp_path}/missing.png`*" in shown
+    assert not re.search(r"\]\((?!data:|https:)", shown), "no relative link or image is left"
+
+
+def _flow_logs(flow_run_id) -> list[tuple[int, str, object]]:
+    """(level, message, task run id) of every log line of a flow run, its tasks' too."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [(log.level, log.message, log.task_run_id) for log in logs]
+
+
+@pytest.mark.slow
+def test_prefect_run_is_tagged_logs_overrides_and_names_held_back_stages(prefect_harness, tmp_path, monkeypatch):
+    """With the stages replaced by a stub (no DVC): the run's tags, its log of what -S changed, and a stage held back
+    by a failed one is NotReady with a message naming that stage (Prefect's names a task run id), and no stray
+    `NoneType: None` in the log."""
+    from prefect import task
+    from prefect.states import Failed
+
+    import pipelines.longlora_flow as module
+
+    @task(task_run_name="{stage}")
+    def stub(stage: str, metrics_file: str):
+        return Failed(message=f"{stage} failed: boom") if stage == "prepare_corpus" else {}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(module, "run_stage", stub)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    write_tiny_params(tmp_path)
+    state = module.longlora_flow(set_params=["extend.max_steps=10"], stages=["prepare_corpus", "prepare_eval"],
+                                 return_state=True)
+    assert state.is_failed() and state.message == "prepare_corpus failed: boom"
+    run_id = state.state_details.flow_run_id
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert {"model:base_model", "target_context:128"} <= set(client.read_flow_run(run_id).tags)
+    runs = _task_runs(run_id)
+    held = runs["prepare_eval"].state
+    assert held.name == "NotReady"
+    assert held.message == "prepare_eval did not run: its upstream stage prepare_corpus failed"
+    logs = _flow_logs(run_id)
+    assert any(level == 30 and "-S changed params.yaml" in message and "extend.max_steps: 6 -> 10" in message
+               for level, message, _ in logs), logs
+    assert not any("NoneType: None" in message for _, message, _ in logs), logs
+    assert not any(re.search(r"task run '[0-9a-f-]{36}'", message) for _, message, _ in logs), logs
+    assert {name: {ref.id for ref in run.task_inputs.get("wait_for", [])} for name, run in runs.items()} == {
+        "prepare_corpus": set(), "prepare_eval": {runs["prepare_corpus"].id}}, "the graph keeps its edge"
+
+
+@pytest.mark.slow
+def test_prefect_flow_reports_a_bad_override_in_one_line(prefect_harness, tmp_path, monkeypatch, capsys):
+    """An invalid `-S` (Hydra cannot parse it, or params.yaml would be invalid): one line and exit status 2, as a
+    failing stage gives, no traceback; params.yaml untouched."""
+    from pipelines.longlora_flow import main
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    write_tiny_params(tmp_path)
+    before = (tmp_path / "params.yaml").read_text()
+    for override, reason in (("extend.max_steps", "missing EQUAL"), ("model.target_context=1002", "1002")):
+        assert main(["-S", override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("longlora_flow: error: ") and reason in err and err.count("\n") == 1, err
+        assert "Traceback" not in err
+    assert (tmp_path / "params.yaml").read_text() == before
