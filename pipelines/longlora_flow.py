@@ -427,6 +427,7 @@ def longlora_flow(set_params: list[str] | None = None, stages: list[StageName] |
         if set_params:
             _log_overrides(logger, *apply_overrides(set_params))
         params = load_params(PARAMS_FILE)  # fail before any task starts if params.yaml is invalid
+        params.check_base_context(str(PARAMS_FILE))  # as every stage's command line does
         graph = stage_graph(DVC_FILE, PARAMS_FILE)
         unknown = sorted(set(stages or ()) - set(graph))
         if unknown:

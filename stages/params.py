@@ -47,7 +47,7 @@ from longlora.recipe import (
     check_group_size_ratio,
     group_size_for,
 )
-from longlora.sources import is_hub_model_id, is_hub_name, local_model
+from longlora.sources import is_hub_model_id, is_hub_name, local_model, looks_local
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -1171,7 +1171,10 @@ class Params(Section):
             built_here = same_path(place, self.build_base_model.out_dir)
             if built_here and embedded:
                 continue  # build_base_model builds the embedded model there, whatever the folder holds now
-            if built_here and place.exists():
+            # A local model.name_or_path that is missing or unreadable is the error to report, by the stage that
+            # loads it, naming model.name_or_path: not this consequence of it.
+            model_is_there = folder.config is not None if folder is not None else not looks_local(m.name_or_path)
+            if built_here and place.exists() and model_is_there:
                 raise KeyProblem(f"eval_models.{name}.path",
                                  f"{model.path!r} is build_base_model.out_dir, which holds no model of yours: "
                                  f"model.name_or_path is {m.name_or_path!r} (build_base_model writes only "

@@ -312,3 +312,32 @@ def test_sft_padding_refuses_a_missing_dataset_naming_the_parameter(sft_inputs, 
     assert exit_info.value.code == 2
     assert f"sft.data {str(tmp_path / 'nothing')!r}: no dataset there" in capsys.readouterr().err
     assert not (tmp_path / "nothing").exists()
+
+
+def test_rope_headroom_loads_the_factor_asked_for_and_prints_one_row_per_factor_and_length(tmp_path, capsys,
+                                                                                            single_torch_thread):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from longlora.rope import interpolated_config, rotary_inv_freq
+
+    rh = _load("rope_headroom")
+    base = ROOT / "data/base_model"
+    scaled = interpolated_config(AutoConfig.from_pretrained(base), 1024, "yarn")  # factor 4
+    AutoModelForCausalLM.from_pretrained(base, config=scaled).save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "m")
+    six = AutoModelForCausalLM.from_pretrained(base, config=interpolated_config(AutoConfig.from_pretrained(base),
+                                                                                  1536, "yarn"))
+    torch.testing.assert_close(rotary_inv_freq(rh.load_with_factor(str(tmp_path / "m"), 6.0)), rotary_inv_freq(six))
+
+    rh.main(["--model", str(tmp_path / "m"), "--factors", "4", "6", "--lengths", "256", "--trials", "1",
+             "--eval", str(tmp_path / "none"), "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[:3] for row in rows] == [["| 4", "256", "—"], ["| 6", "256", "—"]]
+    for row in rows:
+        correct = [int(n) for n in row.split(" | ")[4].rstrip(" |").split(" / ")]
+        assert len(correct) == 5 and all(n in (0, 1) for n in correct)
+        assert row.split(" | ")[3] == f"{sum(correct) / 5:.0%}"
+
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(tmp_path / "plain")
+    with pytest.raises(SystemExit, match="no RoPE scaling"):
+        rh.load_with_factor(str(tmp_path / "plain"), 6.0)

@@ -542,3 +542,10 @@ def test_prefect_flow_reports_a_bad_override_in_one_line(prefect_harness, tmp_pa
         assert err.startswith("longlora_flow: error: ") and reason in err and err.count("\n") == 1, err
         assert "Traceback" not in err
     assert (tmp_path / "params.yaml").read_text() == before
+    # A target shorter than the local base model's own context: refused before any stage, as each stage's CLI does.
+    (tmp_path / "data/base_model").mkdir(parents=True)
+    (tmp_path / "data/base_model/config.json").write_text('{"max_position_embeddings": 256}')
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "model.target_context 128 is shorter than the context of model.name_or_path, 256" in err, err
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["base_model"]
