@@ -179,7 +179,7 @@ class EmbeddedCorpusParams(Section):
         return self
 
 
-class BaseModelParams(Section):
+class BuildBaseModelParams(Section):
     """Stage `build_base_model`: the tiny embedded Llama and its tokenizer, pre-trained here without network."""
 
     out_dir: OutPath = Path("data/base_model")
@@ -322,7 +322,7 @@ class LoraParams(Section):
         return self
 
 
-class EmbeddedDataParams(Section):
+class PrepareCorpusParams(Section):
     """Stage `prepare_corpus`: the offline default data, written in the formats real inputs come in."""
 
     out_dir: OutPath = Path("data/corpus")
@@ -352,7 +352,7 @@ class EmbeddedDataParams(Section):
     longqa_max_tokens tokens; 0: none."""
 
 
-class PretrainDataParams(Section):
+class PreparePretrainParams(Section):
     """Stage `prepare_pretrain`: RedPajama-format text → fixed blocks of tokens with document boundaries."""
 
     input: Source = "data/corpus/pretrain.jsonl"
@@ -407,7 +407,7 @@ class PretrainDataParams(Section):
     """DVC metrics: documents, tokens, blocks, dropped or padded tokens, skipped records, tokens/s."""
 
 
-class SftDataParams(Section):
+class PrepareSftParams(Section):
     """Stage `prepare_sft`: LongAlpaca-format instructions → tokenized examples with prompt-masked labels."""
 
     input: Source = "data/corpus/longqa.json"
@@ -448,7 +448,7 @@ class SftDataParams(Section):
     length grouping."""
 
 
-class EvalDataParams(Section):
+class PrepareEvalParams(Section):
     """Stage `prepare_eval`: long documents → one flat token stream with document offsets."""
 
     input: Source = "data/corpus/eval"
@@ -883,14 +883,14 @@ class Params(Section):
     """The whole params.yaml."""
 
     embedded_corpus: EmbeddedCorpusParams = EmbeddedCorpusParams()
-    build_base_model: BaseModelParams = BaseModelParams()
+    build_base_model: BuildBaseModelParams = BuildBaseModelParams()
     model: ModelParams = ModelParams()
     s2attn: S2AttnParams = S2AttnParams()
     lora: LoraParams = LoraParams()
-    prepare_corpus: EmbeddedDataParams = EmbeddedDataParams()
-    prepare_pretrain: PretrainDataParams = PretrainDataParams()
-    prepare_sft: SftDataParams = SftDataParams()
-    prepare_eval: EvalDataParams = EvalDataParams()
+    prepare_corpus: PrepareCorpusParams = PrepareCorpusParams()
+    prepare_pretrain: PreparePretrainParams = PreparePretrainParams()
+    prepare_sft: PrepareSftParams = PrepareSftParams()
+    prepare_eval: PrepareEvalParams = PrepareEvalParams()
     extend: ExtendParams = ExtendParams()
     sft: SftParams = SftParams()
     merge: MergeParams = MergeParams()
