@@ -602,11 +602,12 @@ class SftParams(TrainingParams):
     """Tokenized examples (prepare_sft's Hugging Face dataset); None: prepare_sft.out_dir. With its group_by_length
     on they are read in the order written, in batches of per_device_batch_size (= prepare_sft.group_batch_size);
     otherwise shuffled."""
-    padding_free: bool = True
+    padding_free: bool | None = None
     """true: each batch's examples are packed back to back into rows of up to the model's context, every
     example computed exactly as if alone (document-aware S²-Attn, positions restarting per example): the same loss
-    and gradients as padded batches, without computing the padding (needs attention s2). false: each example
-    right-padded to the batch's longest, rounded up to a multiple of the S² group."""
+    and gradients as padded batches, without computing the padding (needs attention s2 and s2attn.shift true). false:
+    each example right-padded to the batch's longest, rounded up to a multiple of the S² group. None: true exactly
+    when it can be (attention s2 and s2attn.shift true), else false."""
     max_steps: int = Field(560, gt=0)
     """Optimizer steps; 560 at a global batch of 64 is about 3 epochs of LongAlpaca-12k."""
     checkpoint_dir: OutPath = Path("data/checkpoints/sft")
@@ -917,7 +918,8 @@ class Params(Section):
             "prepare_sft": {"max_length": target},
             "prepare_eval": {"lengths": quarter_half_whole},
             "extend": {"data": self.prepare_pretrain.out_dir},
-            "sft": {"data": self.prepare_sft.out_dir, "base_model": str(self.merge.extend.out_dir)},
+            "sft": {"data": self.prepare_sft.out_dir, "base_model": str(self.merge.extend.out_dir),
+                    "padding_free": self.sft.attention == "s2" and self.s2attn.shift},
             "eval_perplexity": {"lengths": self.prepare_eval.lengths or quarter_half_whole},
             "eval_passkey": {"lengths": quarter_half_whole},
             "longbench": {"max_length": target - (self.longbench.max_new_tokens or 512)},
@@ -956,6 +958,21 @@ class Params(Section):
             self.s2attn.group_size_for(self.model.target_context)
         except ValueError as err:
             raise ValueError(f"s2attn vs model.target_context: {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _s2attn_variants_fit(self) -> Self:
+        """Document-aware S²-Attn (extend.document_attention, sft.padding_free) lays S² groups out per document,
+        which only the shifted S²-Attn does: the no-shift ablation (s2attn.shift false) takes no packed documents."""
+        if self.extend.document_attention and self.extend.attention == "s2" and not self.s2attn.shift:
+            raise KeyProblem("extend.document_attention", "document-aware attention needs the shifted S²-Attn; with "
+                             "s2attn.shift false (the short-attention ablation) set extend.document_attention false")
+        if self.sft.padding_free and self.sft.attention != "s2":
+            raise KeyProblem("sft.padding_free", "packed rows need document-aware S²-Attn (sft.attention s2); with "
+                             f"sft.attention {self.sft.attention} set sft.padding_free false")
+        if self.sft.padding_free and not self.s2attn.shift:
+            raise KeyProblem("sft.padding_free", "packed rows need the shifted S²-Attn; with s2attn.shift false (the "
+                             "short-attention ablation) set sft.padding_free false")
         return self
 
     @model_validator(mode="after")
