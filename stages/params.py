@@ -133,6 +133,13 @@ OutPath = Annotated[Path, BeforeValidator(_output)]
 """A file or folder a stage writes (and replaces on the next run)."""
 
 
+def _check_positive_lengths(lengths: tuple[int, ...] | None) -> None:
+    """The positive-lengths rule of every `lengths` list (prepare_eval, eval_passkey), written here alone: None
+    (derived later) or at least one length, each a positive token count."""
+    if lengths is not None and (not lengths or min(lengths) <= 0):
+        raise ValueError(f"lengths must be positive token counts, got {list(lengths)}")
+
+
 def _is_number(annotation) -> bool:
     """A field meant to hold an int or a float (possibly None or constrained), not a bool or a choice."""
     if get_origin(annotation) is Annotated:
@@ -481,8 +488,7 @@ class PrepareEvalParams(Section):
 
     @model_validator(mode="after")
     def _positive_lengths(self) -> Self:
-        if self.lengths is not None and (not self.lengths or min(self.lengths) <= 0):
-            raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
+        _check_positive_lengths(self.lengths)
         return self
 
 
@@ -552,14 +558,22 @@ class TrainingParams(Section):
                              f"{self.per_device_batch_size}")
         return self
 
-    def gradient_accumulation(self, world_size: int, stage: str) -> int:
-        """Gradient accumulation steps that make global_batch_size with `world_size` processes."""
+    def batch_split_problem(self, world_size: int, processes: str = "") -> str | None:
+        """The global-batch rule, written here alone: why global_batch_size does not split into whole per-device
+        batches over `world_size` processes (`processes`: where that number comes from, in words), or None. Checked
+        when params.yaml loads against `launch`'s world size, and by the stage against the one it runs with."""
         per_step = self.per_device_batch_size * world_size
         if self.global_batch_size % per_step:
-            raise InputError(
-                f"{stage}.global_batch_size {self.global_batch_size} is not divisible by per_device_batch_size "
-                f"{self.per_device_batch_size} × {world_size} processes = {per_step}; change one of them")
-        return self.global_batch_size // per_step
+            return (f"{self.global_batch_size} is not divisible by per_device_batch_size {self.per_device_batch_size} "
+                    f"× {world_size} processes{processes} = {per_step}; change one of them")
+        return None
+
+    def gradient_accumulation(self, world_size: int, stage: str) -> int:
+        """Gradient accumulation steps that make global_batch_size with `world_size` processes."""
+        problem = self.batch_split_problem(world_size)
+        if problem:
+            raise InputError(f"{stage}.global_batch_size {problem}")
+        return self.global_batch_size // (self.per_device_batch_size * world_size)
 
 
 class ExtendParams(TrainingParams):
@@ -775,8 +789,7 @@ class EvalPasskeyParams(Section):
 
     @model_validator(mode="after")
     def _grid(self) -> Self:
-        if self.lengths is not None and (not self.lengths or min(self.lengths) <= 0):
-            raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
+        _check_positive_lengths(self.lengths)
         if not self.depths or not all(0.0 <= depth <= 1.0 for depth in self.depths):
             raise ValueError(f"depths must be shares of the filler in [0, 1], got {list(self.depths)}")
         return self
@@ -1021,14 +1034,10 @@ class Params(Section):
         stage against the WORLD_SIZE it really runs with, e.g. under a SLURM allocation of another size)."""
         launch = self.launch
         for stage in TRAINING_STAGES:
-            p = self.section(stage)
-            per_step = p.per_device_batch_size * launch.world_size
-            if p.global_batch_size % per_step:
-                raise KeyProblem(f"{stage}.global_batch_size",
-                                 f"{p.global_batch_size} is not divisible by per_device_batch_size "
-                                 f"{p.per_device_batch_size} × {launch.world_size} processes (launch.nodes "
-                                 f"{launch.nodes} × launch.nproc_per_node {launch.nproc_per_node}) = {per_step}; "
-                                 "change one of them")
+            problem = self.section(stage).batch_split_problem(
+                launch.world_size, f" (launch.nodes {launch.nodes} × launch.nproc_per_node {launch.nproc_per_node})")
+            if problem:
+                raise KeyProblem(f"{stage}.global_batch_size", problem)
         return self
 
     @model_validator(mode="after")

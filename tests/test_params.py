@@ -394,6 +394,32 @@ def test_more_warmup_steps_than_steps_are_refused(stage):
     assert parse_params(tiny_params_dict(**{stage: {"max_steps": 40, "warmup_steps": 40}})).section(stage)
 
 
+@pytest.mark.parametrize(("section", "lengths"), [("prepare_eval", [0, 5]), ("prepare_eval", []),
+                                                 ("eval_passkey", [128, -1]), ("eval_passkey", [])])
+def test_lengths_must_be_positive_token_counts_in_either_section(section, lengths):
+    """One rule, written once (stages.params._check_positive_lengths), for both sections' `lengths`."""
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params_dict(**{section: {"lengths": lengths}}))
+    assert str(err.value) == f"params.yaml: {section}: lengths must be positive token counts, got {lengths}"
+
+
+def test_the_global_batch_rule_is_one_rule_at_load_and_at_run_time():
+    """TrainingParams.batch_split_problem: checked at load against launch's world size (naming it), and by the stage
+    against the world size it runs with."""
+    from longlora.errors import InputError
+
+    reason = "4 is not divisible by per_device_batch_size 2 × 3 processes{} = 6; change one of them"
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params_dict(launch={"launcher": "torchrun", "nproc_per_node": 3}))
+    assert str(err.value) == "params.yaml: extend.global_batch_size: " + reason.format(
+        " (launch.nodes 1 × launch.nproc_per_node 3)")
+    sft = parse_params(tiny_params_dict()).sft
+    assert sft.gradient_accumulation(2, "sft") == 1
+    with pytest.raises(InputError) as err:
+        sft.gradient_accumulation(3, "sft")
+    assert str(err.value) == "sft.global_batch_size " + reason.format("")
+
+
 # --- S²-Attn variants: document-aware attention needs the shift, refused when params.yaml loads ----------------------
 
 NO_SHIFT = {"s2attn": {"shift": False}}
