@@ -61,7 +61,7 @@ class Variant:
     name: str
     label: str
     train: dict | None = None
-    """extend.method / extend.attention and s2attn overrides; None: no training."""
+    """extend.method / extend.attention, and model, s2attn and sft overrides; None: no training."""
     interpolate: bool = True
 
 
@@ -72,8 +72,10 @@ VARIANTS = (
     Variant("lora_plus", "4. PI + LoRA+, dense", {"method": "lora_plus", "attention": "dense"}),
     Variant("full", "5. PI + full fine-tuning, dense", {"method": "full", "attention": "dense"}),
     Variant("longlora", "6. PI + LoRA+, S²-Attn (LongLoRA)", {"method": "lora_plus", "attention": "s2"}),
+    # The no-shift ablation takes no packed documents (refused at load): sft's padding-free rows go off with it.
     Variant("no_shift", "7. PI + LoRA+, S²-Attn without shift", {"method": "lora_plus", "attention": "s2",
-                                                                   "s2attn": {"shift": False}}),
+                                                                   "s2attn": {"shift": False},
+                                                                   "sft": {"padding_free": False}}),
     Variant("doc_aware", "8. LongLoRA, document-aware S²-Attn", {"method": "lora_plus", "attention": "s2",
                                                                   "document_attention": True}),
     Variant("group_half", "9. LongLoRA, S² groups of N/2", {"method": "lora_plus", "attention": "s2",
@@ -111,6 +113,7 @@ def run_params(args, variant: Variant, seed: int, folder: Path) -> dict:
     raw["model"]["name_or_path"] = str(args.base)
     raw["model"].update(train.pop("model", {}))
     raw["s2attn"].update(train.pop("s2attn", {}))
+    raw["sft"].update(train.pop("sft", {}))
     raw["extend"].update(train, data=str(args.pretrain), max_steps=args.steps, seed=seed, resume="never",
                          log_every=max(1, args.steps // 4), checkpoint_every=10**6,
                          out_dir=str(folder / "extend"), metrics_file=str(folder / "extend.json"),

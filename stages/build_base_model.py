@@ -42,7 +42,7 @@ from longlora.synthetic import SyntheticSequences, corpus_words
 from longlora.tiny import tiny_llama_config, train_bpe_tokenizer
 from longlora.tokenizing import BatchEncoder, rust_parallelism
 from stages import _cli
-from stages.params import BaseModelParams, Params
+from stages.params import BuildBaseModelParams, Params
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,11 @@ def _spread_blocks(stream: np.ndarray, length: int, n: int) -> torch.Tensor:
     return torch.from_numpy(blocks[picked].astype(np.int64))
 
 
-def _checkpoint_path(p: BaseModelParams) -> Path:
+def _checkpoint_path(p: BuildBaseModelParams) -> Path:
     return p.out_dir.with_name(f".{p.out_dir.name}.checkpoint.pt")
 
 
-def _batch(step: int, code_blocks: np.ndarray, synthetic: SyntheticSequences, p: BaseModelParams) -> torch.Tensor:
+def _batch(step: int, code_blocks: np.ndarray, synthetic: SyntheticSequences, p: BuildBaseModelParams) -> torch.Tensor:
     """The batch of `step`: a pure function of (seed, step), so a resumed run sees exactly the same data."""
     rng = np.random.default_rng([p.seed, _TRAINING, step])
     n_synthetic = round(p.synthetic_share * p.batch_size)
@@ -141,7 +141,7 @@ def _batch(step: int, code_blocks: np.ndarray, synthetic: SyntheticSequences, p:
     return torch.from_numpy(rows)
 
 
-def _pretrain(model: LlamaForCausalLM, code: np.ndarray, synthetic: SyntheticSequences, p: BaseModelParams,
+def _pretrain(model: LlamaForCausalLM, code: np.ndarray, synthetic: SyntheticSequences, p: BuildBaseModelParams,
               checkpoint: Path, log_dir: Path) -> float:
     """Next-token training on code and synthetic recall; checkpoints every CHECKPOINT_EVERY steps, resumes. The loss
     curve goes to dvclive's log in `log_dir` (the run log, as extend's and sft's: `dvc plots show` draws it)."""
@@ -191,7 +191,7 @@ def train_step(model: LlamaForCausalLM, batch: torch.Tensor, optimizer, schedule
     return loss
 
 
-def _save_checkpoint(path: Path, p: BaseModelParams, step: int, model, optimizer, schedule) -> None:
+def _save_checkpoint(path: Path, p: BuildBaseModelParams, step: int, model, optimizer, schedule) -> None:
     save_checkpoint(path, {
         "params": p.model_dump(mode="json"),
         "step": step,
@@ -201,7 +201,7 @@ def _save_checkpoint(path: Path, p: BaseModelParams, step: int, model, optimizer
     })
 
 
-def _resume(path: Path, p: BaseModelParams, model, optimizer, schedule) -> int:
+def _resume(path: Path, p: BuildBaseModelParams, model, optimizer, schedule) -> int:
     """Load a checkpoint written with the same parameters; return the step to continue from (0 if none)."""
     state = load_checkpoint(path, required=("params", "step", "model", "optimizer", "schedule"))
     if state is None:
@@ -221,7 +221,7 @@ def _resume(path: Path, p: BaseModelParams, model, optimizer, schedule) -> int:
 
 
 def _context_use(model: LlamaForCausalLM, tokenizer, heldout: np.ndarray, blocks: torch.Tensor,
-                 p: BaseModelParams) -> dict:
+                 p: BuildBaseModelParams) -> dict:
     """Held-out loss by position, perplexity and bits per byte, synthetic recall and passkey retrieval."""
     per_position = loss_by_position(model, blocks)
     buckets = bucket_means(per_position)
@@ -250,7 +250,7 @@ def _context_use(model: LlamaForCausalLM, tokenizer, heldout: np.ndarray, blocks
     return metrics
 
 
-def provenance_path(p: BaseModelParams) -> Path:
+def provenance_path(p: BuildBaseModelParams) -> Path:
     """Where the record of how the shipped base model was built lives: beside its folder."""
     return p.out_dir.with_name(f"{p.out_dir.name}.provenance.json")
 

@@ -46,9 +46,6 @@ def _job(params: Params) -> Job:
     blocks = open_blocks(params.extend.data, params.model.target_context, config.vocab_size, "extend.data")
     s2 = params.s2attn
     group_size = s2.group_size_for(params.model.target_context) if params.extend.attention == "s2" else None
-    if params.extend.document_attention and params.extend.attention == "s2" and not s2.shift:
-        raise InputError("extend.document_attention: document-aware attention needs the shifted S²-Attn; with "
-                         "s2attn.shift false (the short-attention ablation) set extend.document_attention false")
     return Job(
         stage="extend", params=params, model_source=params.model.name_or_path, config=config,
         dataset=BlockDataset(blocks, params.extend.document_attention), collator=default_data_collator,

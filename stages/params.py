@@ -133,6 +133,13 @@ OutPath = Annotated[Path, BeforeValidator(_output)]
 """A file or folder a stage writes (and replaces on the next run)."""
 
 
+def _check_positive_lengths(lengths: tuple[int, ...] | None) -> None:
+    """The positive-lengths rule of every `lengths` list (prepare_eval, eval_passkey), written here alone: None
+    (derived later) or at least one length, each a positive token count."""
+    if lengths is not None and (not lengths or min(lengths) <= 0):
+        raise ValueError(f"lengths must be positive token counts, got {list(lengths)}")
+
+
 def _is_number(annotation) -> bool:
     """A field meant to hold an int or a float (possibly None or constrained), not a bool or a choice."""
     if get_origin(annotation) is Annotated:
@@ -179,7 +186,7 @@ class EmbeddedCorpusParams(Section):
         return self
 
 
-class BaseModelParams(Section):
+class BuildBaseModelParams(Section):
     """Stage `build_base_model`: the tiny embedded Llama and its tokenizer, pre-trained here without network."""
 
     out_dir: OutPath = Path("data/base_model")
@@ -322,7 +329,7 @@ class LoraParams(Section):
         return self
 
 
-class EmbeddedDataParams(Section):
+class PrepareCorpusParams(Section):
     """Stage `prepare_corpus`: the offline default data, written in the formats real inputs come in."""
 
     out_dir: OutPath = Path("data/corpus")
@@ -352,7 +359,7 @@ class EmbeddedDataParams(Section):
     longqa_max_tokens tokens; 0: none."""
 
 
-class PretrainDataParams(Section):
+class PreparePretrainParams(Section):
     """Stage `prepare_pretrain`: RedPajama-format text → fixed blocks of tokens with document boundaries."""
 
     input: Source = "data/corpus/pretrain.jsonl"
@@ -407,7 +414,7 @@ class PretrainDataParams(Section):
     """DVC metrics: documents, tokens, blocks, dropped or padded tokens, skipped records, tokens/s."""
 
 
-class SftDataParams(Section):
+class PrepareSftParams(Section):
     """Stage `prepare_sft`: LongAlpaca-format instructions → tokenized examples with prompt-masked labels."""
 
     input: Source = "data/corpus/longqa.json"
@@ -448,7 +455,7 @@ class SftDataParams(Section):
     length grouping."""
 
 
-class EvalDataParams(Section):
+class PrepareEvalParams(Section):
     """Stage `prepare_eval`: long documents → one flat token stream with document offsets."""
 
     input: Source = "data/corpus/eval"
@@ -481,8 +488,7 @@ class EvalDataParams(Section):
 
     @model_validator(mode="after")
     def _positive_lengths(self) -> Self:
-        if self.lengths is not None and (not self.lengths or min(self.lengths) <= 0):
-            raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
+        _check_positive_lengths(self.lengths)
         return self
 
 
@@ -552,14 +558,22 @@ class TrainingParams(Section):
                              f"{self.per_device_batch_size}")
         return self
 
-    def gradient_accumulation(self, world_size: int, stage: str) -> int:
-        """Gradient accumulation steps that make global_batch_size with `world_size` processes."""
+    def batch_split_problem(self, world_size: int, processes: str = "") -> str | None:
+        """The global-batch rule, written here alone: why global_batch_size does not split into whole per-device
+        batches over `world_size` processes (`processes`: where that number comes from, in words), or None. Checked
+        when params.yaml loads against `launch`'s world size, and by the stage against the one it runs with."""
         per_step = self.per_device_batch_size * world_size
         if self.global_batch_size % per_step:
-            raise InputError(
-                f"{stage}.global_batch_size {self.global_batch_size} is not divisible by per_device_batch_size "
-                f"{self.per_device_batch_size} × {world_size} processes = {per_step}; change one of them")
-        return self.global_batch_size // per_step
+            return (f"{self.global_batch_size} is not divisible by per_device_batch_size {self.per_device_batch_size} "
+                    f"× {world_size} processes{processes} = {per_step}; change one of them")
+        return None
+
+    def gradient_accumulation(self, world_size: int, stage: str) -> int:
+        """Gradient accumulation steps that make global_batch_size with `world_size` processes."""
+        problem = self.batch_split_problem(world_size)
+        if problem:
+            raise InputError(f"{stage}.global_batch_size {problem}")
+        return self.global_batch_size // (self.per_device_batch_size * world_size)
 
 
 class ExtendParams(TrainingParams):
@@ -602,11 +616,12 @@ class SftParams(TrainingParams):
     """Tokenized examples (prepare_sft's Hugging Face dataset); None: prepare_sft.out_dir. With its group_by_length
     on they are read in the order written, in batches of per_device_batch_size (= prepare_sft.group_batch_size);
     otherwise shuffled."""
-    padding_free: bool = True
+    padding_free: bool | None = None
     """true: each batch's examples are packed back to back into rows of up to the model's context, every
     example computed exactly as if alone (document-aware S²-Attn, positions restarting per example): the same loss
-    and gradients as padded batches, without computing the padding (needs attention s2). false: each example
-    right-padded to the batch's longest, rounded up to a multiple of the S² group."""
+    and gradients as padded batches, without computing the padding (needs attention s2 and s2attn.shift true). false:
+    each example right-padded to the batch's longest, rounded up to a multiple of the S² group. None: true exactly
+    when it can be (attention s2 and s2attn.shift true), else false."""
     max_steps: int = Field(560, gt=0)
     """Optimizer steps; 560 at a global batch of 64 is about 3 epochs of LongAlpaca-12k."""
     checkpoint_dir: OutPath = Path("data/checkpoints/sft")
@@ -774,8 +789,7 @@ class EvalPasskeyParams(Section):
 
     @model_validator(mode="after")
     def _grid(self) -> Self:
-        if self.lengths is not None and (not self.lengths or min(self.lengths) <= 0):
-            raise ValueError(f"lengths must be positive token counts, got {list(self.lengths)}")
+        _check_positive_lengths(self.lengths)
         if not self.depths or not all(0.0 <= depth <= 1.0 for depth in self.depths):
             raise ValueError(f"depths must be shares of the filler in [0, 1], got {list(self.depths)}")
         return self
@@ -883,14 +897,14 @@ class Params(Section):
     """The whole params.yaml."""
 
     embedded_corpus: EmbeddedCorpusParams = EmbeddedCorpusParams()
-    build_base_model: BaseModelParams = BaseModelParams()
+    build_base_model: BuildBaseModelParams = BuildBaseModelParams()
     model: ModelParams = ModelParams()
     s2attn: S2AttnParams = S2AttnParams()
     lora: LoraParams = LoraParams()
-    prepare_corpus: EmbeddedDataParams = EmbeddedDataParams()
-    prepare_pretrain: PretrainDataParams = PretrainDataParams()
-    prepare_sft: SftDataParams = SftDataParams()
-    prepare_eval: EvalDataParams = EvalDataParams()
+    prepare_corpus: PrepareCorpusParams = PrepareCorpusParams()
+    prepare_pretrain: PreparePretrainParams = PreparePretrainParams()
+    prepare_sft: PrepareSftParams = PrepareSftParams()
+    prepare_eval: PrepareEvalParams = PrepareEvalParams()
     extend: ExtendParams = ExtendParams()
     sft: SftParams = SftParams()
     merge: MergeParams = MergeParams()
@@ -917,7 +931,8 @@ class Params(Section):
             "prepare_sft": {"max_length": target},
             "prepare_eval": {"lengths": quarter_half_whole},
             "extend": {"data": self.prepare_pretrain.out_dir},
-            "sft": {"data": self.prepare_sft.out_dir, "base_model": str(self.merge.extend.out_dir)},
+            "sft": {"data": self.prepare_sft.out_dir, "base_model": str(self.merge.extend.out_dir),
+                    "padding_free": self.sft.attention == "s2" and self.s2attn.shift},
             "eval_perplexity": {"lengths": self.prepare_eval.lengths or quarter_half_whole},
             "eval_passkey": {"lengths": quarter_half_whole},
             "longbench": {"max_length": target - (self.longbench.max_new_tokens or 512)},
@@ -956,6 +971,21 @@ class Params(Section):
             self.s2attn.group_size_for(self.model.target_context)
         except ValueError as err:
             raise ValueError(f"s2attn vs model.target_context: {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _s2attn_variants_fit(self) -> Self:
+        """Document-aware S²-Attn (extend.document_attention, sft.padding_free) lays S² groups out per document,
+        which only the shifted S²-Attn does: the no-shift ablation (s2attn.shift false) takes no packed documents."""
+        if self.extend.document_attention and self.extend.attention == "s2" and not self.s2attn.shift:
+            raise KeyProblem("extend.document_attention", "document-aware attention needs the shifted S²-Attn; with "
+                             "s2attn.shift false (the short-attention ablation) set extend.document_attention false")
+        if self.sft.padding_free and self.sft.attention != "s2":
+            raise KeyProblem("sft.padding_free", "packed rows need document-aware S²-Attn (sft.attention s2); with "
+                             f"sft.attention {self.sft.attention} set sft.padding_free false")
+        if self.sft.padding_free and not self.s2attn.shift:
+            raise KeyProblem("sft.padding_free", "packed rows need the shifted S²-Attn; with s2attn.shift false (the "
+                             "short-attention ablation) set sft.padding_free false")
         return self
 
     @model_validator(mode="after")
@@ -1004,14 +1034,10 @@ class Params(Section):
         stage against the WORLD_SIZE it really runs with, e.g. under a SLURM allocation of another size)."""
         launch = self.launch
         for stage in TRAINING_STAGES:
-            p = self.section(stage)
-            per_step = p.per_device_batch_size * launch.world_size
-            if p.global_batch_size % per_step:
-                raise KeyProblem(f"{stage}.global_batch_size",
-                                 f"{p.global_batch_size} is not divisible by per_device_batch_size "
-                                 f"{p.per_device_batch_size} × {launch.world_size} processes (launch.nodes "
-                                 f"{launch.nodes} × launch.nproc_per_node {launch.nproc_per_node}) = {per_step}; "
-                                 "change one of them")
+            problem = self.section(stage).batch_split_problem(
+                launch.world_size, f" (launch.nodes {launch.nodes} × launch.nproc_per_node {launch.nproc_per_node})")
+            if problem:
+                raise KeyProblem(f"{stage}.global_batch_size", problem)
         return self
 
     @model_validator(mode="after")

@@ -7,13 +7,13 @@ How to run it: docs/training.md; what the embedded recipe gives and how its lear
 Loads `sft.base_model` (default: the merged extended model of `merge@extend`; a chat model whose context is shorter
 than model.target_context is interpolated to it at load time), selects S²-Attn with a fixed group size (the group
 size extension trained with, `s2attn` at model.target_context), wraps it with LoRA+ and trains it on prepare_sft's
-examples: loss on the answer tokens only (the prompt's labels are −100). `sft.padding_free` (default): each batch's
-examples packed back to back into rows of up to the model's context, every example computed as if alone by
-document-aware S²-Attn (position_ids restarting per example); otherwise right-padded batches whose length is
-rounded up to a multiple of the group, so that each row computes exactly what it computes alone. When prepare_sft
-stored the examples in length-grouped batches (order.json), they are read in that order, in batches of that size;
-otherwise shuffled. Training, checkpoints and resume after a kill, dvclive and the saved folder are shared with `extend`
-(stages/_training.py).
+examples: loss on the answer tokens only (the prompt's labels are −100). `sft.padding_free` (default with shifted
+S²-Attn): each batch's examples packed back to back into rows of up to the model's context, every example computed
+as if alone by document-aware S²-Attn (position_ids restarting per example); otherwise right-padded batches whose
+length is rounded up to a multiple of the group, so that each row computes exactly what it computes alone. When
+prepare_sft stored the examples in length-grouped batches (order.json), they are read in that order, in batches of that
+size; otherwise shuffled. Training, checkpoints and resume after a kill, dvclive and the saved folder are shared with
+`extend` (stages/_training.py).
 
 Output (`sft.out_dir`): a PEFT adapter folder over the base model with its config, the tokenizer and extension.json;
 `merge@sft` folds it into the final model. Metrics: losses, padding share, trainable parameters per group; tokens/s
@@ -54,12 +54,6 @@ def _job(params: Params) -> Job:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise InputError(f"{PARAM} {p.base_model!r}: the tokenizer has neither a pad nor an EOS token to pad with")
-    if p.padding_free and p.attention != "s2":
-        raise InputError("sft.padding_free: packed rows need document-aware S²-Attn (sft.attention s2); with "
-                         f"sft.attention {p.attention} set sft.padding_free false")
-    if p.padding_free and not params.s2attn.shift:
-        raise InputError("sft.padding_free: packed rows need the shifted S²-Attn; with s2attn.shift false (the "
-                         "short-attention ablation) set sft.padding_free false")
     # Padding-free rows hold up to the model's context (the longest a padded row may be; _examples checked that every
     # example fits): document-aware S² costs a row of several examples what those examples cost alone.
     collator = PaddedBatches(pad_id, group_size,

@@ -276,7 +276,7 @@ def test_s2attn_shift_false_trains_every_head_in_plain_groups(project, monkeypat
     original = s2.grouped_causal_attention
     monkeypatch.setattr(s2, "grouped_causal_attention", lambda *a, **k: grouped.append(a[3]) or original(*a, **k))
     monkeypatch.setattr(s2, "shifted_sparse_attention", lambda *a, **k: pytest.fail("the shifted kernel ran"))
-    extend.run(_params(extend={"max_steps": 1, "log_every": 1}, s2attn={"shift": False}))
+    extend.run(_params(extend={"max_steps": 1, "log_every": 1}, s2attn={"shift": False}, sft={"padding_free": False}))
     assert grouped and set(grouped) == {TARGET // 4}
     described = json.loads((project / "data/extend/extension.json").read_text())
     assert described["params"]["s2attn"]["shift"] is False
@@ -587,15 +587,6 @@ def test_a_global_batch_the_world_size_does_not_divide_is_refused(project, capsy
     assert code == 2 and not Path("data/extend").exists()
     assert err == ("stages.extend: error: extend.global_batch_size 4 is not divisible by per_device_batch_size 2 × "
                    "3 processes = 6; change one of them")
-
-
-def test_document_attention_without_the_shift_is_refused(project, capsys):
-    code, err = _cli_run("extend", tiny_params_dict(extend={"document_attention": True}, s2attn={"shift": False}),
-                         capsys)
-    assert code == 2 and not Path("data/extend").exists() and not Path("data/checkpoints").exists()
-    assert err == ("stages.extend: error: extend.document_attention: document-aware attention needs the shifted "
-                   "S²-Attn; with s2attn.shift false (the short-attention ablation) set extend.document_attention "
-                   "false")
 
 
 def test_a_deepspeed_config_deepspeed_rejects_is_refused(project, capsys):

@@ -394,6 +394,82 @@ def test_more_warmup_steps_than_steps_are_refused(stage):
     assert parse_params(tiny_params_dict(**{stage: {"max_steps": 40, "warmup_steps": 40}})).section(stage)
 
 
+@pytest.mark.parametrize(("section", "lengths"), [("prepare_eval", [0, 5]), ("prepare_eval", []),
+                                                 ("eval_passkey", [128, -1]), ("eval_passkey", [])])
+def test_lengths_must_be_positive_token_counts_in_either_section(section, lengths):
+    """One rule, written once (stages.params._check_positive_lengths), for both sections' `lengths`."""
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params_dict(**{section: {"lengths": lengths}}))
+    assert str(err.value) == f"params.yaml: {section}: lengths must be positive token counts, got {lengths}"
+
+
+def test_the_global_batch_rule_is_one_rule_at_load_and_at_run_time():
+    """TrainingParams.batch_split_problem: checked at load against launch's world size (naming it), and by the stage
+    against the world size it runs with."""
+    from longlora.errors import InputError
+
+    reason = "4 is not divisible by per_device_batch_size 2 × 3 processes{} = 6; change one of them"
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params_dict(launch={"launcher": "torchrun", "nproc_per_node": 3}))
+    assert str(err.value) == "params.yaml: extend.global_batch_size: " + reason.format(
+        " (launch.nodes 1 × launch.nproc_per_node 3)")
+    sft = parse_params(tiny_params_dict()).sft
+    assert sft.gradient_accumulation(2, "sft") == 1
+    with pytest.raises(InputError) as err:
+        sft.gradient_accumulation(3, "sft")
+    assert str(err.value) == "sft.global_batch_size " + reason.format("")
+
+
+# --- S²-Attn variants: document-aware attention needs the shift, refused when params.yaml loads ----------------------
+
+NO_SHIFT = {"s2attn": {"shift": False}}
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({**NO_SHIFT, "extend": {"document_attention": True}, "sft": {"padding_free": False}},
+     "extend.document_attention: document-aware attention needs the shifted S²-Attn; with s2attn.shift false (the "
+     "short-attention ablation) set extend.document_attention false"),
+    ({"sft": {"attention": "dense", "padding_free": True}},
+     "sft.padding_free: packed rows need document-aware S²-Attn (sft.attention s2); with sft.attention dense set "
+     "sft.padding_free false"),
+    ({**NO_SHIFT, "sft": {"padding_free": True}},
+     "sft.padding_free: packed rows need the shifted S²-Attn; with s2attn.shift false (the short-attention ablation) "
+     "set sft.padding_free false"),
+])
+def test_document_aware_attention_without_the_shifted_s2attn_is_refused_at_its_key(overrides, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params_dict(**overrides))
+    assert str(err.value) == f"params.yaml: {message}"
+
+
+@pytest.mark.parametrize("stage", ["extend", "sft"])
+def test_an_impossible_s2attn_variant_stops_either_training_stage_before_it_runs(tmp_path, monkeypatch, capsys,
+                                                                                  stage):
+    """Each training stage reads the whole file: a no-shift extend with sft's padding-free rows left on stops both."""
+    from stages import _cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(**NO_SHIFT)), encoding="utf-8")
+    assert _cli.main(stage, lambda params: pytest.fail("the stage ran"), ["--params", "params.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"stages.{stage}: error: params.yaml: sft.padding_free: packed rows need the shifted S²-Attn; with "
+        "s2attn.shift false (the short-attention ablation) set sft.padding_free false")
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
+
+
+def test_padding_free_defaults_to_on_exactly_where_it_can_be():
+    assert load_params(ROOT / "params.yaml").sft.padding_free is True
+    unset = {"sft": {"padding_free": None}}
+    assert parse_params(tiny_params_dict(**unset)).sft.padding_free is True
+    assert parse_params(tiny_params_dict(**unset, **NO_SHIFT)).sft.padding_free is False
+    assert parse_params(tiny_params_dict(sft={"padding_free": None, "attention": "dense"})).sft.padding_free is False
+    assert parse_params(tiny_params_dict(sft={"padding_free": False})).sft.padding_free is False
+    # document-aware extension with dense attention has no S² groups to lay out: allowed, as before
+    dense = parse_params(tiny_params_dict(**NO_SHIFT, extend={"document_attention": True, "attention": "dense"},
+                                          sft={"padding_free": False}))
+    assert dense.extend.document_attention is True
+
+
 def test_an_original_context_below_the_model_s_own_is_refused_where_its_config_is_local(tmp_path, monkeypatch,
                                                                                       smol_chat_model_dir):
     monkeypatch.chdir(tmp_path)

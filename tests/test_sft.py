@@ -225,10 +225,6 @@ def _bad_dataset(folder: str) -> str:
     ("other vocabulary", "sft.data 'foreign': token id 5000 is outside the model's 400-token vocabulary"),
     ("batch of another grouping", "sft.per_device_batch_size 4: 'grouped_sft/order.json' says the examples are "
                                   "stored in length-grouped batches of 2"),
-    ("padding-free with dense attention", "sft.padding_free: packed rows need document-aware S²-Attn (sft.attention "
-                                          "s2); with sft.attention dense set sft.padding_free false"),
-    ("padding-free without the shift", "sft.padding_free: packed rows need the shifted S²-Attn; with s2attn.shift "
-                                       "false (the short-attention ablation) set sft.padding_free false"),
 ])
 def test_bad_input_stops_before_training_with_one_line(project, capsys, case, expected):
     import yaml
@@ -241,12 +237,9 @@ def test_bad_input_stops_before_training_with_one_line(project, capsys, case, ex
         "missing base": {"base_model": "data/absent_model"},
         "other vocabulary": {"data": "foreign"},
         "batch of another grouping": {"data": "grouped_sft", "per_device_batch_size": 4},
-        "padding-free with dense attention": {"attention": "dense"},
-        "padding-free without the shift": {"padding_free": True},
     }[case]
-    s2attn = {"shift": False} if case == "padding-free without the shift" else {}
 
-    Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(sft=overrides, s2attn=s2attn)), encoding="utf-8")
+    Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(sft=overrides)), encoding="utf-8")
     code = _cli.main("sft", sft.run, ["--params", "params.yaml"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"stages.sft: error: {expected}"), err
