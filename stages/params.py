@@ -713,8 +713,9 @@ class EvalModel(Section):
     `extended` and `sft` are merge.extend.out_dir and merge.sft.out_dir (PIPELINE_MODELS), any other name is
     model.name_or_path."""
     interpolate: bool = False
-    """Interpolate its RoPE to model.target_context when loading (model.rope_type, from model.original_context):
-    the base model's "interpolation without training" baseline. Merged models already carry their scaling."""
+    """Interpolate its RoPE to model.target_context when loading (model.rope_type and model.rope_headroom, from
+    model.original_context), as extend does: the base model's "interpolation without training" baseline. Merged
+    models already carry their scaling."""
     extrapolate: bool = False
     """Evaluate it at lengths beyond its positions (`max_position_embeddings`, after interpolation): a deliberate
     extrapolation study, such as the base model as pre-trained at the extended lengths. Otherwise an evaluation that
