@@ -38,10 +38,10 @@ def _pairs(rows: list[tuple[str, object]]) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows) + "\n"
 
 
-
 def _count(n, noun: str) -> str:
     """`1 step`, `20 steps` (whatever `n` is, as written)."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
 
 def _step_table(stage: str, step: dict) -> str:
     params = step.get("params") or {}
@@ -55,7 +55,7 @@ def _step_table(stage: str, step: dict) -> str:
                  "heads shifted by half a group; dense attention at inference" if attention == "s2"
                  else f"{attention} (dense causal attention)")
     rope = step.get("rope_parameters") or {}
-    headroom = ((step.get("params") or {}).get("model") or {}).get("rope_headroom", 1.0)
+    headroom = (params.get("model") or {}).get("rope_headroom", 1.0)
     scaled_as = f", scaled as for {round(step.get('target_context', 0) * headroom)} (headroom ×{headroom})" \
         if headroom != 1.0 and isinstance(step.get("target_context"), int) else ""
     rows = [

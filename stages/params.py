@@ -1058,17 +1058,13 @@ class Params(Section):
     def check_base_context(self, source: str = "params.yaml") -> None:
         """Refuse, for every stage, a target context shorter than the local base model's (its config.json): the
         extend stage would refuse it only after the data stages had run."""
-        import json
-
         m = self.model
-        config = Path(m.name_or_path).expanduser() / "config.json"
-        if m.original_context is not None or not config.is_file():  # the model validator checked the former
+        folder = local_model(m.name_or_path)
+        if m.original_context is not None or folder is None:  # the model validator checked the former
             return
-        try:
-            original = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
-        except (OSError, ValueError, AttributeError):
-            return  # unreadable: the stage that loads it names the file
-        if isinstance(original, int) and m.target_context < original:
+        original = folder.context_length  # None when config.json is missing or unreadable: its loader names it
+        config = folder.folder / "config.json"
+        if original is not None and m.target_context < original:
             raise ParamsError(f"{source}: model.target_context {m.target_context} is shorter than the context of "
                               f"model.name_or_path, {original} ({config}): extension needs a longer target")
 
