@@ -135,6 +135,13 @@ def test_target_shorter_than_original():
         parse_params(tiny_params_dict(model={"original_context": 512}))
 
 
+@pytest.mark.parametrize(("headroom", "reason"), [(0.5, "greater than or equal to 1"),
+                                                  (float("inf"), "finite number")])
+def test_rope_headroom_below_one_or_not_finite_is_refused_at_its_key(headroom, reason):
+    with pytest.raises(ParamsError, match=rf"params\.yaml: model\.rope_headroom: .*{reason}"):
+        parse_params(tiny_params_dict(model={"rope_headroom": headroom}))
+
+
 def test_invalid_yaml_reports_line(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("model:\n  target_context: [1, 2\n", encoding="utf-8")
