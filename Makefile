@@ -3,7 +3,7 @@
 # `make base-model` — rebuild the shipped embedded base model (data/base_model/) and record how it was built.
 # `make bench` — the speed benchmarks (run on an idle machine); `make flow` — the pipeline as a Prefect flow;
 # `make server` — the Prefect UI on 127.0.0.1:4200; `make serve` — the flow as a deployment runnable from the UI.
-# `make docs` — regenerate docs/params.md from stages/params.py (tests/test_docs.py checks it is current).
+# `make docs` — regenerate docs/params.md from stages/sections.py (tests/test_docs.py checks it is current).
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv

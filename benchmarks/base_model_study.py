@@ -21,16 +21,16 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_s
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longlora.passkey import PASSKEY_DEPTHS, passkey_accuracy  # noqa: E402
-from longlora.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy  # noqa: E402
-from longlora.synthetic import WORDS, SyntheticSequences, corpus_words  # noqa: E402
-from longlora.tiny import tiny_llama_config  # noqa: E402
+from longlora.embedded.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy  # noqa: E402
+from longlora.embedded.synthetic import WORDS, SyntheticSequences, corpus_words  # noqa: E402
+from longlora.embedded.tiny import tiny_llama_config  # noqa: E402
+from longlora.evaluation.passkey import PASSKEY_DEPTHS, passkey_accuracy  # noqa: E402
 from stages.build_base_model import token_stream, train_step  # noqa: E402
 
 
 def prep(args) -> None:
-    from longlora.corpus import stdlib_documents
-    from longlora.tiny import train_bpe_tokenizer
+    from longlora.embedded.corpus import stdlib_documents
+    from longlora.embedded.tiny import train_bpe_tokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,8 +154,8 @@ def evaluate_folder(args) -> None:
     """A saved model on a prepare_eval stream (non-overlapping windows) and on passkey prompts, with the answers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from longlora.packing import TokenStream
-    from longlora.passkey import passkey_trial
+    from longlora.data.packing import TokenStream
+    from longlora.evaluation.passkey import passkey_trial
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -73,7 +73,7 @@ def dense_pairs(n: int) -> int:
 
 def s2_pairs(n: int, group: int, heads: int = 2) -> float:
     """(query, key) pairs per head of S²-Attn with groups of `group`, averaged over the heads ([0, h//2) unshifted,
-    [h//2, h) shifted, as longlora/s2attn.py splits them)."""
+    [h//2, h) shifted, as longlora/method/s2attn.py splits them)."""
     if n % group or group % 2:
         raise ValueError(f"groups of {group} do not tile {n} tokens into whole, even groups")
     unshifted = (n // group) * dense_pairs(group)

@@ -6,7 +6,8 @@
 
 Both models see the same windows: the stream cut into consecutive, non-overlapping windows of `--length` tokens (the
 standard non-overlapping perplexity; documents run into each other at their EOS/BOS as in the stream). "base + PI" is
-the base model built with the very RoPE scaling the extension trained with (`longlora.rope.interpolated_config`), no
+the base model built with the very RoPE scaling the extension trained with
+(`longlora.method.rope.interpolated_config`), no
 training; "base, no PI" is the base as it is, shown for reference. Perplexity is exp(mean next-token loss over every
 scored position); the loss is also reported by position range, which shows where the long context is used.
 """
@@ -24,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longlora.packing import TokenStream, cut_blocks  # noqa: E402
-from longlora.probes import bucket_means, loss_by_position  # noqa: E402
-from longlora.rope import interpolated_config  # noqa: E402
+from longlora.data.packing import TokenStream, cut_blocks  # noqa: E402
+from longlora.embedded.probes import bucket_means, loss_by_position  # noqa: E402
+from longlora.method.rope import interpolated_config  # noqa: E402
 
 BUCKETS = ((0, 64), (64, 256), (256, 512), (512, 1024), (1024, 2048), (2048, 4096))
 

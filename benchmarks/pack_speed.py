@@ -36,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenizers import Tokenizer  # noqa: E402
 
-from longlora.corpus import stdlib_documents  # noqa: E402
-from longlora.tokenizing import load_tokenizer, rust_parallelism  # noqa: E402
+from longlora.data.tokenizing import load_tokenizer, rust_parallelism  # noqa: E402
+from longlora.embedded.corpus import stdlib_documents  # noqa: E402
 
 BLOCK = 1024
 BATCH_CHARS = 4_000_000
@@ -52,7 +52,7 @@ def _tokenizer_dir(requested: str | None, scratch: Path) -> str:
         return requested
     if (Path("data/base_model") / "tokenizer.json").exists():
         return "data/base_model"
-    from longlora.tiny import train_bpe_tokenizer
+    from longlora.embedded.tiny import train_bpe_tokenizer
 
     print("data/base_model not built: training a 4096-token BPE tokenizer on the base split (~20 s)")
     tokenizer = train_bpe_tokenizer((d.text for d in stdlib_documents("base")), 4096)

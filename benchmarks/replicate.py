@@ -12,9 +12,11 @@ pipeline's outputs (run `make repro` first).
 Each trained variant runs the real `extend` stage (`python -m stages.extend --params <file>`, one process per run,
 params.yaml with the variant's overrides: `extend.method`, `extend.attention`, `s2attn.shift`, `extend.seed`,
 `extend.max_steps`), in its own working folder under --work, so its checkpoints and run log never touch the
-project's data/. The evaluation is the pipeline's: `longlora.extension.load_extended` (dense attention),
-`longlora.perplexity.strided_perplexity` (standard, every token scored once, windows of 256, 512 and 1024 over the
-same first --eval-tokens tokens of the held-out stream) and `longlora.passkey.passkey_accuracy` at each length over the
+project's data/. The evaluation is the pipeline's: `longlora.method.extension.load_extended` (dense attention),
+`longlora.evaluation.perplexity.strided_perplexity` (standard, every token scored once, windows of 256, 512 and 1024
+over the
+same first --eval-tokens tokens of the held-out stream) and `longlora.evaluation.passkey.passkey_accuracy` at each
+length over the
 depth grid. Training speed is the Trainer's tokens/s (wall clock); CPU seconds and peak resident memory come from the
 run's own process (`os.wait4`), so they hold on a shared machine where the wall clock does not.
 
@@ -156,8 +158,8 @@ def train(args, variant: Variant, seed: int, run: Run) -> Path:
 def load_model(args, variant: Variant, trained: Path | None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longlora.extension import load_extended
-    from longlora.rope import interpolated_config
+    from longlora.method.extension import load_extended
+    from longlora.method.rope import interpolated_config
 
     if trained is not None:
         model = load_extended(trained, base=args.base)
@@ -169,8 +171,8 @@ def load_model(args, variant: Variant, trained: Path | None):
 
 
 def evaluate(args, model, tokenizer, tokens, run: Run) -> None:
-    from longlora.passkey import passkey_accuracy, shortest_trial_length
-    from longlora.perplexity import strided_perplexity
+    from longlora.evaluation.passkey import passkey_accuracy, shortest_trial_length
+    from longlora.evaluation.perplexity import strided_perplexity
     from longlora.recipe import PASSKEY_DEPTHS
 
     started = time.process_time()
@@ -359,9 +361,9 @@ def main(argv: list[str] | None = None) -> list[Run]:
     import numpy as np
     import torch
 
+    from longlora.data.packing import TokenStream
+    from longlora.data.tokenizing import load_tokenizer
     from longlora.errors import InputError
-    from longlora.packing import TokenStream
-    from longlora.tokenizing import load_tokenizer
     from stages.params import ParamsError, load_params
 
     torch.set_num_threads(args.threads)

@@ -36,8 +36,8 @@ def load_with_factor(folder: str, factor: float):
 
 def measure(model, tokenizer, tokens, lengths, trials: int) -> dict:
     """{length: (perplexity or None, accuracy, [correct per depth])} over LongLoRA's depth grid."""
-    from longlora.passkey import cell_accuracy, passkey_grid
-    from longlora.perplexity import strided_perplexity
+    from longlora.evaluation.passkey import cell_accuracy, passkey_grid
+    from longlora.evaluation.perplexity import strided_perplexity
 
     trials_run = passkey_grid(model, tokenizer, lengths, trials=trials, progress=False)
     cells = cell_accuracy(trials_run)
@@ -63,9 +63,9 @@ def main(argv=None) -> None:
 
     import torch
 
-    from longlora.packing import TokenStream
+    from longlora.data.packing import TokenStream
+    from longlora.data.tokenizing import load_tokenizer
     from longlora.recipe import PASSKEY_DEPTHS
-    from longlora.tokenizing import load_tokenizer
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model, False, "--model")

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from longlora.s2attn import shifted_sparse_attention  # noqa: E402
+from longlora.method.s2attn import shifted_sparse_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
 CHARS_PER_TOKEN = 4
@@ -57,7 +57,7 @@ CHARS_PER_TOKEN = 4
 
 def packed_documents(seq: int, seed: int = 0) -> torch.Tensor:
     """Document boundaries (cumulative lengths) of one packed block of `seq` tokens from the embedded corpus."""
-    from longlora.corpus import stdlib_documents
+    from longlora.embedded.corpus import stdlib_documents
 
     lengths = [max(1, len(doc.text) // CHARS_PER_TOKEN) for doc in stdlib_documents("extend")]
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()

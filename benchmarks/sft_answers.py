@@ -5,9 +5,9 @@ prompt format the sft stage trained with, for each model folder given.
         --questions data/corpus/longqa_heldout.json --n 48
 
 The held-out questions come from source files no training stage saw (prepare_corpus's held-out split). Each is
-rendered with the same template and tokenized the same way as prepare_sft does (`longlora.sft_data`), so the loss is
+rendered with the same template and tokenized the same way as prepare_sft does (`longlora.data.sft`), so the loss is
 the SFT objective itself on unseen examples: mean cross-entropy of the answer tokens (and EOS) given the prompt.
-Exact match: greedy decoding of the prompt alone, scored as eval_longqa scores it (longlora/qa.py); the stage
+Exact match: greedy decoding of the prompt alone, scored as eval_longqa scores it (longlora/evaluation/qa.py); the stage
 itself (`dvc repro eval_longqa`) gives exact match and token F1 for every model without the answer-token loss.
 """
 
@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longlora.qa import exact_match, prompt_ids  # noqa: E402
-from longlora.sft_data import IGNORE_INDEX, fit_example, parse_instruction  # noqa: E402
+from longlora.data.sft import IGNORE_INDEX, fit_example, parse_instruction  # noqa: E402
+from longlora.evaluation.qa import exact_match, prompt_ids  # noqa: E402
 
 
 def score(folder: str, records: list[dict], max_length: int, template: str) -> dict:

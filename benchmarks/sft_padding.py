@@ -9,8 +9,9 @@ row) padding 37 % against 0 and 1.12–1.38× the real tokens/s (the per-round r
 read the range it prints). The losses agree to float32 rounding. Table in docs/performance.md
 ("Padding-free SFT").
 
-What `sft.padding_free` buys, measured on the sft stage's own job (`stages.sft._job` with params.yaml, the same
-checks of model and data): its model built as `stages._training` builds it — the merged extended model (`--model`,
+What `sft.padding_free` buys, measured on the sft stage's own job (`stages.sft.prepare_job` with params.yaml, the same
+checks of model and data): its model built by `longlora.method.training.trainable_model` as the stage builds it — the
+merged extended model (`--model`,
 default `sft.base_model`), S²-Attn at the stage's fixed group, LoRA+ — and `--batches` batches of
 `sft.per_device_batch_size` examples of its dataset (`--data`, default `sft.data`), drawn with a fixed seed. Each
 batch goes through the stage's collator both ways: right-padded to the longest example rounded up to the group
@@ -49,8 +50,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from longlora.data.sft import IGNORE_INDEX, PaddedBatches  # noqa: E402
 from longlora.errors import InputError  # noqa: E402
-from longlora.sft_data import IGNORE_INDEX, PaddedBatches  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
 MIN_CROP = 64
@@ -64,7 +65,7 @@ def stage_job(model: str | None, data: str | None):
 
     params = load_params(ROOT / "params.yaml")
     update = {"padding_free": True} | {k: v for k, v in (("base_model", model), ("data", data)) if v}
-    return sft._job(params.model_copy(update={"sft": params.sft.model_copy(update=update)}))
+    return sft.prepare_job(params.model_copy(update={"sft": params.sft.model_copy(update=update)}))
 
 
 def draw_examples(dataset, batches: int, batch_size: int, crop: int, seed: int = 0) -> list[list[dict]]:
@@ -166,9 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
     if any(all(x == IGNORE_INDEX for x in e["labels"][1:]) for batch in batches for e in batch):
         raise SystemExit("an example has no target left: raise --crop")
     torch.manual_seed(p.seed)  # LoRA's initialisation
-    from stages._training import _model
+    from longlora.method.training import trainable_model
 
-    model = _model(job, "fp32").train()
+    lora = job.params.lora.model_dump(include={"r", "alpha", "dropout", "target_modules", "train_embeddings",
+                                               "train_norms"})
+    model = trainable_model(job.model_source, job.config, method=p.method, attention=p.attention, precision="fp32",
+                            s2attn=job.s2attn, lora=lora).train()
     result = measure(model, collate(batches, packing), args.rounds)
     result.update(batches=args.batches, batch_size=p.per_device_batch_size, crop=args.crop,
                   group_size=packing.multiple, row_length=packing.row_length, threads=args.threads)

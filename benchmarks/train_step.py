@@ -16,7 +16,7 @@ fine-tuning, AdamW over the trainable parameters with the `extend` betas/eps/wei
 `extend.gradient_checkpointing` says (off in the tiny default; `--gradient-checkpointing both` shows both).
 
 Three copies of the model with the same initial weights, each with its own optimizer, differing only in the attention
-implementation: `sdpa` (transformers' own, the baseline), `s2attn` (longlora.s2attn, group = seq/4) and `none`, a
+implementation: `sdpa` (transformers' own, the baseline), `s2attn` (longlora.method.s2attn, group = seq/4) and `none`, a
 stand-in of the same shapes that costs next to nothing (output q + k + v, so every projection still gets its
 gradient). Runs are interleaved (the order rotates each round) after one warm-up step each, so drifting machine load
 hits all alike; the table shows median times, the median of the per-round ratios sdpa/s2 and its range.
@@ -64,10 +64,10 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
-from longlora.lora import apply_lora_plus  # noqa: E402
+from longlora.method.lora import apply_lora_plus  # noqa: E402
+from longlora.method.rope import interpolated_config  # noqa: E402
+from longlora.method.s2attn import configure_s2attn, s2attn_mask, shifted_sparse_attention  # noqa: E402
 from longlora.recipe import DEFAULT_GROUP_SIZE_RATIO  # noqa: E402
-from longlora.rope import interpolated_config  # noqa: E402
-from longlora.s2attn import configure_s2attn, s2attn_mask, shifted_sparse_attention  # noqa: E402
 from stages.params import Params, load_params  # noqa: E402
 
 VARIANTS = ("sdpa", "s2attn", "none")

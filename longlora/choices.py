@@ -34,7 +34,8 @@ LONGBENCH_DATASETS = (
     "gov_report", "qmsum", "multi_news", "vcsum", "trec", "triviaqa", "samsum", "lsht", "passage_count",
     "passage_retrieval_en", "passage_retrieval_zh", "lcc", "repobench-p",
 )
-"""The 21 LongBench tasks, in LongBench's order (longlora/longbench.py holds how each is prompted and scored)."""
+"""The 21 LongBench tasks, in LongBench's order (longlora/evaluation/longbench.py holds how each is prompted and
+scored)."""
 
 LONGBENCH_E_DATASETS = ("qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec",
                         "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p")

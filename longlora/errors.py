@@ -24,10 +24,18 @@ def non_finite_paths(data: object, prefix: str = "") -> list[str]:
     return []
 
 
-def non_finite_tensors(model) -> list[str]:
-    """Names of the trainable tensors of `model` holding a NaN or an infinity (empty ZeRO-3 placeholders pass)."""
+def non_finite_tensors(model, trainable_only: bool = True) -> list[str]:
+    """Names of the (trainable, or all) tensors of `model` holding a NaN or an infinity (empty ZeRO-3 placeholders
+    pass)."""
     return [name for name, weight in model.named_parameters()
-            if weight.requires_grad and weight.numel() and not weight.isfinite().all()]
+            if (weight.requires_grad or not trainable_only) and weight.numel() and not weight.isfinite().all()]
+
+
+def raise_if_diverged(stage: str, model, steps: int) -> None:
+    """After the last optimizer step, which can make the weights non-finite with no loss after it to show it."""
+    bad = non_finite_tensors(model)
+    if bad:
+        raise diverged(stage, steps, f"{len(bad)} trained tensors hold NaN or infinite values ({bad[0]}, …)")
 
 
 def diverged(stage: str, step: int, what: str) -> NonFiniteError:

@@ -91,6 +91,17 @@ def same_path(a: str | Path, b: str | Path) -> bool:
     return resolved(a) == resolved(b)
 
 
+def path_relation(a: Path, b: Path) -> str | None:
+    """How resolved path `a` overlaps resolved path `b`, as words, or None if they are apart."""
+    if a == b:
+        return "is the same place as"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
 def protected_place(path: str | Path) -> str | None:
     """Why no stage may ever write or replace `path` (whatever it holds), or None.
 

@@ -1,8 +1,8 @@
 """The method's choices and rules that params.yaml is checked against, importable without torch or transformers.
 
 Every stage validates all of params.yaml before it starts, so validation must stay cheap (a test runs it in a fresh
-interpreter and checks that neither torch nor transformers got imported). `longlora.s2attn`, `longlora.rope` and
-`longlora.lora` use these same definitions: each rule is written once.
+interpreter and checks that neither torch nor transformers got imported). `longlora.method.s2attn`,
+`longlora.method.rope` and `longlora.method.lora` use these same definitions: each rule is written once.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ _HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
 SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet", ".txt")
-"""The local file types a data input can be (longlora/data.py reads each)."""
+"""The local file types a data input can be (longlora/data/readers.py reads each)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model")
 """Any one of these makes a folder something AutoTokenizer can load from."""

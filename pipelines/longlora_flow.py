@@ -44,9 +44,10 @@ from prefect.states import Completed, Failed, Pending, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from longlora.errors import InputError
-from longlora.report import comparison_markdown, markdown_table, model_results
+from longlora.evaluation.report import comparison_markdown, markdown_table, model_results
 from pipelines import overrides as params_overrides
-from stages.params import EVAL_STAGES, TRAINING_STAGES, ParamsError, load_params
+from stages.params import ParamsError, load_params
+from stages.registry import EVAL_STAGES, TRAINING_STAGES
 from stages.report import REPORT_FILE
 
 DVC_FILE = Path("dvc.yaml")
@@ -177,7 +178,7 @@ def _attach_metrics(stage: str, metrics: dict) -> None:
 
 def _attach_comparison(results: dict[str, dict], models: list[str]) -> None:
     """The evaluations of every model side by side (perplexity by length, passkey accuracy, LongBench scores): the
-    report stage's tables (longlora/report.py), from the metrics the evaluation tasks returned."""
+    report stage's tables (longlora/evaluation/report.py), from the metrics the evaluation tasks returned."""
     compared = {m: model_results({stage: results.get(f"{stage}@{m}") for stage in EVAL_STAGES}) for m in models
                 if any(f"{stage}@{m}" in results for stage in EVAL_STAGES)}
     markdown = comparison_markdown(compared)

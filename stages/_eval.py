@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from longlora.evaluation import Interpolation, load_for_evaluation
+from longlora.evaluation.loading import Interpolation, load_for_evaluation
 from longlora.sources import check_model_source
 from stages import _cli
 from stages.params import Params
@@ -14,7 +14,7 @@ from stages.params import Params
 
 def load_tokenizer(params: Params, name: str):
     """The tokenizer of `eval_models.<name>` alone: checks that need it run before any weights are loaded."""
-    from longlora.tokenizing import load_tokenizer
+    from longlora.data.tokenizing import load_tokenizer
 
     check_model_source(params.eval_models[name].path, f"eval_models.{name}.path", need_config=True)
     return load_tokenizer(params.eval_models[name].path, params.model.trust_remote_code, f"eval_models.{name}.path")

@@ -29,9 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from longlora.errors import InputError, diverged, non_finite_tensors
+from longlora.errors import InputError, diverged, raise_if_diverged
 from longlora.io import StageOutput, content_digest, write_json
-from stages.params import Params, TrainingParams
+from stages.params import Params
+from stages.sections import TrainingParams
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def train(job: Job, out: StageOutput | None) -> dict:
     """Train `job`, publish its folder into `out` (None on the other processes), return the metrics."""
     from transformers import set_seed
 
-    from longlora.training import peak_memory_mib, resolve_precision
+    from longlora.method.training import peak_memory_mib, resolve_precision
 
     p = job.section
     if rank() != 0:
@@ -143,7 +144,7 @@ def train(job: Job, out: StageOutput | None) -> dict:
     losses = [entry["loss"] for entry in history if "loss" in entry]
     # The Trainer's own count for this session (a resumed run counts from where it resumed).
     speed = next((e["train_tokens_per_second"] for e in reversed(history) if "train_tokens_per_second" in e), None)
-    _check_finite_weights(job, model, trainer.state.global_step)
+    raise_if_diverged(job.stage, model, trainer.state.global_step)
     if out is None:
         # Under ZeRO-3 gathering the weights to save is collective: every process takes part, the main one writes.
         trainer.save_model(str(run_dir))
@@ -202,13 +203,6 @@ def _checked_trainer(stage: str):
     return CheckedTrainer
 
 
-def _check_finite_weights(job: Job, model, steps: int) -> None:
-    """The last optimizer step can make the weights non-finite with no loss after it to show it."""
-    bad = non_finite_tensors(model)
-    if bad:
-        raise diverged(job.stage, steps, f"{len(bad)} trained tensors hold NaN or infinite values ({bad[0]}, …)")
-
-
 def rope_parameters(config) -> dict:
     return dict(getattr(config, "rope_parameters", None) or {})
 
@@ -217,7 +211,7 @@ def rope_parameters(config) -> dict:
 
 
 def _deepspeed_source(job: Job) -> dict | None:
-    from longlora.training import read_deepspeed_config
+    from longlora.method.training import read_deepspeed_config
 
     p = job.section
     return None if p.deepspeed is None else read_deepspeed_config(p.deepspeed, f"{job.stage}.deepspeed")
@@ -262,7 +256,7 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     """The latest whole checkpoint of `run_dir`. One whose files cannot be read (truncated, damaged) would fail every
     rerun: it is moved aside to `corrupt-checkpoint-<step>` (a name the Trainer's rotation never deletes), with a
     warning, and the one before it is taken."""
-    from longlora.weights import damaged_file
+    from longlora.method.weights import damaged_file
 
     found = [c for c in run_dir.iterdir() if _CHECKPOINT.match(c.name) and _complete(c)] if run_dir.is_dir() else []
     for checkpoint in sorted(found, key=_step_of, reverse=True):
@@ -334,7 +328,7 @@ def _training_args(job: Job, run_dir: Path, accumulation: int, precision: str, d
     import torch
     from transformers import TrainingArguments
 
-    from longlora.training import check_deepspeed_config
+    from longlora.method.training import check_deepspeed_config
 
     p = job.section
     settings = dict(
@@ -380,7 +374,7 @@ def _training_args(job: Job, run_dir: Path, accumulation: int, precision: str, d
 
 
 def _tokenizer(job: Job):
-    from longlora.tokenizing import load_tokenizer
+    from longlora.data.tokenizing import load_tokenizer
 
     return load_tokenizer(job.model_source, job.params.model.trust_remote_code, _source_param(job))
 
@@ -393,45 +387,18 @@ def _source_param(job: Job) -> str:
 
 
 def _model(job: Job, precision: str):
-    """The model built with the job's config, S²-Attn or dense attention selected, LoRA(+) applied; trainable
-    weights in fp32 (the master copy mixed precision updates)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from longlora.method.training import trainable_model
 
-    from longlora.lora import apply_lora_plus
-    from longlora.s2attn import configure_s2attn
-    from longlora.weights import check_finite, check_weight_files
-
-    p, params = job.section, job.params
-    # Frozen weights may stay in the compute dtype; trained ones are cast to fp32 below.
-    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    dtype = torch.float32 if p.method == "full" else frozen_dtype
-    check_weight_files(job.model_source, _source_param(job))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(job.model_source, config=job.config, dtype=dtype,
-                                                     trust_remote_code=params.model.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{_source_param(job)} {job.model_source!r}: cannot load the model: {err}") from None
-    check_finite(model, job.model_source, _source_param(job))
-    model.config.use_cache = False
-    if p.attention == "s2":
-        configure_s2attn(model, **job.s2attn)
-    else:
-        model.set_attn_implementation("sdpa")
-    if p.method != "full":
-        lora = params.lora
-        plus = p.method == "lora_plus"
-        model = apply_lora_plus(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                target_modules=lora.target_modules, train_embeddings=plus and lora.train_embeddings,
-                                train_norms=plus and lora.train_norms)
-    for weight in model.parameters():
-        if weight.requires_grad and weight.dtype != torch.float32:
-            weight.data = weight.data.float()
-    return model
+    p, lora = job.section, job.params.lora
+    return trainable_model(
+        job.model_source, job.config, method=p.method, attention=p.attention, precision=precision, s2attn=job.s2attn,
+        lora={"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": lora.target_modules,
+              "train_embeddings": lora.train_embeddings, "train_norms": lora.train_norms},
+        trust_remote_code=job.params.model.trust_remote_code, param=_source_param(job))
 
 
 def _trainable_counts(model) -> dict:
-    from longlora.lora import trainable_parameter_counts
+    from longlora.method.lora import trainable_parameter_counts
 
     return trainable_parameter_counts(model)
 
@@ -505,7 +472,7 @@ def _stable_adapter_config(folder: Path) -> None:
 
 def _save(job: Job, trainer, model, tokenizer, folder: Path) -> None:
     """The adapter (or full model) folder, with the model's config, the tokenizer and extension.json."""
-    from longlora.extension import describe, plain_config
+    from longlora.method.extension import describe, plain_config
 
     p = job.section
     if p.method == "full":

@@ -4,7 +4,8 @@
 
 A byte-level BPE tokenizer (1024 tokens) and a 0.79M-parameter Llama (4 layers, tied embeddings) pre-trained on
 batches of 8 × 256 tokens of the base split of the Python standard library sources, three quarters of each batch
-synthetic sequences built around that code (longlora/synthetic.py: haystacks, key-value recall, copies), written as a
+synthetic sequences built around that code (longlora/embedded/synthetic.py: haystacks, key-value recall, copies),
+written as a
 Hugging Face folder (safetensors) that later stages load like `meta-llama/Llama-2-7b-hf`. Its metrics say how much it
 uses its context: held-out loss by position, bits per byte, planted-value recall and passkey retrieval at 256 tokens.
 The default model is built once and shipped in git (the stage is frozen in dvc.yaml): `make base-model` rebuilds it
@@ -33,16 +34,17 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_wsd_schedule
 
 from longlora.checkpoint import load_checkpoint, save_checkpoint
-from longlora.errors import InputError, diverged, non_finite_tensors
+from longlora.data.packing import cut_blocks, join_encoded
+from longlora.data.tokenizing import BatchEncoder, rust_parallelism
+from longlora.embedded.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy
+from longlora.embedded.synthetic import SyntheticSequences, corpus_words
+from longlora.embedded.tiny import tiny_llama_config, train_bpe_tokenizer
+from longlora.errors import InputError, diverged, raise_if_diverged
+from longlora.evaluation.passkey import PASSKEY_DEPTHS, passkey_accuracy
 from longlora.io import TIMINGS_FILE, StageOutput, file_digests, run_log, same_path, write_json
-from longlora.packing import cut_blocks, join_encoded
-from longlora.passkey import PASSKEY_DEPTHS, passkey_accuracy
-from longlora.probes import bits_per_byte, bucket_means, loss_by_position, masked_accuracy
-from longlora.synthetic import SyntheticSequences, corpus_words
-from longlora.tiny import tiny_llama_config, train_bpe_tokenizer
-from longlora.tokenizing import BatchEncoder, rust_parallelism
 from stages import _cli
-from stages.params import BuildBaseModelParams, Params
+from stages.params import Params
+from stages.sections import BuildBaseModelParams
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +176,7 @@ def _pretrain(model: LlamaForCausalLM, code: np.ndarray, synthetic: SyntheticSeq
                 since_logged.clear()
             if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < p.steps:
                 _save_checkpoint(checkpoint, p, step + 1, model, optimizer, schedule)
-    bad = non_finite_tensors(model)  # the last step can break the weights with no loss after it to show it
-    if bad:
-        raise diverged("build_base_model", p.steps, f"{len(bad)} tensors hold NaN or infinite values ({bad[0]}, …)")
+    raise_if_diverged("build_base_model", model, p.steps)
     return loss.item()
 
 

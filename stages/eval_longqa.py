@@ -5,7 +5,7 @@
 What `sft` trains for, on questions no training stage saw (the embedded default: prepare_corpus's held-out LongQA,
 questions about long source files whose answer is written somewhere in them). Each record is rendered with
 `prepare_sft.template` and tokenized exactly as prepare_sft does; the model answers greedily (at most
-`max_new_tokens`), and its first line is scored by exact match and token F1 (longlora/qa.py), 0–100.
+`max_new_tokens`), and its first line is scored by exact match and token F1 (longlora/evaluation/qa.py), 0–100.
 A prompt that leaves no room for the answer within model.target_context is fitted as prepare_sft fits its examples
 (`prepare_sft.truncation`): cut in the middle (truncate_middle), or left out (drop); both are counted.
 Output: `<out_dir>/<model>/predictions.jsonl` (every question: reference, prediction, scores) and
@@ -20,10 +20,10 @@ from dataclasses import asdict
 
 import numpy as np
 
-from longlora.data import iter_records
+from longlora.data.readers import iter_records
+from longlora.data.sft import middle_cut, parse_instruction
 from longlora.errors import InputError
 from longlora.io import StageOutput
-from longlora.sft_data import middle_cut, parse_instruction
 from stages import _cli, _eval
 from stages.params import Params
 
@@ -60,7 +60,7 @@ def _records(params: Params) -> list[tuple[int, str | None, object]]:
 
 
 def _evaluate(params: Params, name: str, records, out: StageOutput) -> dict:
-    from longlora.qa import answer_all, prompt_ids
+    from longlora.evaluation.qa import answer_all, prompt_ids
 
     p = params.eval_longqa
     _eval.check_positions(params, name, params.model.target_context,

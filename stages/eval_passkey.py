@@ -2,10 +2,12 @@
 
     .venv/bin/python -m stages.eval_passkey base     # or: dvc repro eval_passkey@base (one per model)
 
-LongLoRA's prompt (longlora/passkey.py), with length and depth measured in the model's own tokens; greedy decoding
+LongLoRA's prompt (longlora/evaluation/passkey.py), with length and depth measured in the model's own tokens; greedy
+decoding
 with a KV cache of as many tokens as the key has; a trial is right when the digits the model writes are exactly the
 key. Every cell (length, depth) runs `trials` prompts, keys seeded seed, seed + 1, … in every cell with 4 trials or
-more, each cell its own keys with fewer (longlora.passkey.cell_seeds). On a GPU the model runs in bfloat16. How to
+more, each cell its own keys with fewer (longlora.evaluation.passkey.cell_seeds). On a GPU the model runs in bfloat16.
+How to
 run it and read it: docs/evaluation.md; to 100k tokens: docs/full-size.md.
 Output: `<out_dir>/<model>/` with passkey.csv (accuracy per cell), trials.csv (every prompt: key, answer, tokens)
 and heatmap.png (length × depth, a DVC plot), and `<metrics_dir>/<model>.json` (`accuracy` overall and
@@ -30,7 +32,7 @@ def run(params: Params, model: str) -> dict:
 
 
 def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
-    from longlora.passkey import cell_accuracy, grid_seeds, passkey_grid, save_heatmap, trial_prompt
+    from longlora.evaluation.passkey import cell_accuracy, grid_seeds, passkey_grid, save_heatmap, trial_prompt
 
     p = params.eval_passkey
     lengths = tuple(sorted(p.lengths))

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m stages.eval_perplexity base     # or: dvc repro eval_perplexity@base (one per model)
 
-Two numbers per length (longlora/perplexity.py): the standard strided perplexity (each token scored once) and
+Two numbers per length (longlora/evaluation/perplexity.py): the standard strided perplexity (each token scored once) and
 LongLoRA's own (its eval.py: windows every 256 tokens, exp of the mean window loss), which the paper's tables use.
 Dense attention unless `attention: s2`. On a GPU the model runs in bfloat16. How to run it and read it:
 docs/evaluation.md; PG19 and proof-pile at 2k … 32k: docs/full-size.md.
@@ -16,9 +16,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from longlora.data.packing import TokenStream
 from longlora.errors import InputError
 from longlora.io import StageOutput
-from longlora.packing import TokenStream
 from stages import _cli, _eval
 from stages.params import Params
 
@@ -51,7 +51,7 @@ def _read_stream(params: Params, lengths: tuple[int, ...]):
 
 
 def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
-    from longlora.perplexity import strided_perplexity, windowed_perplexity
+    from longlora.evaluation.perplexity import strided_perplexity, windowed_perplexity
 
     p = params.eval_perplexity
     lengths = tuple(sorted(p.lengths))

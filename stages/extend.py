@@ -17,7 +17,8 @@ stages/_training.py.
 
 Output (`extend.out_dir`): the standard PEFT adapter folder (LoRA + embeddings + norms), with the extended
 config.json, the tokenizer and extension.json (base model, RoPE scaling, S² group size, the resolved params);
-`longlora.extension.load_extended(out_dir)` rebuilds the extended model from it. `method: full` writes a full model
+`longlora.method.extension.load_extended(out_dir)` rebuilds the extended model from it. `method: full` writes a full
+model
 folder instead. Metrics: first and final loss, trainable parameters per group; tokens/s, peak memory, seconds and the
 dvclive logs go to the run log, data/logs/extend/.
 """
@@ -34,13 +35,15 @@ from stages.params import Params
 
 def run(params: Params) -> dict:
     """Train the extension, write the self-describing adapter (or model) folder, return metrics."""
-    return run_stage("extend", params, _job)
+    return run_stage("extend", params, prepare_job)
 
 
-def _job(params: Params) -> Job:
+def prepare_job(params: Params) -> Job:
+    """What this stage trains, as `params` describe it, its inputs checked: the model's config with its RoPE scaling,
+    the packed blocks and the default collator, the S²-Attn settings."""
     from transformers import default_data_collator
 
-    from longlora.training import BlockDataset, open_blocks
+    from longlora.method.training import BlockDataset, open_blocks
 
     config, original_context = _extended_config(params)
     blocks = open_blocks(params.extend.data, params.model.target_context, config.vocab_size, "extend.data")
@@ -66,7 +69,7 @@ def _extended_config(params: Params):
     it is extended from."""
     from transformers import AutoConfig
 
-    from longlora.rope import current_context_length, interpolated_config
+    from longlora.method.rope import current_context_length, interpolated_config
 
     m = params.model
     check_model_source(m.name_or_path, need_config=True)

@@ -29,7 +29,9 @@ from pathlib import Path
 
 from longlora.errors import InputError
 from stages import _cli
-from stages.params import DEFAULT_PARAMS_FILE, TRAINING_STAGES, LaunchParams, load_params
+from stages.params import DEFAULT_PARAMS_FILE, load_params
+from stages.registry import TRAINING_STAGES
+from stages.sections import LaunchParams
 
 log = logging.getLogger(__name__)
 

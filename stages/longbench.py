@@ -4,8 +4,10 @@
     .venv/bin/python -m stages.longbench score PRED_DIR [--e]
 
 The first form predicts with LongBench's prompts and generation lengths, middle truncation and greedy decoding
-(longlora/longbench.py) on every task of `longbench.input` (default: the small LongBench-format sets prepare_corpus
-makes from held-out code, see longlora/longbench_data.py), then scores. It writes `<longbench.out_dir>/<model>/`:
+(longlora/evaluation/longbench.py) on every task of `longbench.input` (default: the small LongBench-format sets
+prepare_corpus
+makes from held-out code, see longlora/embedded/longbench_data.py), then scores. It writes
+`<longbench.out_dir>/<model>/`:
 the prediction files `<dataset>.jsonl`, `result.json` (score per task, 0–100, as LongBench writes it) and
 `summary.json` (category averages; for LongBench-E the length buckets), and the DVC metrics
 `<longbench.metrics_dir>/<model>.json`, so `dvc metrics show` puts the models side by side. How long it takes, and
@@ -27,8 +29,7 @@ from pathlib import Path
 
 from longlora.choices import LONGBENCH_DATASETS, LONGBENCH_E_DATASETS
 from longlora.errors import InputError
-from longlora.io import StageOutput, write_json
-from longlora.longbench import (
+from longlora.evaluation.longbench import (
     TASKS,
     hub_examples,
     local_datasets,
@@ -36,9 +37,11 @@ from longlora.longbench import (
     read_examples,
     score_folder,
 )
+from longlora.io import StageOutput, write_json
 from longlora.sources import is_hub_name
 from stages import _cli
-from stages.params import RESERVED_MODEL_NAMES, Params
+from stages.params import Params
+from stages.registry import RESERVED_MODEL_NAMES
 
 
 def run(params: Params, model: str = "base") -> dict:

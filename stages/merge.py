@@ -6,10 +6,11 @@
 One instance per training stage whose output it merges (dvc.yaml's `foreach`: `merge@extend`, `merge@sft`), each
 writing where its `merge.<stage>` params say. The folder the training stage wrote describes
 itself (extension.json: base model, RoPE scaling), so the merge needs nothing else: the extended model is rebuilt
-with `longlora.extension.load_extended` (fp32), the adapter folded in (`merge_and_unload`: LoRA, embeddings, norms;
+with `longlora.method.extension.load_extended` (fp32), the adapter folded in (`merge_and_unload`: LoRA, embeddings,
+norms;
 tied embeddings stay one matrix) and the result saved with safetensors, the tokenizer, a generation config and the
 source's extension.json (base model, RoPE scaling, the training run's params; `merged_from` and `training_data`
-added), and a Hugging Face model card, README.md (longlora/modelcard.py: base model, method, context length, RoPE
+added), and a Hugging Face model card, README.md (longlora/method/modelcard.py: base model, method, context length, RoPE
 scaling, data and recipe of every training step, the reproducing command; `dvc repro report` adds the results). Its
 config carries the composed RoPE scaling and the new `max_position_embeddings` and names no S²-Attn attribute or
 backend: plain `AutoModelForCausalLM.from_pretrained(folder)` loads it, in a process that never imports this project.
@@ -24,11 +25,19 @@ import sys
 from pathlib import Path
 
 from longlora.errors import InputError
-from longlora.extension import EXTENSION_FILE, describe, is_adapter, load_extended, plain_config, read_description
 from longlora.io import StageOutput, same_path
-from longlora.modelcard import CARD_FILE, merged_model_card
+from longlora.method.extension import (
+    EXTENSION_FILE,
+    describe,
+    is_adapter,
+    load_extended,
+    plain_config,
+    read_description,
+)
+from longlora.method.modelcard import CARD_FILE, merged_model_card
 from stages import _cli
-from stages.params import MERGE_SOURCES, TRAINING_STAGES, Params
+from stages.params import Params
+from stages.registry import MERGE_SOURCES, TRAINING_STAGES
 
 PREPARED_BY = {"extend": "prepare_pretrain", "sft": "prepare_sft"}
 """The data stage that prepares each training stage's default data (its `input` is where that data came from)."""
@@ -47,7 +56,7 @@ def run(params: Params, source: str = "extend") -> dict:
 def _merge(params: Params, source: str, out: StageOutput) -> dict:
     from transformers import GenerationConfig
 
-    from longlora.tokenizing import load_tokenizer
+    from longlora.data.tokenizing import load_tokenizer
 
     folder = Path(params.section(source).out_dir)
     param = f"{source}.out_dir"

@@ -1,4 +1,5 @@
-"""Typed, validated `params.yaml`: one model per section, checked as a whole before any stage does work.
+"""Typed, validated `params.yaml`, checked as a whole before any stage does work: the sections (stages/sections.py)
+put together, the defaults that derive from other keys, the rules across sections, the path rules, and loading.
 
 An unknown key, a duplicate key, a wrong type or an impossible combination stops with the key path and the reason,
 e.g. `params.yaml: s2attn.group_size: target_context 1000 is not divisible by the S²-Attn group size 256`.
@@ -11,887 +12,56 @@ empty paths are rejected and `~` is expanded. (What is on disk is checked when a
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path, PurePath
-from types import UnionType
-from typing import Annotated, Literal, Self, Union, get_args, get_origin
+from pathlib import Path
+from typing import Self
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator, model_validator
 
-from longlora.choices import (
-    LONGBENCH_DATASETS,
-    LONGBENCH_E_DATASETS,
-    BosPolicy,
-    OnError,
-    Remainder,
-    Template,
-    TokenDtype,
-    Truncation,
-)
-from longlora.corpus import Document, Split, stdlib_documents
 from longlora.errors import InputError
-from longlora.io import StageOutput, protected_place, resolved, same_path
-from longlora.recipe import (
-    DEFAULT_GROUP_SIZE_RATIO,
-    PAPER_TARGET_MODULES,
-    PASSKEY_DEPTHS,
-    Attention,
-    EvalDtype,
-    LrSchedule,
-    MergeDtype,
-    Method,
-    Precision,
-    RopeType,
-    check_group_size,
-    check_group_size_ratio,
-    group_size_for,
-)
+from longlora.io import StageOutput, path_relation, resolved, same_path
 from longlora.sources import is_hub_model_id, is_hub_name, local_model, looks_local
+from stages.registry import (
+    EVAL_STAGES,
+    FINAL_STAGES,
+    MERGE_SOURCES,
+    PIPELINE_MODELS,
+    RESERVED_MODEL_NAMES,
+    STAGES,
+    TRAINING_STAGES,
+    stage_key,
+)
+from stages.sections import (
+    DEFAULT_EVAL_MODELS,
+    BuildBaseModelParams,
+    EmbeddedCorpusParams,
+    EvalLongQAParams,
+    EvalModel,
+    EvalPasskeyParams,
+    EvalPerplexityParams,
+    ExtendParams,
+    KeyProblem,
+    LaunchParams,
+    LongBenchParams,
+    LoraParams,
+    MergeParams,
+    ModelParams,
+    PrepareCorpusParams,
+    PrepareEvalParams,
+    PreparePretrainParams,
+    PrepareSftParams,
+    ReportParams,
+    S2AttnParams,
+    Section,
+    SftParams,
+)
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
-TRAINING_STAGES = ("extend", "sft")
-"""The stages that train a model (stages/_training.py): `python -m stages.launch <stage>` starts them as the `launch`
-section says (dvc.yaml runs that command), and the world size it gives must divide their global batch."""
-
-MERGE_SOURCES = ("extend", "sft")
-"""The training stages whose output `merge` folds into a plain model: one dvc.yaml instance each (`merge@extend`),
-one `merge.<stage>` subsection each for its out_dir and metrics_file."""
-
-STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft", "prepare_eval", "extend",
-          "merge@extend", "sft", "merge@sft")
-"""The stages of dvc.yaml before the evaluations. Each reads the params section of its own name (`merge@extend`:
-`merge.extend`), which holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are
-shared by several stages."""
-
-EVAL_STAGES = ("eval_perplexity", "eval_passkey", "eval_longqa", "longbench")
-"""The evaluation stages, after STAGES: one dvc.yaml instance per `eval_models` name (`eval_perplexity@base`), all
-instances reading the stage's section, each writing `<out_dir>/<name>/` and `<metrics_dir>/<name>.json` of it
-(`Params.stages` lists every instance, `Params.destination` gives its paths)."""
-
-FINAL_STAGES = ("report",)
-"""The stages after the evaluations, reading their results: each reads and writes as a STAGES stage does."""
-
-RESERVED_MODEL_NAMES = ("score",)
-"""Not a model name: `python -m stages.longbench score PRED_DIR` scores a folder of predictions."""
-
-
-def stage_key(stage: str) -> str:
-    """The params key of a stage's own section: `extend` -> `extend`, `merge@extend` -> `merge.extend`,
-    `eval_perplexity@base` -> `eval_perplexity` (shared by the instances; the model is `eval_models.base`)."""
-    name = stage.partition("@")[0]
-    return name if name in EVAL_STAGES else stage.replace("@", ".")
-
 
 class ParamsError(InputError):
     """params.yaml is missing, unreadable or invalid; the message names the file and the key path."""
-
-
-class KeyProblem(ValueError):
-    """A cross-field problem best reported at one key (`section.key`) rather than at the top level."""
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(reason)
-        self.key = key
-
-
-def _nonempty(value: object) -> object:
-    if isinstance(value, str | PurePath) and not str(value).strip():
-        raise ValueError("empty path: name a file or folder")
-    return value
-
-
-def _source(value: object) -> object:
-    """An input: a local path (`~` expanded) or a hub name."""
-    value = _nonempty(value)
-    if isinstance(value, str) and value.startswith("~"):
-        return str(Path(value).expanduser())
-    return value
-
-
-def _output(value: object) -> object:
-    """A place a stage writes: never empty, `.`, the working directory or above it, or the home folder."""
-    value = _nonempty(value)
-    if isinstance(value, str | PurePath):
-        path = Path(value).expanduser()
-        if path == Path("."):
-            raise ValueError("'.' is the working directory, which a stage would replace; name a folder inside it")
-        reason = protected_place(path)
-        if reason is not None:
-            raise ValueError(f"{str(path)!r} {reason}, which a stage would replace; name a folder inside it")
-        return path
-    return value
-
-
-Source = Annotated[str, BeforeValidator(_source)]
-"""A local file or folder, or a Hugging Face hub name."""
-InPath = Annotated[Path, BeforeValidator(_source)]
-"""A local file or folder a stage reads."""
-OutPath = Annotated[Path, BeforeValidator(_output)]
-"""A file or folder a stage writes (and replaces on the next run)."""
-
-
-def _check_positive_lengths(lengths: tuple[int, ...] | None) -> None:
-    """The positive-lengths rule of every `lengths` list (prepare_eval, eval_passkey), written here alone: None
-    (derived later) or at least one length, each a positive token count."""
-    if lengths is not None and (not lengths or min(lengths) <= 0):
-        raise ValueError(f"lengths must be positive token counts, got {list(lengths)}")
-
-
-def _is_number(annotation) -> bool:
-    """A field meant to hold an int or a float (possibly None or constrained), not a bool or a choice."""
-    if get_origin(annotation) is Annotated:
-        return _is_number(get_args(annotation)[0])
-    types = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
-    return bool(types & {int, float}) and bool not in types
-
-
-class Section(BaseModel):
-    # allow_inf_nan: `lr: .inf` or `1e309` (YAML reads the latter as a string that float() makes infinite) is refused.
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True,
-                              allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _numbers_are_not_booleans(cls, value, info):
-        # Pydantic's lax mode reads `max_steps: true` as 1.
-        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
-            raise ValueError(f"a number is needed here, not the boolean {str(value).lower()}")
-        return value
-
-
-class EmbeddedCorpusParams(Section):
-    """How the embedded corpus (the interpreter's own standard-library sources) is split between uses."""
-
-    base_fraction: float = Field(0.6, gt=0, lt=1)
-    """Share of files the tiny base model is pre-trained on."""
-    heldout_fraction: float = Field(0.15, gt=0, lt=1)
-    """Share of files no training stage ever sees (evaluation); the rest is context-extension data."""
-    max_documents: int | None = Field(None, gt=0)
-    """Use at most this many files of each split (in sorted order); None uses all. For quick runs and tests."""
-
-    def documents(self, split: Split) -> Iterator[Document]:
-        """The embedded corpus' documents of one split, as these parameters cut it."""
-        return stdlib_documents(split, self.base_fraction, self.heldout_fraction, max_documents=self.max_documents)
-
-    @model_validator(mode="after")
-    def _fractions_leave_room(self) -> Self:
-        if self.base_fraction + self.heldout_fraction >= 1:
-            raise ValueError(
-                f"base_fraction {self.base_fraction} + heldout_fraction {self.heldout_fraction} must stay below 1, "
-                "leaving files for context extension"
-            )
-        return self
-
-
-class BuildBaseModelParams(Section):
-    """Stage `build_base_model`: the tiny embedded Llama and its tokenizer, pre-trained here without network."""
-
-    out_dir: OutPath = Path("data/base_model")
-    """Hugging Face folder (safetensors weights, config, tokenizer) that later stages load like a hub model."""
-    metrics_file: OutPath = Path("data/metrics/build_base_model.json")
-    """DVC metrics: losses, parameter count, throughput."""
-    seed: int = 0
-    """Seeds tokenizer training order, weight initialisation and batch sampling."""
-    vocab_size: int = Field(1024, ge=300, le=65535)
-    """Byte-level BPE vocabulary size (256 byte symbols and 4 special tokens included). Small, so that most of
-    the compute goes into the layers rather than the output softmax (docs/base-model.md: the study)."""
-    hidden_size: int = Field(128, gt=0)
-    intermediate_size: int = Field(256, gt=0)
-    num_layers: int = Field(4, gt=0)
-    """Four: two-layer models did not learn to look back within the budget, four did (docs/base-model.md)."""
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int = Field(4, gt=0)
-    """Fewer than num_heads gives grouped-query attention."""
-    tie_word_embeddings: bool = True
-    """One matrix for input embeddings and output head, as in many small open models; it also formed the copying
-    mechanism soonest in the study."""
-    context_length: int = Field(256, gt=0)
-    """The short pre-training context that later stages extend; becomes max_position_embeddings."""
-    batch_size: int = Field(8, gt=0)
-    steps: int = Field(5000, gt=0)
-    """Enough for the copying mechanism to form and carry over to passkey retrieval at context_length; how many that
-    takes: docs/base-model.md."""
-    lr: float = Field(3e-3, gt=0)
-    """Peak learning rate (AdamW, β = (0.9, 0.95), weight decay 0.1)."""
-    warmup_steps: int = Field(50, ge=0)
-    decay_share: float = Field(0.2, gt=0, le=1)
-    """Warm-up, constant, then a linear decay to zero over this share of the steps (WSD schedule)."""
-    synthetic_share: float = Field(0.75, ge=0, lt=1)
-    """Share of each batch that is synthetic recall or copy sequences around real code (longlora/synthetic.py);
-    the rest is plain code. Without them the model does not learn to use its context in a CPU budget."""
-    haystack_share: float = Field(0.25, ge=0, le=1)
-    """Share of the synthetic sequences that hide one prose fact among repeated look-alike statements and ask for
-    it at the end (`SyntheticSequences.haystack`); of the rest, recall_share are key–value recall."""
-    recall_share: float = Field(0.5, ge=0, le=1)
-    """Share of the other synthetic sequences that are key–value recall; the rest repeat a span of code."""
-    prose_share: float = Field(0.5, ge=0, le=1)
-    """Share of the recalled facts stated as a comment in prose (`# The retry limit is 4411.`) instead of code."""
-    eval_blocks: int = Field(64, gt=0)
-    """Held-out windows of context_length tokens scored for the reported loss by position, and as many held-out
-    recall sequences."""
-    passkey_trials: int = Field(4, ge=0)
-    """Passkey prompts of context_length tokens per depth (0, ¼, ½, ¾, 1) for the reported accuracy; 0: none."""
-
-    @model_validator(mode="after")
-    def _shapes_fit(self) -> Self:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"head dim {self.hidden_size // self.num_heads} must be even for RoPE")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
-        if self.warmup_steps + round(self.decay_share * self.steps) > self.steps:
-            raise ValueError(f"warmup_steps {self.warmup_steps} and the decay ({self.decay_share} of {self.steps} "
-                             "steps) do not fit in steps")
-        return self
-
-
-class ModelParams(Section):
-    """The model to extend and how far."""
-
-    name_or_path: Source = "data/base_model"
-    """Local Hugging Face folder or hub id (e.g. meta-llama/Llama-2-7b-hf; hub ids need the network). A path that
-    looks local (absolute, relative with `./` or several parts, or whose parent folder exists) is never looked up
-    on the hub. Equal to build_base_model.out_dir (however spelled), build_base_model builds it."""
-    original_context: int | None = Field(None, gt=0)
-    """Context the model was pre-trained at; default: the config's max_position_embeddings."""
-    target_context: int = Field(1024, gt=0)
-    """Context to extend to; the RoPE factor is target_context / original_context × rope_headroom."""
-    rope_type: RopeType = "linear"
-    """Position interpolation: linear (paper), or dynamic NTK, YaRN, Llama-3 scaling."""
-    rope_headroom: float = Field(1.0, ge=1.0)
-    """Scale positions as if the target were this many times longer (1: the paper's recipe); the saved config
-    still says max_position_embeddings = target_context. A model reads the longest distances it was pre-trained on
-    least well (they are the rarest in its windows) and interpolation maps the target's longest distances exactly
-    there; headroom moves them back into the well-trained range (docs/extension.md)."""
-    trust_remote_code: bool = False
-    """Never enabled implicitly: executing a hub repository's code is the user's explicit decision."""
-
-    @model_validator(mode="after")
-    def _extends(self) -> Self:
-        if self.original_context is not None and self.target_context < self.original_context:
-            raise ValueError(
-                f"target_context {self.target_context} is shorter than original_context {self.original_context}"
-            )
-        return self
-
-
-class S2AttnParams(Section):
-    """Shifted sparse attention used while training (inference always uses dense attention)."""
-
-    group_size_ratio: float | None = DEFAULT_GROUP_SIZE_RATIO
-    """Group size as a share of the actual sequence length (paper: 1/4)."""
-    group_size: int | None = None
-    """Fixed group size in tokens; takes precedence over the ratio (use it for variable-length SFT batches)."""
-    shift: bool = True
-    """Shift half the heads by half a group (the method). false: every head in the plain groups, so no information
-    crosses a group boundary in training — the paper's "short attention" ablation (benchmarks/replicate.py)."""
-
-    @field_validator("group_size_ratio")
-    @classmethod
-    def _ratio(cls, value: float | None) -> float | None:
-        return None if value is None else check_group_size_ratio(value)
-
-    @field_validator("group_size")
-    @classmethod
-    def _size(cls, value: int | None) -> int | None:
-        return None if value is None else check_group_size(value)
-
-    @model_validator(mode="after")
-    def _one_rule(self) -> Self:
-        if self.group_size is None and self.group_size_ratio is None:
-            raise ValueError("set group_size_ratio or group_size")
-        return self
-
-    def group_size_for(self, seq_len: int) -> int:
-        """The group size S²-Attn uses on a sequence of `seq_len` tokens; raises if it cannot tile it."""
-        return group_size_for(seq_len, self.group_size, self.group_size_ratio)
-
-
-class LoraParams(Section):
-    """LoRA+ (paper defaults): LoRA on the attention projections plus trainable embeddings and norms."""
-
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = PAPER_TARGET_MODULES
-    train_embeddings: bool = True
-    """Without trainable embeddings and norms LoRA fails to extend context (paper: PG19 ppl 11.4–12.0 vs 8.12)."""
-    train_norms: bool = True
-
-    @model_validator(mode="after")
-    def _targets(self) -> Self:
-        if not self.target_modules:
-            raise ValueError("target_modules must name at least one linear layer")
-        return self
-
-
-class PrepareCorpusParams(Section):
-    """Stage `prepare_corpus`: the offline default data, written in the formats real inputs come in."""
-
-    out_dir: OutPath = Path("data/corpus")
-    """pretrain.jsonl (RedPajama format), eval/ (one long text file per document), longqa.json and
-    longqa_heldout.json (LongAlpaca format)."""
-    metrics_file: OutPath = Path("data/metrics/prepare_corpus.json")
-    """DVC metrics: documents, tokens and question counts of each file written."""
-    seed: int = 0
-    """Seeds the file order of the evaluation documents and the LongQA windows and questions."""
-    eval_min_tokens: int | None = Field(None, gt=0)
-    """Each evaluation document is held-out files joined until it has at least this many tokens;
-    None: 2 × model.target_context, so every document reaches the longest default evaluation length."""
-    eval_documents: int | None = Field(64, gt=0)
-    """At most this many evaluation documents; None: as many as the held-out split gives."""
-    longqa_examples: int = Field(512, gt=0)
-    """LongQA training examples (from the extend split); fewer when the split has too few usable windows."""
-    longqa_heldout_examples: int = Field(128, ge=0)
-    """LongQA examples from the held-out split, for scoring answers of the fine-tuned model."""
-    longqa_min_tokens: int | None = Field(None, gt=0)
-    """Shortest LongQA instruction (source code + question) in tokens; None: half of model.target_context."""
-    longqa_max_tokens: int | None = Field(None, gt=0)
-    """Longest LongQA instruction in tokens; None: 85 % of model.target_context, which leaves room for the prompt
-    template and the answer, so that prepare_sft's default `drop` policy keeps every example."""
-    longbench_examples: int = Field(16, ge=0)
-    """Examples of each LongBench-format set in longbench/ (lcc, passage_count, passage_retrieval_en from held-out
-    code, multifieldqa_en from the held-out LongQA; longlora/longbench_data.py), contexts of longqa_min_tokens to
-    longqa_max_tokens tokens; 0: none."""
-
-
-class PreparePretrainParams(Section):
-    """Stage `prepare_pretrain`: RedPajama-format text → fixed blocks of tokens with document boundaries."""
-
-    input: Source = "data/corpus/pretrain.jsonl"
-    """A .jsonl, .jsonl.gz, .jsonl.zst, .parquet or .txt file, a folder of them, or a Hugging Face dataset
-    name (e.g. togethercomputer/RedPajama-Data-1T-Sample; streamed, needs the network). dvc.yaml takes its dep
-    from here, so DVC tracks whichever local input it names."""
-    text_field: str = "text"
-    """Field (or parquet column) holding each document's text (a .txt file is one document whatever it says)."""
-    hub_split: str = "train"
-    """Split to stream when `input` is a hub dataset name."""
-    hub_config: str | None = None
-    """Configuration (subset) name of a hub dataset, if it has several."""
-    max_documents: int | None = Field(None, gt=0)
-    """Read at most this many documents (a bounded sample of a large or streamed input); None reads all."""
-    on_error: OnError = "raise"
-    """A malformed line, a non-UTF-8 line or a missing or empty text stops the stage with file:line
-    (raise) or is skipped and counted in the metrics (skip)."""
-    block_length: int | None = Field(None, gt=0)
-    """Tokens per block; None: model.target_context. Must not exceed it and must be tiled by S²-Attn groups."""
-    bos: BosPolicy = "auto"
-    """`document`: each document is `BOS text EOS` (how Llama was pre-trained); `none`: `text EOS`; `auto`: follows
-    the model, `document` for a start-of-sequence BOS (Llama's `<s>`, the embedded model's), `none` when the
-    tokenizer has no BOS or its BOS is a chat turn marker (SmolLM2's `<|im_start|>`). Resolved when params.yaml loads
-    if model.name_or_path is a local folder (the stage reports the result), else by the stage from the tokenizer.
-    `document` with a chat-marker BOS is refused."""
-    remainder: Remainder = "drop"
-    """The last tokens that do not fill a block: dropped, or padded with the pad token to a full block
-    (the training stage must mask padding); either way the count is reported."""
-    dtype: TokenDtype = "auto"
-    """Token file dtype: auto picks uint16 when the vocabulary fits (ids < 65536), else uint32."""
-    batch_chars: int = Field(4_000_000, ge=1000)
-    """Text per tokenizer call (characters); bounds memory whatever the size of the input."""
-    num_proc: int = Field(1, ge=1)
-    """1: one process, the fast tokenizer's own threads use all cores; >1: that many tokenizer processes
-    (pays off when reading and packing, not tokenization, would otherwise be the bottleneck)."""
-    synthetic_share: float = Field(0.0, ge=0, lt=1)
-    """Share of the blocks that are synthetic long-range sequences of block_length tokens built around the input's
-    own tokens (longlora/synthetic.py: facts stated and restated far apart, haystacks, repeated spans), drawn in
-    build_base_model's mix (its haystack_share, recall_share and prose_share), each block one document. 0 (the
-    paper's recipe): the input alone. The embedded default extends on its base model's own pre-training mix at the
-    target length (0.75, as build_base_model.synthetic_share), as LongLoRA extends Llama on its pre-training
-    distribution (RedPajama): extension data without the long-range signal the base learnt from erases it."""
-    synthetic_min_length: int | None = Field(None, gt=0)
-    """Synthetic sequences are whole multiples of this many tokens, as many to a block as fill it (their lengths
-    drawn at random, each its own document), so that facts are asked for at every position and over every span up
-    to block_length; None: one sequence of block_length per block. Must divide block_length."""
-    seed: int = 0
-    """Seeds the synthetic sequences."""
-    out_dir: OutPath = Path("data/pretrain")
-    """tokens.bin (blocks × block_length), doc_starts.bin, doc_index.npy and meta.json: see docs/data.md."""
-    metrics_file: OutPath = Path("data/metrics/prepare_pretrain.json")
-    """DVC metrics: documents, tokens, blocks, dropped or padded tokens, skipped records, tokens/s."""
-
-
-class PrepareSftParams(Section):
-    """Stage `prepare_sft`: LongAlpaca-format instructions → tokenized examples with prompt-masked labels."""
-
-    input: Source = "data/corpus/longqa.json"
-    """A LongAlpaca-format .json list (or .jsonl, .parquet, a folder of them) of {"instruction", "output",
-    optional "input", "file"}, or a hub dataset name (e.g. Yukang/LongAlpaca-12k; needs the network)."""
-    hub_split: str = "train"
-    """Split to stream when `input` is a hub dataset name."""
-    hub_config: str | None = None
-    """Configuration (subset) name of a hub dataset, if it has several."""
-    max_examples: int | None = Field(None, gt=0)
-    """Read at most this many examples; None reads all."""
-    on_error: OnError = "raise"
-    """A malformed record stops the stage with file:line (raise) or is skipped and counted (skip)."""
-    template: Template = "llama2"
-    """llama2: the paper code's `[INST]{instruction}[/INST]`, and its system-prompt variant when `input` is
-    present; chat_template: the tokenizer's own chat template (system turn only when `input` is present)."""
-    system_prompt: str = (
-        "You are a helpful assistant. Answer the question from the document you are given, briefly and exactly."
-    )
-    """System prompt of the with-input variant (the reference used Llama-2's default system prompt)."""
-    max_length: int | None = Field(None, ge=2)
-    """Longest example in tokens (prompt + answer + EOS); None: model.target_context."""
-    truncation: Truncation = "drop"
-    """Too long: `drop` drops (and counts) examples whose prompt alone leaves no room for an answer token and
-    cuts over-long answers at the end; `truncate_middle` cuts tokens from the middle of the prompt (keeping its
-    start and the question at its end), leaving the answer at least half of max_length."""
-    group_by_length: bool = False
-    """Write examples in length-grouped batches of `group_batch_size` (batches in seeded random order, the
-    longest first) so padding is small; the training stage must then read them in order."""
-    group_batch_size: int = Field(4, gt=0)
-    """Batch size the grouping (and the padding figures in the metrics) assume; match the training batch."""
-    seed: int = 0
-    """Seeds the length-grouped order."""
-    out_dir: OutPath = Path("data/sft")
-    """Hugging Face dataset (datasets.load_from_disk) with input_ids, labels (−100 on the prompt), length."""
-    metrics_file: OutPath = Path("data/metrics/prepare_sft.json")
-    """DVC metrics: examples kept, dropped and truncated, tokens, label tokens, padding with and without
-    length grouping."""
-
-
-class PrepareEvalParams(Section):
-    """Stage `prepare_eval`: long documents → one flat token stream with document offsets."""
-
-    input: Source = "data/corpus/eval"
-    """A folder of text files (PG19 / proof-pile style, one document per file), a .jsonl/.parquet file or
-    folder of them, or a hub dataset name (needs the network)."""
-    text_field: str = "text"
-    """Field (or parquet column) holding each document's text (a .txt file is one document whatever it says)."""
-    hub_split: str = "test"
-    """Split to stream when `input` is a hub dataset name."""
-    hub_config: str | None = None
-    """Configuration (subset) name of a hub dataset, if it has several."""
-    max_documents: int | None = Field(None, gt=0)
-    """Read at most this many documents; None reads all."""
-    on_error: OnError = "raise"
-    """A malformed or empty record stops the stage with file:line (raise) or is skipped and counted (skip)."""
-    bos: BosPolicy = "auto"
-    """`document`: each document is `BOS text EOS` in the stream; `none`: `text EOS`; `auto`: as
-    prepare_pretrain.bos, from the model's tokenizer."""
-    dtype: TokenDtype = "auto"
-    """Stream dtype: auto picks uint16 when the vocabulary fits (ids < 65536), else uint32."""
-    lengths: tuple[int, ...] | None = None
-    """Evaluation context lengths whose reach is counted (documents with at least that many tokens);
-    None: model.target_context / 4, / 2 and × 1."""
-    batch_chars: int = Field(4_000_000, ge=1000)
-    """Text per tokenizer call (characters); bounds memory."""
-    out_dir: OutPath = Path("data/eval")
-    """tokens.bin (flat stream), doc_offsets.npy (documents + 1 offsets) and meta.json: see docs/data.md."""
-    metrics_file: OutPath = Path("data/metrics/prepare_eval.json")
-    """DVC metrics: documents, tokens, documents reaching each evaluation length."""
-
-    @model_validator(mode="after")
-    def _positive_lengths(self) -> Self:
-        _check_positive_lengths(self.lengths)
-        return self
-
-
-class TrainingParams(Section):
-    """What every training stage (`extend`, `sft`) sets the same way: method, recipe, checkpoints, outputs. The
-    defaults are the paper's recipe (LongLoRA fine-tune.py, 7B → 32k on 8 GPUs); params.yaml sets the tiny CPU
-    default."""
-
-    method: Method = "lora_plus"
-    """lora_plus: LoRA plus trainable embeddings and norms (paper); lora: the adapter alone (ablation); full: every
-    weight (the paper's full fine-tuning reference; writes a full model folder)."""
-    attention: Attention = "s2"
-    """s2: shifted sparse attention while training (evaluation is always dense); dense: causal attention (baseline)."""
-    max_steps: int = Field(1000, gt=0)
-    """Optimizer steps (paper: 1000 at a global batch of 64)."""
-    global_batch_size: int = Field(64, gt=0)
-    """Sequences per optimizer step over all processes = per_device_batch_size × gradient accumulation × world size;
-    the accumulation is derived from it once the world size is known (paper: 64 = 1 × 8 × 8 GPUs). The world size
-    `launch` gives (nodes × nproc_per_node) must divide it into whole per-device batches."""
-    per_device_batch_size: int = Field(1, gt=0)
-    """Sequences per forward pass on each process."""
-    lr: float = Field(2e-5, gt=0)
-    """Peak learning rate (paper: 2e-5; 1e-5 for 70B)."""
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.95, ge=0, lt=1)
-    """0.95 as in the paper (the reference scripts silently used the default 0.999)."""
-    adam_epsilon: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    """Paper: 0."""
-    lr_schedule: LrSchedule = "constant_with_warmup"
-    """Paper: constant after a linear warm-up (also under ZeRO-3: the shipped DeepSpeed configs leave the schedule to
-    the Trainer, unlike the reference's ZeRO-3 config, which replaced it with a decaying one)."""
-    warmup_steps: int = Field(20, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    """Gradients are clipped to this norm (the Trainer's default, which the paper's runs used)."""
-    precision: Precision = "auto"
-    """auto: bf16 mixed precision on a GPU that supports it, fp32 on a CPU."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass (paper: on; what lets 7B train at 32k)."""
-    deepspeed: InPath | None = None
-    """DeepSpeed config (JSON), e.g. configs/ds_zero2.json or configs/ds_zero3.json; its "auto" values are filled from
-    these params by the Trainer. None: no DeepSpeed."""
-    seed: int = 0
-    """Seeds LoRA initialisation, the data order and dropout."""
-    log_every: int = Field(10, gt=0)
-    """Log loss, learning rate and tokens/s (dvclive, console) every this many steps."""
-    checkpoint_every: int = Field(100, gt=0)
-    """Save a resumable checkpoint (weights, optimizer, scheduler, RNG and data position) every this many steps."""
-    keep_checkpoints: int = Field(2, gt=0)
-    """Keep at most this many recent checkpoints of a run; older ones are removed as new ones are written."""
-    resume: str = "auto"
-    """auto: continue from the latest checkpoint this same configuration left in checkpoint_dir (a killed or failed
-    run), else start; never: start over; or the path of one checkpoint folder (`…/checkpoint-<step>`), which must
-    come from this same configuration."""
-
-    @field_validator("resume")
-    @classmethod
-    def _resume(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("empty: use auto, never, or the path of a checkpoint folder")
-        return value if value in ("auto", "never") else str(Path(value).expanduser())
-
-    @model_validator(mode="after")
-    def _batch_fits(self) -> Self:
-        if self.global_batch_size % self.per_device_batch_size:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
-                             f"{self.per_device_batch_size}")
-        return self
-
-    def batch_split_problem(self, world_size: int, processes: str = "") -> str | None:
-        """The global-batch rule, written here alone: why global_batch_size does not split into whole per-device
-        batches over `world_size` processes (`processes`: where that number comes from, in words), or None. Checked
-        when params.yaml loads against `launch`'s world size, and by the stage against the one it runs with."""
-        per_step = self.per_device_batch_size * world_size
-        if self.global_batch_size % per_step:
-            return (f"{self.global_batch_size} is not divisible by per_device_batch_size {self.per_device_batch_size} "
-                    f"× {world_size} processes{processes} = {per_step}; change one of them")
-        return None
-
-    def gradient_accumulation(self, world_size: int, stage: str) -> int:
-        """Gradient accumulation steps that make global_batch_size with `world_size` processes."""
-        problem = self.batch_split_problem(world_size)
-        if problem:
-            raise InputError(f"{stage}.global_batch_size {problem}")
-        return self.global_batch_size // (self.per_device_batch_size * world_size)
-
-
-class ExtendParams(TrainingParams):
-    """Stage `extend`: long-context extension. The base model is loaded with its RoPE interpolated to
-    model.target_context, trained with S²-Attn on prepare_pretrain's packed blocks (HF Trainer), and written as a
-    self-describing PEFT adapter folder (`method: full`: a full model folder)."""
-
-    data: InPath | None = None
-    """Packed blocks to train on (prepare_pretrain's format, read memory-mapped with PackedBlocks); None:
-    prepare_pretrain.out_dir. Their block length must be model.target_context."""
-    document_attention: bool = False
-    """false: the documents packed into a block attend to the documents before them (the paper's recipe); true:
-    each document attends only to itself, its positions restarting at 0 and its S² groups laid out from its own start
-    (document-aware S²-Attn: exactly as if alone in its row; fewer FLOPs), and its first token is no target."""
-    checkpoint_dir: OutPath = Path("data/checkpoints/extend")
-    """Checkpoints, one subfolder per configuration (a hash of everything that shapes training), outside the
-    DVC-cached output so that they survive `dvc repro` (persist: true). A run's own subfolder is removed when it
-    completes."""
-    out_dir: OutPath = Path("data/extend")
-    """PEFT adapter folder (adapter_config.json, adapter_model.safetensors) with the extended config.json, the
-    tokenizer and extension.json (base model, RoPE scaling, S² group size, these params); a full model folder for
-    method full. The dvclive logs go to the run log, data/logs/extend/dvclive/."""
-    metrics_file: OutPath = Path("data/metrics/extend.json")
-    """DVC metrics: first and final loss, trainable parameters per group (tokens/s, peak memory and seconds: the run
-    log's data/logs/extend/timings.json)."""
-
-
-class SftParams(TrainingParams):
-    """Stage `sft`: supervised fine-tuning on prepare_sft's examples (LongAlpaca/LongQA format), loss on the answer
-    tokens only, in padding-free packed rows (document-aware S²-Attn) or right-padded batches; S²-Attn with a fixed
-    group size.
-    Output: a self-describing PEFT adapter folder over `base_model` (as `extend` writes), merged by `merge@sft`.
-    Defaults as the reference's supervised-fine-tune.py (lr 2e-5, 20 warm-up steps, constant, global batch 64)."""
-
-    base_model: Source | None = None
-    """The model to fine-tune: None is merge.extend.out_dir, the extended model (the paper's order: extend, then SFT).
-    A chat model (folder or hub id) whose context is shorter than model.target_context is interpolated to it at load
-    time, and the adapter folder records that scaling."""
-    data: InPath | None = None
-    """Tokenized examples (prepare_sft's Hugging Face dataset); None: prepare_sft.out_dir. With its group_by_length
-    on they are read in the order written, in batches of per_device_batch_size (= prepare_sft.group_batch_size);
-    otherwise shuffled."""
-    padding_free: bool | None = None
-    """true: each batch's examples are packed back to back into rows of up to the model's context, every
-    example computed exactly as if alone (document-aware S²-Attn, positions restarting per example): the same loss
-    and gradients as padded batches, without computing the padding (needs attention s2 and s2attn.shift true). false:
-    each example right-padded to the batch's longest, rounded up to a multiple of the S² group. None: true exactly
-    when it can be (attention s2 and s2attn.shift true), else false."""
-    max_steps: int = Field(560, gt=0)
-    """Optimizer steps; 560 at a global batch of 64 is about 3 epochs of LongAlpaca-12k."""
-    checkpoint_dir: OutPath = Path("data/checkpoints/sft")
-    """Checkpoints, as extend.checkpoint_dir (persist: true, one subfolder per configuration)."""
-    out_dir: OutPath = Path("data/sft_adapter")
-    """PEFT adapter folder with config.json, the tokenizer, extension.json (base model, its RoPE scaling, the S²
-    group size, these params); a full model folder for method full. The dvclive logs go to data/logs/sft/dvclive/."""
-    metrics_file: OutPath = Path("data/metrics/sft.json")
-    """DVC metrics: first and final loss, padding share, trainable parameters per group (tokens/s, peak memory and
-    seconds: data/logs/sft/timings.json)."""
-
-
-Launcher = Literal["none", "torchrun", "accelerate"]
-
-
-class LaunchParams(Section):
-    """How `python -m stages.launch <stage>` starts a training stage (TRAINING_STAGES): the command is built in
-    stages/launch.py and nowhere else. The launcher only starts processes; the Trainer inside each one does the
-    distribution, and DeepSpeed is a setting of the training stage itself (`extend.deepspeed`), because the Trainer
-    reads it, a checkpoint's configuration includes it, and two training stages may need different ZeRO stages."""
-
-    launcher: Launcher = "none"
-    """none: run the stage in the launching process (one process, one device or the CPU); torchrun: `python -m
-    torch.distributed.run`, one process per device, c10d rendezvous; accelerate: `accelerate launch` (its
-    multi-GPU mode, the same c10d rendezvous). Both hand each process RANK and WORLD_SIZE, from which the stage
-    derives its gradient accumulation."""
-    nproc_per_node: int = Field(1, gt=0)
-    """Processes on each node: one per GPU (8 on an 8×A100 node)."""
-    nodes: int = Field(1, gt=0)
-    """Nodes taking part; every node runs the same command (configs/slurm/multinode.sbatch does it under SLURM)."""
-    rdzv_endpoint: str = "localhost:0"
-    """host:port of the c10d rendezvous, on the first node. localhost:0 (one node only) lets torchrun pick a free
-    port; several nodes need the first node's address and an open port, e.g. node001:29500."""
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.nproc_per_node
-
-    @field_validator("rdzv_endpoint")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"{value!r} is not host:port (e.g. node001:29500, or localhost:0 on one node)")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if self.launcher == "none" and self.world_size > 1:
-            raise ValueError(f"launcher none runs one process, but nodes {self.nodes} × nproc_per_node "
-                             f"{self.nproc_per_node} asks for {self.world_size}: use torchrun or accelerate")
-        host, _, port = self.rdzv_endpoint.rpartition(":")
-        if self.nodes > 1 and (host in ("localhost", "127.0.0.1", "::1", "[::1]") or port == "0"):
-            raise KeyProblem("launch.rdzv_endpoint", f"{self.rdzv_endpoint!r} cannot be reached by the other "
-                                                     f"{self.nodes - 1} node(s): name the first node and a port, "
-                                                     "e.g. node001:29500")
-        return self
-
-
-class MergeOutput(Section):
-    """Where one `merge` instance writes."""
-
-    out_dir: OutPath
-    """Hugging Face model folder (safetensors, config with the composed RoPE scaling, tokenizer, generation config)
-    that plain `AutoModelForCausalLM.from_pretrained` loads."""
-    metrics_file: OutPath
-    """DVC metrics: parameters, context length, RoPE scaling, tied embeddings."""
-
-
-class MergeParams(Section):
-    """Stage `merge`: a training stage's output (adapter + its base, or a full model) → one plain Hugging Face model
-    folder. One instance per training stage (dvc.yaml `merge@<stage>`), each with its own subsection here."""
-
-    dtype: MergeDtype = "auto"
-    """Weights dtype of the merged folder; auto keeps the base model's own dtype (merging itself runs in fp32)."""
-    extend: MergeOutput = MergeOutput(out_dir=Path("data/extended_model"),
-                                      metrics_file=Path("data/metrics/merge_extend.json"))
-    """merge@extend: the extended model, base of the sft stage."""
-    sft: MergeOutput = MergeOutput(out_dir=Path("data/sft_model"), metrics_file=Path("data/metrics/merge_sft.json"))
-    """merge@sft: the fine-tuned long-context model, the pipeline's final product."""
-
-
-class EvalModel(Section):
-    """One model the evaluation stages compare."""
-
-    path: Source | None = None
-    """A Hugging Face causal-LM folder (e.g. a merge stage's out_dir) or a hub id (needs the network). None (not in
-    params.yaml, whose dvc.yaml names each path as a dependency: DVC refuses a null one) follows the pipeline:
-    `extended` and `sft` are merge.extend.out_dir and merge.sft.out_dir (PIPELINE_MODELS), any other name is
-    model.name_or_path."""
-    interpolate: bool = False
-    """Interpolate its RoPE to model.target_context when loading (model.rope_type and model.rope_headroom, from
-    model.original_context), as extend does: the base model's "interpolation without training" baseline. Merged
-    models already carry their scaling."""
-    extrapolate: bool = False
-    """Evaluate it at lengths beyond its positions (`max_position_embeddings`, after interpolation): a deliberate
-    extrapolation study, such as the base model as pre-trained at the extended lengths. Otherwise an evaluation that
-    would read past them stops, naming the length."""
-
-
-class EvalPerplexityParams(Section):
-    """Stage `eval_perplexity`: perplexity of each eval_models model on prepare_eval's stream at each length, both the
-    standard strided number and LongLoRA's own (longlora/perplexity.py)."""
-
-    lengths: tuple[int, ...] | None = None
-    """Context lengths (tokens per window) to evaluate at; None: prepare_eval.lengths. The paper: 2k … 32k (PG19,
-    proof-pile), up to 100k for its 100k models."""
-    stride: int | None = None
-    """Strided perplexity: a window starts every `stride` tokens (each token is still scored once, with more context
-    the smaller the stride); None: every length itself (windows side by side). At most the shortest length."""
-    windowed_step: int = Field(256, gt=0)
-    """LongLoRA's number: a window of each length starts every this many tokens (its eval.py: 256)."""
-    batch_size: int = Field(1, gt=0)
-    """Windows per forward pass."""
-    dtype: EvalDtype = "auto"
-    """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
-    attention: Attention = "dense"
-    """dense: what the paper's tables use; s2: S²-Attn at evaluation too (the shared `s2attn` group size), which
-    the paper also reports (LongLoRA-trained models score better dense)."""
-    max_tokens: int | None = Field(None, gt=0)
-    """Evaluate on the stream's first this many tokens (the same tokens at every length: a CPU budget); None: the
-    whole stream. Must leave room for LongLoRA's windows at the longest length (longest + windowed_step + 1)."""
-    out_dir: OutPath = Path("data/eval_results/perplexity")
-    """One folder per model, `<out_dir>/<name>/perplexity.csv` (model, length, perplexity, windowed_perplexity,
-    tokens_scored, windows): `dvc plots show` draws perplexity against context length, one line per model."""
-    metrics_dir: OutPath = Path("data/metrics/eval_perplexity")
-    """DVC metrics, `<metrics_dir>/<name>.json`: both perplexities per length, `ppl.<length>` (strided) and
-    `ppl_windowed.<length>`, so that `dvc metrics show <metrics_dir>` is a model-by-length table."""
-
-    def check_windows(self) -> None:
-        """Raise ValueError unless the (resolved) lengths, stride and max_tokens leave windows to score."""
-        if not self.lengths or min(self.lengths) < 2:
-            raise ValueError(f"lengths must be token counts of at least 2, got {list(self.lengths or ())}")
-        if self.stride is not None and self.stride > min(self.lengths):
-            raise ValueError(f"stride {self.stride} exceeds the shortest length {min(self.lengths)}: windows would "
-                             "leave tokens unscored")
-        longest = max(self.lengths)
-        if self.max_tokens is not None and self.max_tokens <= longest + self.windowed_step:
-            raise ValueError(f"max_tokens {self.max_tokens} leaves no LongLoRA window at length {longest} (it "
-                             f"needs more than length + windowed_step = {longest + self.windowed_step})")
-
-
-class EvalPasskeyParams(Section):
-    """Stage `eval_passkey`: passkey retrieval of each eval_models model over a grid of prompt lengths × key depths
-    (longlora/passkey.py: LongLoRA's prompt, lengths and depths in the model's tokens, greedy decoding)."""
-
-    lengths: tuple[int, ...] | None = None
-    """Prompt lengths in tokens (the prompt and the answer fit in each); None: model.target_context / 4, / 2, × 1.
-    The paper: 1k … 32k for its 32k models, up to 100k for the 100k ones."""
-    depths: tuple[float, ...] = PASSKEY_DEPTHS
-    """Where the key line sits, as a share of the filler tokens before it (0: first, 1: last)."""
-    trials: int = Field(2, gt=0)
-    """Prompts per cell (length, depth). With 4 or more, every cell uses the keys of seeds seed, seed + 1, … (cells
-    compared on the same keys); with fewer, each cell has keys of its own (cell c: seed + c × trials + t), so that
-    one trial per cell does not test one key everywhere (longlora.passkey.cell_seeds)."""
-    seed: int = 0
-    """Seed of the first key."""
-    dtype: EvalDtype = "auto"
-    """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
-    out_dir: OutPath = Path("data/eval_results/passkey")
-    """One folder per model, `<out_dir>/<name>/`: passkey.csv (accuracy per length and depth), trials.csv (every
-    prompt: key, answer, prompt tokens, correct) and heatmap.png (length × depth), a DVC plot."""
-    metrics_dir: OutPath = Path("data/metrics/eval_passkey")
-    """DVC metrics, `<metrics_dir>/<name>.json`: `accuracy` overall and `by_length.<length>` (per depth: passkey.csv
-    and the heatmap)."""
-
-    @model_validator(mode="after")
-    def _grid(self) -> Self:
-        _check_positive_lengths(self.lengths)
-        if not self.depths or not all(0.0 <= depth <= 1.0 for depth in self.depths):
-            raise ValueError(f"depths must be shares of the filler in [0, 1], got {list(self.depths)}")
-        return self
-
-class EvalLongQAParams(Section):
-    """Stage `eval_longqa` (one instance per eval_models name): held-out questions in the SFT prompt format
-    (`prepare_sft.template`), greedy answers scored by exact match and token F1 (longlora/qa.py)."""
-
-    input: InPath = Path("data/corpus/longqa_heldout.json")
-    """LongAlpaca-format records ({"instruction", "output", optional "input"}) that no training stage reads; the
-    default is prepare_corpus's held-out LongQA (questions about source files of the held-out split)."""
-    max_examples: int | None = Field(64, gt=0)
-    """Score the first this many records; None: all."""
-    max_new_tokens: int = Field(32, gt=0)
-    """Longest answer generated; its first line is scored."""
-    dtype: EvalDtype = "auto"
-    """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
-    out_dir: OutPath = Path("data/eval_results/longqa")
-    """One folder per model, `<out_dir>/<name>/predictions.jsonl`: every question's reference, prediction and
-    scores."""
-    metrics_dir: OutPath = Path("data/metrics/eval_longqa")
-    """DVC metrics, `<metrics_dir>/<name>.json`: `exact_match` and `f1` (0–100), by question kind too."""
-
-
-class LongBenchParams(Section):
-    """Stage `longbench` (one instance per eval_models name): LongBench's prompts, greedy predictions and its own
-    scoring (longlora/longbench.py)."""
-
-    input: Source = "data/corpus/longbench"
-    """A local folder of LongBench-format `<dataset>.jsonl` files (`input`, `context`, `answers`, `all_classes`,
-    `length`), e.g. the `data/` folder of LongBench's data.zip, or the hub dataset THUDM/LongBench (its data.zip;
-    needs the network once). Default: the small sets prepare_corpus makes from held-out code."""
-    datasets: tuple[str, ...] | None = None
-    """LongBench task names to run; None: every task the local folder has a file for (from the hub: all of
-    LongBench's, or of LongBench-E's)."""
-    longbench_e: bool = False
-    """LongBench-E: read `<dataset>_e.jsonl` and also score by context length (0-4k, 4-8k, 8k+ words)."""
-    max_examples: int | None = Field(None, gt=0)
-    """At most this many examples per task (each file's first); None: all."""
-    max_length: int | None = Field(None, gt=0)
-    """Prompt tokens kept; longer prompts are cut in the middle (LongBench: 31500 for 32k models). None:
-    model.target_context minus the longest generation (max_new_tokens, or LongBench's 512)."""
-    max_new_tokens: int | None = Field(None, gt=0)
-    """Cap on each task's generation length; None: LongBench's own (32 to 512 tokens per task)."""
-    chat_template: bool = False
-    """Wrap prompts in the tokenizer's chat template (chat models), except on the tasks where LongBench skips it
-    (few-shot and code completion: trec, triviaqa, samsum, lsht, lcc, repobench-p)."""
-    dtype: EvalDtype = "float32"
-    """Weights dtype the models are loaded in (bfloat16 on GPUs)."""
-    cpu_threads: int | None = Field(None, gt=0)
-    """torch's CPU threads while predicting; None: torch's default (one per core). Decoding a tiny model is a
-    chain of small matrix products that more threads do not speed up, and on a busy machine threads waiting for each
-    other slow it down many times over (docs/performance.md)."""
-    out_dir: OutPath = Path("data/longbench")
-    """One folder per model, `<out_dir>/<model>`: LongBench's prediction files `<dataset>.jsonl` ({"pred",
-    "answers", "all_classes", "length"}) and result.json (score per task, as LongBench's eval.py writes it)."""
-    metrics_dir: OutPath = Path("data/metrics/longbench")
-    """One DVC metrics file per model, `<metrics_dir>/<model>.json`: scores per task and per category (and per
-    length bucket for LongBench-E), examples (seconds per example: data/logs/longbench@<model>/timings.json)."""
-
-    @field_validator("datasets")
-    @classmethod
-    def _known(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("empty: name LongBench tasks, or null for all")
-            unknown = [name for name in value if name not in LONGBENCH_DATASETS]
-            if unknown:
-                raise ValueError(f"unknown LongBench tasks {unknown}; known: {', '.join(LONGBENCH_DATASETS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _in_longbench_e(self) -> Self:
-        if self.longbench_e and self.datasets is not None:
-            missing = [name for name in self.datasets if name not in LONGBENCH_E_DATASETS]
-            if missing:
-                raise ValueError(f"longbench_e: LongBench-E has no {missing}; it has {', '.join(LONGBENCH_E_DATASETS)}")
-        return self
-
-
-class ReportParams(Section):
-    """Stage `report`: the evaluations of every eval_models model side by side (tables, the perplexity plot, the
-    passkey heatmaps, LongBench), each merged model's card with its results, and the short summary `make repro`
-    prints (stages/report.py)."""
-
-    out_dir: OutPath = Path("data/report")
-    """README.md (the report), perplexity.png, passkey/<model>.png (the heatmaps), models/<merge source>/README.md
-    (each merged model's Hugging Face card with its evaluation results, to copy into the model folder before
-    uploading it) and summary.txt (perplexity per length, passkey accuracy and LongBench average per model)."""
-    metrics_file: OutPath = Path("data/metrics/report.json")
-    """DVC metrics: the models reported, the evaluations found for each, the cards written."""
-
-
-PIPELINE_MODELS = {"extended": "extend", "sft": "sft"}
-"""The eval_models names whose default path is a merged model of the pipeline (`merge.<source>.out_dir`); every other
-name defaults to model.name_or_path."""
-
-DEFAULT_EVAL_MODELS = {
-    "base_pi": EvalModel(interpolate=True),
-    "extended": EvalModel(),
-}
 
 
 class Params(Section):
@@ -1135,7 +305,7 @@ class Params(Section):
         outputs = [(stage, key, path, resolved(path)) for stage, key, path in self._outputs()]
         for i, (_, key_a, path_a, place_a) in enumerate(outputs):
             for _, key_b, path_b, place_b in outputs[i + 1:]:
-                relation = _relation(place_b, place_a)
+                relation = path_relation(place_b, place_a)
                 if relation:
                     raise KeyProblem(key_b, f"{str(path_b)!r} {relation} {key_a} {str(path_a)!r}: every stage "
                                             "output needs a place of its own")
@@ -1143,7 +313,7 @@ class Params(Section):
         for readers, key, source in self._local_inputs():
             place = resolved(source)
             producer = next(((stage, out_key, out_path) for stage, out_key, out_path, out_place in folders
-                             if _relation(place, out_place) in ("is the same place as", "is inside")), None)
+                             if path_relation(place, out_place) in ("is the same place as", "is inside")), None)
             if producer is not None:
                 # A product of the pipeline (the default inputs are): it must not be read by the stage writing it.
                 stage, out_key, out_path = producer
@@ -1155,7 +325,7 @@ class Params(Section):
                                           "from the folder it replaces")
                 continue
             for _, out_key, out_path, out_place in outputs:
-                relation = _relation(out_place, place)
+                relation = path_relation(out_place, place)
                 if relation:
                     raise KeyProblem(out_key, f"{str(out_path)!r} {relation} {key} {source!r}: a stage never writes "
                                               "where data is read from")
@@ -1169,7 +339,8 @@ class Params(Section):
         m = self.model
         embedded = same_path(m.name_or_path, self.build_base_model.out_dir)
         folder = local_model(m.name_or_path)
-        # The embedded tokenizer's BOS is a start-of-sequence `<s>` (longlora/tiny.py), whatever the folder holds
+        # The embedded tokenizer's BOS is a start-of-sequence `<s>` (longlora/embedded/tiny.py), whatever the folder
+        # holds
         # before build_base_model has run.
         chat_bos = False if embedded else (folder.bos_opens_chat_turns() if folder is not None else None)
         for name in ("prepare_pretrain", "prepare_eval"):
@@ -1219,17 +390,6 @@ class Params(Section):
             shared = getattr(self, name).model_dump(mode="json", exclude=set(MERGE_SOURCES))
             reported = {**shared, **reported}
         return StageOutput(stage, out_dir, out_key, metrics_file, metrics_key, params=reported)
-
-
-def _relation(a: Path, b: Path) -> str | None:
-    """How resolved path `a` overlaps resolved path `b`, as words, or None if they are apart."""
-    if a == b:
-        return "is the same place as"
-    if b in a.parents:
-        return "is inside"
-    if a in b.parents:
-        return "contains"
-    return None
 
 
 def _location(loc: tuple) -> str:

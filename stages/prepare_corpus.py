@@ -9,11 +9,11 @@ It writes, under `data/corpus/`, the inputs the other data stages read, in the f
   joined until each has ≥ 2 × model.target_context tokens, so every document reaches the evaluation lengths;
 - `longqa.json` (from the extend split) and `longqa_heldout.json` (held-out split) — LongAlpaca format
   ({"instruction", "output", "file"}, plus "meta" with the question kind, name and depth): long source code with
-  one mechanically verifiable question each (see longlora/longqa.py), by default 50–85 % of
+  one mechanically verifiable question each (see longlora/embedded/longqa.py), by default 50–85 % of
   model.target_context tokens long;
 - `longbench/<dataset>.jsonl` — LongBench format, small sets from the held-out split scored with LongBench's
   prompts and metrics (lcc, passage_count, passage_retrieval_en, and the held-out LongQA as multifieldqa_en; see
-  longlora/longbench_data.py), contexts in the LongQA length range.
+  longlora/embedded/longbench_data.py), contexts in the LongQA length range.
 
 Deterministic for a given seed, Python version and tokenizer (the tokenizer only measures lengths); what the
 embedded pipeline's run writes: docs/data.md.
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from longlora.data.tokenizing import BatchEncoder, load_tokenizer, rust_parallelism
+from longlora.embedded.longbench_data import embedded_longbench
+from longlora.embedded.longqa import generate_longqa, long_documents
 from longlora.errors import InputError
 from longlora.io import StageOutput
-from longlora.longbench_data import embedded_longbench
-from longlora.longqa import generate_longqa, long_documents
-from longlora.tokenizing import BatchEncoder, load_tokenizer, rust_parallelism
 from stages import _cli
 from stages.params import Params
 

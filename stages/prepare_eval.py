@@ -7,7 +7,7 @@ Input (the default params: the held-out documents of data/corpus/eval/): a folde
 document becomes `[BOS] tokens EOS`, back to back, like the `.bin` token files LongLoRA's evaluation reads — uint16 when
 the vocabulary fits, else uint32 — with the offsets of every document, so evaluation can stay within documents or slide
 across them.
-Output: data/eval/ (tokens.bin, doc_offsets.npy, meta.json — read it with `longlora.packing.TokenStream`) and
+Output: data/eval/ (tokens.bin, doc_offsets.npy, meta.json — read it with `longlora.data.packing.TokenStream`) and
 data/metrics/prepare_eval.json, which counts the documents that reach each evaluation length (`lengths`, default
 model.target_context / 4, / 2, × 1). prepare_corpus joins held-out files until each document reaches the longest
 default length.
@@ -19,11 +19,11 @@ import itertools
 
 import numpy as np
 
-from longlora.data import ReadStats, batched_texts, iter_texts
+from longlora.data.packing import TokenStreamWriter, join_encoded
+from longlora.data.readers import ReadStats, batched_texts, iter_texts
+from longlora.data.tokenizing import BatchEncoder, encode_batches, load_tokenizer, special_ids, token_dtype
 from longlora.errors import InputError
 from longlora.io import StageOutput
-from longlora.packing import TokenStreamWriter, join_encoded
-from longlora.tokenizing import BatchEncoder, encode_batches, load_tokenizer, special_ids, token_dtype
 from stages import _cli
 from stages.params import Params
 

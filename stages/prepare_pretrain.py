@@ -10,9 +10,10 @@ used togethercomputer/RedPajama-Data-1T-Sample; needs the network). Memory stays
 Documents are joined as `[BOS] text EOS` (`bos` param) and cut into blocks; every block's document start offsets
 are kept for document-aware attention; the final partial block is dropped or padded (`remainder`), and counted.
 With `synthetic_share` (the embedded default), blocks of synthetic long-range sequences built around those tokens
-follow them (longlora/synthetic.py, build_base_model's mix: docs/extension.md).
+follow them (longlora/embedded/synthetic.py, build_base_model's mix: docs/extension.md).
 Output: data/pretrain/ (tokens.bin, doc_starts.bin, doc_index.npy, meta.json — read it with
-`longlora.packing.PackedBlocks`) and data/metrics/prepare_pretrain.json (documents, tokens, blocks, dropped or padded
+`longlora.data.packing.PackedBlocks`) and data/metrics/prepare_pretrain.json (documents, tokens, blocks, dropped or
+padded
 tokens, skipped records, tokens/s). Its speed against the tokenizer's raw batch encoder: docs/performance.md
 (benchmarks/pack_speed.py).
 """
@@ -27,12 +28,12 @@ from collections import Counter
 import numpy as np
 from tqdm.auto import tqdm
 
-from longlora.data import ReadStats, batched_texts, iter_texts
+from longlora.data.packing import BlockPacker, Packed, PackedBlocksWriter
+from longlora.data.readers import ReadStats, batched_texts, iter_texts
+from longlora.data.tokenizing import BatchEncoder, encode_batches, load_tokenizer, special_ids, token_dtype
+from longlora.embedded.synthetic import WORDS, word_counts
 from longlora.errors import InputError
 from longlora.io import StageOutput
-from longlora.packing import BlockPacker, Packed, PackedBlocksWriter
-from longlora.synthetic import WORDS, word_counts
-from longlora.tokenizing import BatchEncoder, encode_batches, load_tokenizer, special_ids, token_dtype
 from stages import _cli
 from stages.params import Params
 
@@ -124,7 +125,7 @@ def _write_synthetic(params: Params, tokenizer, writer: PackedBlocksWriter, word
     """Append blocks of synthetic sequences built around the blocks written so far, in build_base_model's mix,
     until they are `synthetic_share` of all blocks; each block one sequence, or several whose lengths are multiples
     of `synthetic_min_length`, each its own document. Returns how many blocks."""
-    from longlora.synthetic import SyntheticSequences, corpus_words
+    from longlora.embedded.synthetic import SyntheticSequences, corpus_words
 
     p, mix = params.prepare_pretrain, params.build_base_model
     code = writer.written().reshape(-1)

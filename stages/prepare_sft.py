@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from longlora.data import Problems, ReadStats, iter_records
-from longlora.errors import InputError
-from longlora.io import StageOutput
-from longlora.sft_data import (
+from longlora.data.readers import Problems, ReadStats, iter_records
+from longlora.data.sft import (
     fit_example,
     length_grouped_order,
     padding_fraction,
@@ -35,7 +33,9 @@ from longlora.sft_data import (
     render_prompt,
     write_order,
 )
-from longlora.tokenizing import load_tokenizer, rust_parallelism
+from longlora.data.tokenizing import load_tokenizer, rust_parallelism
+from longlora.errors import InputError
+from longlora.io import StageOutput
 from stages import _cli
 from stages.params import Params
 

@@ -10,7 +10,7 @@ is left out, and no dependency of the report in dvc.yaml), and writes `report.ou
 - README.md: the models, the summary, perplexity by context length (tables, both numbers, and perplexity.png),
   passkey accuracy by prompt length (table, and each model's heatmap copied to passkey/<model>.png), LongBench
   scores by task and their average, and how to publish each merged model with its card;
-- models/<merge source>/README.md: the merged folder's card (longlora/modelcard.py) with its Evaluation section
+- models/<merge source>/README.md: the merged folder's card (longlora/method/modelcard.py) with its Evaluation section
   filled in and `model-index` metadata (huggingface_hub's EvalResult), ready to replace the folder's README.md
   before uploading it. The card cannot be completed in the model folder itself: that folder is merge's output, and
   writing into it would make merge and every evaluation of its model stale;
@@ -31,9 +31,7 @@ import sys
 from pathlib import Path
 
 from longlora.errors import InputError
-from longlora.io import StageOutput, same_path
-from longlora.modelcard import CARD_FILE, with_evaluation
-from longlora.report import (
+from longlora.evaluation.report import (
     LONGQA_SCORES,
     ModelResults,
     comparison_sections,
@@ -42,9 +40,12 @@ from longlora.report import (
     perplexity_plot,
     summary_text,
 )
+from longlora.io import StageOutput, same_path
+from longlora.method.modelcard import CARD_FILE, with_evaluation
 from longlora.sources import is_hub_name
 from stages import _cli
-from stages.params import DEFAULT_PARAMS_FILE, EVAL_STAGES, MERGE_SOURCES, Params, load_params
+from stages.params import DEFAULT_PARAMS_FILE, Params, load_params
+from stages.registry import EVAL_STAGES, MERGE_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def _setup(params: Params) -> dict[str, str]:
                        f"`{params.eval_longqa.input}` (no training stage read them) in the SFT prompt format "
                        f"(`{params.prepare_sft.template}`), greedy answers of at most "
                        f"{params.eval_longqa.max_new_tokens} tokens; exact match of the first line and token F1 over "
-                       "its alphanumeric runs (longlora/qa.py).",
+                       "its alphanumeric runs (longlora/evaluation/qa.py).",
         "longbench": f"LongBench's prompts, generation lengths and metrics on `{params.longbench.input}`; the average "
                      "is the mean over the tasks.",
     }
@@ -178,7 +179,7 @@ def _eval_results(params: Params, r: ModelResults):
     """The results as huggingface_hub EvalResults (the card's `model-index`)."""
     from huggingface_hub import EvalResult
 
-    from longlora.longbench import TASKS
+    from longlora.evaluation.longbench import TASKS
 
     perplexity_data = str(params.prepare_eval.input)
     longbench_data = str(params.longbench.input)

@@ -39,12 +39,14 @@ PARAM = "sft.base_model"
 
 def run(params: Params) -> dict:
     """Fine-tune on the instruction examples, write the self-describing adapter (or model) folder, return metrics."""
-    return run_stage("sft", params, _job)
+    return run_stage("sft", params, prepare_job)
 
 
-def _job(params: Params) -> Job:
-    from longlora.sft_data import PaddedBatches
-    from longlora.tokenizing import load_tokenizer
+def prepare_job(params: Params) -> Job:
+    """What this stage trains, as `params` describe it, its inputs checked: the model's config with its RoPE scaling,
+    the SFT examples and their padding-free or padded batches, the S²-Attn settings."""
+    from longlora.data.sft import PaddedBatches
+    from longlora.data.tokenizing import load_tokenizer
 
     p = params.sft
     config, original_context = _base_config(params)
@@ -82,8 +84,8 @@ def _base_config(params: Params):
     its pre-training had (from the extension.json a merged extended model carries, else its own)."""
     from transformers import AutoConfig
 
-    from longlora.extension import EXTENSION_FILE
-    from longlora.rope import current_context_length, interpolated_config
+    from longlora.method.extension import EXTENSION_FILE
+    from longlora.method.rope import current_context_length, interpolated_config
 
     m, source = params.model, params.sft.base_model
     check_model_source(source, PARAM, need_config=True)
@@ -111,7 +113,7 @@ def _examples(params: Params, config, group_size: int | None):
     import datasets
     import pyarrow.compute as pc
 
-    from longlora.sft_data import ORDER_FILE, read_order
+    from longlora.data.sft import ORDER_FILE, read_order
 
     p = params.sft
     folder = Path(p.data)

@@ -81,8 +81,8 @@ def tiny_params():
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in a fraction of a second on a few standard-library files."""
-    from longlora.corpus import stdlib_documents
-    from longlora.tiny import train_bpe_tokenizer
+    from longlora.embedded.corpus import stdlib_documents
+    from longlora.embedded.tiny import train_bpe_tokenizer
 
     texts = [d.text for d in stdlib_documents("base", max_documents=20)]
     return train_bpe_tokenizer(texts, vocab_size=400)
@@ -125,7 +125,7 @@ def smol_chat_model_dir(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from longlora.corpus import stdlib_documents
+    from longlora.embedded.corpus import stdlib_documents
 
     specials = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
                 "unk_token": "<|endoftext|>"}

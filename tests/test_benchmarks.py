@@ -39,7 +39,7 @@ def test_copies_differ_only_in_attention(train_step, method):
 
 
 def test_s2_step_runs_shifted_sparse_attention(train_step, monkeypatch):
-    import longlora.s2attn as s2
+    import longlora.method.s2attn as s2
 
     params = load_params(ROOT / "params.yaml")
     trained = train_step.build(params, 256, "lora_plus", checkpointing=True, variants=("s2attn",))["s2attn"]
@@ -150,7 +150,7 @@ def save_tiny_model(folder, tokenizer, context: int) -> None:
     """A random 2-layer Llama (hidden 32, 4 heads over 2 kv heads, tied embeddings) and the tokenizer, as a folder."""
     from transformers import LlamaForCausalLM
 
-    from longlora.tiny import tiny_llama_config
+    from longlora.embedded.tiny import tiny_llama_config
 
     torch.manual_seed(0)
     config = tiny_llama_config(tokenizer, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -166,7 +166,7 @@ def study_inputs(tmp_path_factory, tiny_tokenizer):
     import numpy as np
     import yaml
 
-    from longlora.packing import Packed, PackedBlocksWriter, TokenStreamWriter
+    from longlora.data.packing import Packed, PackedBlocksWriter, TokenStreamWriter
     from tests.conftest import tiny_params_dict
 
     root = tmp_path_factory.mktemp("replicate")
@@ -191,7 +191,7 @@ def test_quick_study_runs_the_extend_stage_per_variant_and_writes_the_table(stud
 
     from transformers import AutoTokenizer
 
-    from longlora.passkey import shortest_trial_length
+    from longlora.evaluation.passkey import shortest_trial_length
 
     rp = _load("replicate")
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory: each run works in its own folder
@@ -318,7 +318,7 @@ def test_rope_headroom_loads_the_factor_asked_for_and_prints_one_row_per_factor_
                                                                                             single_torch_thread):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from longlora.rope import interpolated_config, rotary_inv_freq
+    from longlora.method.rope import interpolated_config, rotary_inv_freq
 
     rh = _load("rope_headroom")
     base = ROOT / "data/base_model"

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from longlora import data
-from longlora.data import ReadStats, batched_texts, iter_records, iter_texts
+from longlora.data import readers as data
+from longlora.data.readers import ReadStats, batched_texts, iter_records, iter_texts
 from longlora.errors import InputError
 from longlora.sources import is_hub_name
 

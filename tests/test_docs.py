@@ -52,11 +52,11 @@ def test_the_readmes_python_snippet_runs_on_a_tiny_model(tiny_tokenizer, tmp_pat
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    import longlora.s2attn as s2attn
-    from longlora.extension import describe, plain_config
-    from longlora.lora import apply_lora_plus
-    from longlora.rope import interpolated_config
-    from longlora.tiny import tiny_llama_config
+    import longlora.method.s2attn as s2attn
+    from longlora.embedded.tiny import tiny_llama_config
+    from longlora.method.extension import describe, plain_config
+    from longlora.method.lora import apply_lora_plus
+    from longlora.method.rope import interpolated_config
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)

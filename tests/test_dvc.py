@@ -21,7 +21,8 @@ import yaml
 
 from longlora.io import PARAMS_FILE, run_log
 from pipelines.longlora_flow import stage_order
-from stages.params import EVAL_STAGES, load_params
+from stages.params import load_params
+from stages.registry import EVAL_STAGES
 from tests._repo import DVC, final_outputs, make_repo, repo_env, run_checked, stages_run, stages_skipped
 from tests.conftest import ROOT
 

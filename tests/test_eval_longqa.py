@@ -1,4 +1,5 @@
-"""Stage eval_longqa and its scoring (longlora/qa.py): held-out questions in the SFT prompt format, exact match and
+"""Stage eval_longqa and its scoring (longlora/evaluation/qa.py): held-out questions in the SFT prompt format, exact
+match and
 token F1, on a tiny model and on an oracle that answers from the prompt as prepare_sft would have taught it."""
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from longlora.data.sft import Instruction, render_prompt
 from longlora.errors import InputError
-from longlora.longbench import qa_f1_score
-from longlora.qa import answer_all, answer_f1, answer_tokens, exact_match, prompt_ids
-from longlora.sft_data import Instruction, render_prompt
+from longlora.evaluation.longbench import qa_f1_score
+from longlora.evaluation.qa import answer_all, answer_f1, answer_tokens, exact_match, prompt_ids
 from stages import eval_longqa
 from tests import test_eval_stages
 from tests.test_eval_stages import _params

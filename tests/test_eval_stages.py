@@ -19,9 +19,9 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longlora.evaluation import Interpolation, load_for_evaluation
-from longlora.packing import TokenStream, TokenStreamWriter
-from longlora.perplexity import strided_perplexity, windowed_perplexity
+from longlora.data.packing import TokenStream, TokenStreamWriter
+from longlora.evaluation.loading import Interpolation, load_for_evaluation
+from longlora.evaluation.perplexity import strided_perplexity, windowed_perplexity
 from stages import eval_passkey, eval_perplexity
 from stages.params import parse_params
 from tests.conftest import ROOT, tiny_params_dict
@@ -50,7 +50,7 @@ def _save_model(folder: Path, tokenizer, max_positions: int, seed: int) -> None:
 def inputs(tmp_path_factory, tiny_tokenizer):
     """Two tiny models (a base pre-trained at 32 tokens, to interpolate; an extended one at 128) and a token stream
     of held-out standard-library files in prepare_eval's format, built once."""
-    from longlora.corpus import stdlib_documents
+    from longlora.embedded.corpus import stdlib_documents
 
     root = tmp_path_factory.mktemp("eval_inputs")
     _save_model(root / "models/base", tiny_tokenizer, 32, seed=0)
@@ -127,7 +127,7 @@ def test_passkey_writes_the_grid_its_trials_and_a_heatmap(project):
         (200, 0.0, 2), (200, 1.0, 2), (256, 0.0, 2), (256, 1.0, 2)]
     trials = _csv(folder / "trials.csv")
     assert len(trials) == 8 and all(int(t["prompt_tokens"]) <= int(t["length"]) for t in trials)
-    # Two trials per cell: each cell its own two keys (fewer than 4 trials; longlora.passkey.cell_seeds).
+    # Two trials per cell: each cell its own two keys (fewer than 4 trials; longlora.evaluation.passkey.cell_seeds).
     assert [int(t["seed"]) for t in trials] == list(range(8))
     for cell in cells:
         in_cell = [t for t in trials if (t["length"], float(t["depth"])) == (cell["length"], float(cell["depth"]))]
@@ -143,7 +143,7 @@ def test_passkey_writes_the_grid_its_trials_and_a_heatmap(project):
 
 def test_heatmap_and_cells_score_an_oracle_fully(tiny_tokenizer, tmp_path):
     """The grid, its cells and the heatmap with a model that always answers right (test_passkey's oracle)."""
-    from longlora.passkey import cell_accuracy, passkey_grid, save_heatmap
+    from longlora.evaluation.passkey import cell_accuracy, passkey_grid, save_heatmap
     from tests.test_passkey import _Oracle
 
     trials = passkey_grid(_Oracle(tiny_tokenizer), tiny_tokenizer, (200, 300), (0.0, 0.5), trials=3, progress=False)
@@ -201,7 +201,7 @@ def test_bad_input_stops_before_any_work_naming_the_parameter(project, capsys, m
 
 
 def test_a_model_with_another_tokenizer_is_refused(project, capsys):
-    from longlora.tiny import train_bpe_tokenizer
+    from longlora.embedded.tiny import train_bpe_tokenizer
 
     _save_model(Path("models/other"), train_bpe_tokenizer(["some other text " * 50], vocab_size=300), 128, seed=0)
     raw = tiny_params_dict(**{**EVALS, "eval_models": {**MODELS, "other": {"path": "models/other"}}})

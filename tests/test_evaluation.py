@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from longlora.errors import InputError
-from longlora.evaluation import Interpolation, load_for_evaluation
-from longlora.rope import rotary_inv_freq
+from longlora.evaluation.loading import Interpolation, load_for_evaluation
+from longlora.method.rope import rotary_inv_freq
 from stages.params import parse_params
 
 

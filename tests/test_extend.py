@@ -27,13 +27,13 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from longlora.data.packing import Packed, PackedBlocksWriter
+from longlora.data.tokenizing import bos_opens_chat_turns
 from longlora.errors import InputError
-from longlora.extension import EXTENSION_FILE, load_extended
 from longlora.io import TIMINGS_FILE, run_log
-from longlora.modelcard import CARD_FILE
-from longlora.packing import Packed, PackedBlocksWriter
-from longlora.rope import rotary_inv_freq
-from longlora.tokenizing import bos_opens_chat_turns
+from longlora.method.extension import EXTENSION_FILE, load_extended
+from longlora.method.modelcard import CARD_FILE
+from longlora.method.rope import rotary_inv_freq
 from stages import _cli, _training, build_base_model, extend, merge, prepare_pretrain
 from stages.params import parse_params
 from tests.conftest import ROOT, _merge, tiny_params_dict
@@ -44,7 +44,7 @@ TARGET, ORIGINAL = 128, 32  # tiny_params_dict: model.target_context, build_base
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """The tiny base model (build_base_model) and packed blocks of the extend split (prepare_pretrain), built once."""
-    from longlora.corpus import stdlib_documents
+    from longlora.embedded.corpus import stdlib_documents
 
     root = tmp_path_factory.mktemp("extend_inputs")
     with contextlib.chdir(root):
@@ -229,9 +229,9 @@ def test_plain_lora_trains_the_adapter_only(project):
 def test_document_attention_trains_every_document_as_if_alone(project, monkeypatch):
     """extend.document_attention: position_ids restart at each document start of the block, a document's first token
     is no target, and every S² call gets the documents."""
-    from longlora import s2attn
-    from longlora.packing import PackedBlocks
-    from longlora.training import BlockDataset
+    from longlora.data.packing import PackedBlocks
+    from longlora.method import s2attn
+    from longlora.method.training import BlockDataset
 
     # The tiny corpus' documents (whole source files) span many blocks: write blocks of short documents (shorter
     # than half a group, a group, several groups) from its tokens.
@@ -270,7 +270,7 @@ def test_document_attention_trains_every_document_as_if_alone(project, monkeypat
     assert described["params"]["extend"]["document_attention"] is True
 def test_s2attn_shift_false_trains_every_head_in_plain_groups(project, monkeypatch):
     """The paper's no-shift ablation reaches the attention through params alone (benchmarks/replicate.py's variant)."""
-    import longlora.s2attn as s2
+    import longlora.method.s2attn as s2
 
     grouped = []
     original = s2.grouped_causal_attention
@@ -295,7 +295,7 @@ def _chat_model(folder: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from longlora.corpus import stdlib_documents
+    from longlora.embedded.corpus import stdlib_documents
 
     backend = Tokenizer(models.BPE(unk_token=CHAT_SPECIALS["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -514,7 +514,7 @@ def _fake_checkpoint(project: Path, shaping_params) -> str:
     run_dir = project / "elsewhere/run"
     (run_dir / "checkpoint-4").mkdir(parents=True)
     (run_dir / "checkpoint-4/trainer_state.json").write_text("{}")
-    shaping = _training._shaping(extend._job(shaping_params), 1, None)
+    shaping = _training._shaping(extend.prepare_job(shaping_params), 1, None)
     (run_dir / _training.RUN_FILE).write_text(json.dumps({"stage": "extend", "shaping": shaping}))
     return str(run_dir / "checkpoint-4")
 
@@ -542,7 +542,7 @@ def _bad_inputs(project: Path) -> dict[str, tuple[dict, str]]:
         "deepspeed config": ({"extend": {"deepspeed": "bad_ds.json"}},
                              "extend.deepspeed 'bad_ds.json': not valid JSON"),
         "batch": ({"extend": {"global_batch_size": 5}},
-                  "extend: global_batch_size 5 is not a multiple of per_device_batch_size 2"),
+                  "extend.global_batch_size: 5 is not divisible by per_device_batch_size 2 × 1 processes"),
         "output of another run": ({"extend": {"out_dir": "runs/old"}},
                                   "extend.out_dir 'runs/old' is the output of stage 'merge@extend', not of extend"),
         "checkpoint folder of the user": ({"extend": {"checkpoint_dir": "my_checkpoints"}},

@@ -18,7 +18,8 @@ import yaml
 
 from stages import _training, launch
 from stages._training import Job
-from stages.params import LaunchParams, ParamsError, load_params, parse_params
+from stages.params import ParamsError, load_params, parse_params
+from stages.sections import LaunchParams
 from tests.conftest import ROOT, tiny_params_dict
 
 PY = sys.executable
@@ -146,7 +147,7 @@ PROFILES = {
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_profile_recipe_batch_arithmetic_and_deepspeed_config(profile):
-    from longlora.training import check_deepspeed_config, read_deepspeed_config
+    from longlora.method.training import check_deepspeed_config, read_deepspeed_config
 
     model, target, deepspeed, zero, lr = PROFILES[profile]
     params = load_params(ROOT / "configs" / profile)

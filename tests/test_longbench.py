@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from longlora.errors import InputError
-from longlora.longbench import (
+from longlora.evaluation.longbench import (
     TASKS,
     Example,
     build_prompt,
@@ -319,14 +319,14 @@ def test_longbench_params_are_checked_and_derived():
 # --- the embedded sets --------------------------------------------------------------------------------------------
 
 def test_embedded_sets_are_longbench_format_with_checkable_answers(tiny_tokenizer):
-    from longlora.corpus import stdlib_documents
-    from longlora.longbench_data import embedded_longbench
+    from longlora.embedded.corpus import stdlib_documents
+    from longlora.embedded.longbench_data import embedded_longbench
 
     def count(texts):
         return [len(ids) for ids in tiny_tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
     files = [(d.name, d.text) for d in stdlib_documents("heldout", max_documents=15)]
-    from longlora.longqa import CLOSING, PREAMBLE
+    from longlora.embedded.longqa import CLOSING, PREAMBLE
 
     longqa = [{"instruction": PREAMBLE + "x = 1\n" + CLOSING.format(question="What is x?"), "output": "1"}]
     sets = embedded_longbench(files, longqa, count, 2, 200, 400, seed=0)

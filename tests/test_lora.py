@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longlora.lora import apply_lora_plus, embeddings_tied, trainable_parameter_counts
+from longlora.method.lora import apply_lora_plus, embeddings_tied, trainable_parameter_counts
 
 HIDDEN, LAYERS, VOCAB, HEADS, KV_HEADS = 32, 2, 64, 4, 2
 

@@ -12,7 +12,8 @@ import yaml
 
 from longlora.io import OUTPUT_MARKER, OutputBusyError, OutputError
 from stages import _cli, build_base_model, prepare_eval, prepare_pretrain
-from stages.params import FINAL_STAGES, STAGES, parse_params, stage_key
+from stages.params import parse_params
+from stages.registry import FINAL_STAGES, STAGES, stage_key
 from tests.conftest import tiny_params_dict
 
 DOCS = ["def f():\n    return 1\n" * 40, "class A:\n    x = 2\n" * 60]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from longlora.errors import InputError
-from longlora.packing import (
+from longlora.data.packing import (
     BlockPacker,
     PackedBlocks,
     PackedBlocksWriter,
@@ -16,7 +15,8 @@ from longlora.packing import (
     join_documents,
     join_encoded,
 )
-from longlora.tokenizing import BatchEncoder, encode_batches, prefetch, token_dtype
+from longlora.data.tokenizing import BatchEncoder, encode_batches, prefetch, token_dtype
+from longlora.errors import InputError
 
 EOS, BOS, PAD = 2, 1, 3
 

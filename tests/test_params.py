@@ -404,7 +404,7 @@ def test_more_warmup_steps_than_steps_are_refused(stage):
 @pytest.mark.parametrize(("section", "lengths"), [("prepare_eval", [0, 5]), ("prepare_eval", []),
                                                  ("eval_passkey", [128, -1]), ("eval_passkey", [])])
 def test_lengths_must_be_positive_token_counts_in_either_section(section, lengths):
-    """One rule, written once (stages.params._check_positive_lengths), for both sections' `lengths`."""
+    """One rule, written once (stages.sections._check_positive_lengths), for both sections' `lengths`."""
     with pytest.raises(ParamsError) as err:
         parse_params(tiny_params_dict(**{section: {"lengths": lengths}}))
     assert str(err.value) == f"params.yaml: {section}: lengths must be positive token counts, got {lengths}"

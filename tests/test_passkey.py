@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from longlora.passkey import (
+from longlora.evaluation.passkey import (
     FILLER,
     KEY_LINE,
     QUESTION,
@@ -104,7 +104,7 @@ def test_a_trial_is_correct_when_the_first_digits_are_exactly_the_key(answer, co
 def test_one_trial_per_cell_draws_a_key_per_cell_and_four_keep_the_same_keys_in_every_cell(tiny_tokenizer):
     """`eval_passkey.trials: 1` used to test one key in every cell of the grid; with 4 or more (the default) every
     cell keeps the keys seeded seed … seed + trials - 1, as before, so that cells compare on the same keys."""
-    from longlora.passkey import grid_seeds, passkey_grid
+    from longlora.evaluation.passkey import grid_seeds, passkey_grid
 
     one = passkey_grid(_Oracle(tiny_tokenizer), tiny_tokenizer, (256, 300), (0.0, 1.0), trials=1, seed=5,
                        progress=False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longlora.perplexity import strided_perplexity, windowed_perplexity
+from longlora.evaluation.perplexity import strided_perplexity, windowed_perplexity
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -100,7 +100,7 @@ def test_short_streams_are_clear_errors(model, tokens):
 
 
 def test_s2attn_at_evaluation_is_an_option_and_leaves_the_model_dense(model, tokens):
-    from longlora.s2attn import configure_s2attn
+    from longlora.method.s2attn import configure_s2attn
 
     dense = strided_perplexity(model, tokens, 64, progress=False)["perplexity"]
     s2 = strided_perplexity(model, tokens, 64, attention="s2", group_size_ratio=0.25, progress=False)["perplexity"]
@@ -117,10 +117,10 @@ def test_s2attn_at_evaluation_is_an_option_and_leaves_the_model_dense(model, tok
 
 
 def test_nll_computed_in_chunks_of_positions_is_the_same(model, tokens, monkeypatch):
-    import longlora.perplexity
+    import longlora.evaluation.perplexity
 
     whole = strided_perplexity(model, tokens, 64, 16, batch_size=2, progress=False)["perplexity"]
-    monkeypatch.setattr(longlora.perplexity, "_NLL_CHUNK", 7)  # 63 predictions: 9 chunks
+    monkeypatch.setattr(longlora.evaluation.perplexity, "_NLL_CHUNK", 7)  # 63 predictions: 9 chunks
     assert strided_perplexity(model, tokens, 64, 16, batch_size=2, progress=False)["perplexity"] == \
         pytest.approx(whole, rel=1e-6)
     want, _ = direct_windowed(model, tokens, 64, 16)

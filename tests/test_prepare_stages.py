@@ -16,12 +16,12 @@ import pytest
 import yaml
 import zstandard
 
-from longlora.corpus import stdlib_documents
+from longlora.data.packing import PackedBlocks, TokenStream
+from longlora.data.sft import IGNORE_INDEX, Instruction, render_prompt
+from longlora.embedded.corpus import stdlib_documents
+from longlora.embedded.longqa import DEPTH_BANDS, KINDS, generate_longqa, instruction_document, source_units
 from longlora.errors import InputError
 from longlora.io import TIMINGS_FILE, run_log
-from longlora.longqa import DEPTH_BANDS, KINDS, generate_longqa, instruction_document, source_units
-from longlora.packing import PackedBlocks, TokenStream
-from longlora.sft_data import IGNORE_INDEX, Instruction, render_prompt
 from stages import _cli, prepare_corpus, prepare_eval, prepare_pretrain, prepare_sft
 from stages.params import ParamsError, parse_params
 from tests.conftest import tiny_params_dict
@@ -715,7 +715,7 @@ def test_bos_auto_left_to_the_stage_follows_the_tokenizer(tiny_tokenizer, smol_c
     """A hub model's tokenizer is known only to the stage: special_ids resolves `auto` itself, as params.yaml does."""
     from transformers import AutoTokenizer
 
-    from longlora.tokenizing import special_ids
+    from longlora.data.tokenizing import special_ids
 
     chat = AutoTokenizer.from_pretrained(smol_chat_model_dir)
     assert special_ids(chat, "auto")[1] is None

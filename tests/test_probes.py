@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longlora.probes import bucket_means, loss_by_position, masked_accuracy
+from longlora.embedded.probes import bucket_means, loss_by_position, masked_accuracy
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The report stage on the evaluation stages' outputs of three models, and the model cards (longlora/modelcard.py):
+"""The report stage on the evaluation stages' outputs of three models, and the model cards
+(longlora/method/modelcard.py):
 what the report, the cards with results and the summary say, and that they say it the same way twice."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from longlora.modelcard import CARD_FILE, EVALUATION_HEADING, merged_model_card, with_evaluation
-from longlora.report import comparison_markdown, model_results, summary_text
+from longlora.evaluation.report import comparison_markdown, model_results, summary_text
+from longlora.method.modelcard import CARD_FILE, EVALUATION_HEADING, merged_model_card, with_evaluation
 from stages import report
 from stages.params import load_params, parse_params
 from tests.conftest import tiny_params_dict
@@ -225,7 +226,7 @@ def test_results_are_read_from_the_evaluation_metrics_and_shown_the_same_way_eve
 
 
 def test_merge_traces_every_training_step_back_to_the_first_base_model(tmp_path, monkeypatch):
-    from longlora.extension import describe
+    from longlora.method.extension import describe
     from stages import merge
 
     monkeypatch.chdir(tmp_path)
@@ -252,7 +253,7 @@ def test_the_report_waits_for_every_evaluation_and_merge():
     """Its deps are the evaluations' folders (whatever eval_models holds): the flow links it, as DVC does, to every
     stage writing inside them, and through them to the merges they evaluate."""
     from pipelines.longlora_flow import stage_graph
-    from stages.params import EVAL_STAGES
+    from stages.registry import EVAL_STAGES
     from tests.conftest import ROOT
 
     graph = stage_graph(ROOT / "dvc.yaml")

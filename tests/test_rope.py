@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from longlora.rope import interpolated_config, rotary_inv_freq
+from longlora.method.rope import interpolated_config, rotary_inv_freq
 
 
 def _llama_config(**kw) -> LlamaConfig:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import longlora.s2attn as s2
-from longlora.s2attn import grouped_causal_attention, shifted_sparse_attention
+import longlora.method.s2attn as s2
+from longlora.method.s2attn import grouped_causal_attention, shifted_sparse_attention
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import DataCollatorWithFlattening
 
-import longlora.s2attn as s2
-from longlora.s2attn import document_boundaries, s2_segments, shifted_sparse_attention
+import longlora.method.s2attn as s2
+from longlora.method.s2attn import document_boundaries, s2_segments, shifted_sparse_attention
 from tests.test_s2attn import make_qkv
 from tests.test_s2attn_models import tiny, tokens, twin
 

@@ -27,7 +27,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-import longlora.s2attn as s2
+import longlora.method.s2attn as s2
 from tests.test_s2attn import reference
 
 ARCHS = {

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from longlora.extension import EXTENSION_FILE, load_extended
+from longlora.data.sft import IGNORE_INDEX, PaddedBatches, fit_example, pack_rows
 from longlora.io import run_log
-from longlora.s2attn import configure_s2attn
-from longlora.sft_data import IGNORE_INDEX, PaddedBatches, fit_example, pack_rows
+from longlora.method.extension import EXTENSION_FILE, load_extended
+from longlora.method.s2attn import configure_s2attn
 from stages import _cli, build_base_model, extend, merge, prepare_pretrain, prepare_sft, sft
 from stages.params import parse_params
 from tests.conftest import _merge, tiny_params_dict
@@ -35,7 +35,7 @@ def _params(**sections):
 
 def _longqa(n: int = 16) -> list[dict]:
     """LongAlpaca-format records: a piece of source code, a question about it, a short answer."""
-    from longlora.corpus import stdlib_documents
+    from longlora.embedded.corpus import stdlib_documents
 
     docs = list(stdlib_documents("extend", max_documents=n))
     return [{"instruction": f"{d.text[: 40 + 30 * i]}\nWhich line comes first?",
@@ -45,7 +45,7 @@ def _longqa(n: int = 16) -> list[dict]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Base model, blocks, SFT examples (grouped and not) and the merged extended model, built once."""
-    from longlora.corpus import stdlib_documents
+    from longlora.embedded.corpus import stdlib_documents
 
     root = tmp_path_factory.mktemp("sft_inputs")
     with contextlib.chdir(root):

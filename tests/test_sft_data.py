@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from longlora.sft_data import (
+from longlora.data.sft import (
     IGNORE_INDEX,
     Instruction,
     fit_example,

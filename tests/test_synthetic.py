@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from longlora.corpus import stdlib_documents
-from longlora.packing import join_documents
-from longlora.synthetic import (
+from longlora.data.packing import join_documents
+from longlora.embedded.corpus import stdlib_documents
+from longlora.embedded.synthetic import (
     HAYSTACK_FACT,
     HAYSTACK_RECALL,
     PROSE_DEFINITION,

@@ -1,4 +1,4 @@
-"""Damaged and non-finite weights are named at load (longlora/weights.py), by every loader the stages use: a
+"""Damaged and non-finite weights are named at load (longlora/method/weights.py), by every loader the stages use: a
 truncated or emptied file by its path before anything is loaded, NaN values by the tensor once loaded."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from longlora.errors import InputError, NonFiniteError
-from longlora.evaluation import load_for_evaluation
-from longlora.extension import load_extended
-from longlora.weights import damaged_file
+from longlora.evaluation.loading import load_for_evaluation
+from longlora.method.extension import load_extended
+from longlora.method.weights import damaged_file
 from tests.test_benchmarks import save_tiny_model
 
 
@@ -62,7 +62,7 @@ def test_a_damaged_torch_archive_is_named(model_dir):
 
 def test_an_empty_adapter_is_named_by_merge_s_loader(model_dir, tmp_path):
     """load_extended (merge's loader) checks the adapter folder's own files."""
-    from longlora.extension import describe
+    from longlora.method.extension import describe
 
     adapter = tmp_path / "adapter"
     shutil.copytree(model_dir, adapter)

@@ -1,7 +1,7 @@
 """Perplexity of a causal LM on a flat token stream (prepare_eval's tokens.bin): the standard strided number and
 LongLoRA's own.
 
-    from longlora.perplexity import strided_perplexity, windowed_perplexity
+    from longlora.evaluation.perplexity import strided_perplexity, windowed_perplexity
     strided_perplexity(model, tokens, seq_len=8192)["perplexity"]          # every token scored once
     windowed_perplexity(model, tokens, seq_len=8192, step=256)["perplexity"]  # the paper's tables (eval.py)
 
@@ -76,7 +76,7 @@ def attention_for_evaluation(model, attention: Attention = "dense", group_size_r
         return
     if attention != "s2":
         raise ValueError(f"attention must be dense or s2, got {attention!r}")
-    from longlora.s2attn import S2ATTN, configure_s2attn
+    from longlora.method.s2attn import S2ATTN, configure_s2attn
 
     config = model.config
     saved = {name: getattr(config, name, None) for name in ("s2attn_group_size", "s2attn_group_size_ratio",

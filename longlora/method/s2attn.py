@@ -13,7 +13,7 @@ same group size. See ``s2_segments`` and ``shifted_sparse_attention(..., documen
 
 Usage::
 
-    import longlora.s2attn as s2
+    import longlora.method.s2attn as s2
     config = LlamaConfig(...)
     s2.configure_s2attn(config, group_size_ratio=0.25)   # or on an existing model
     model = LlamaForCausalLM(config)                     # S² in train mode, dense causal attention in eval mode
@@ -692,7 +692,7 @@ def s2attn_attention_forward(
             raise ValueError(f"S²-Attn does not implement {what}: {type(module).__name__} passes "
                              f"{name}={kwargs[name]!r}; disable it in the model config or train with sdpa or eager")
     four_d = attention_mask is not None and attention_mask.dim() == 4
-    # `s2attn_in_eval`: S² at evaluation too (longlora.perplexity's attention="s2"; the paper reports both).
+    # `s2attn_in_eval`: S² at evaluation too (longlora.evaluation.perplexity's attention="s2"; the paper reports both).
     s2 = module.training or getattr(module.config, "s2attn_in_eval", False)
     if not s2 or query.shape[2] != key.shape[2] or four_d:
         if module.training and four_d:

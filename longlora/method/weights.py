@@ -12,7 +12,7 @@ import json
 import zipfile
 from pathlib import Path
 
-from longlora.errors import InputError, NonFiniteError
+from longlora.errors import InputError, NonFiniteError, non_finite_tensors
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 CHECKSUMMED_BYTES = 256 * 2**20
@@ -86,9 +86,7 @@ def check_weight_files(source: str | Path, param: str) -> None:
 
 def check_finite(model, source: str | Path, param: str) -> None:
     """NonFiniteError when a loaded weight holds a NaN or an infinity (a diverged run, or damaged bytes)."""
-    import torch
-
-    bad = [name for name, weight in model.named_parameters() if weight.numel() and not torch.isfinite(weight).all()]
+    bad = non_finite_tensors(model, trainable_only=False)
     if bad:
         raise NonFiniteError(f"{param} {str(source)!r}: {len(bad)} weight tensors hold NaN or infinite values "
                              f"({bad[0]}{', …' if len(bad) > 1 else ''}): the run that wrote them diverged or the file "

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longlora.data.packing import PackedBlocks
 from longlora.errors import InputError
-from longlora.packing import PackedBlocks
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,44 @@ def check_deepspeed_config(config: dict, args, param: str = "deepspeed") -> dict
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{param}: DeepSpeed rejects the config: {first[:300]}") from None
     return filled.config
+
+
+def trainable_model(source: str, config, *, method: str, attention: str, precision: str, s2attn: dict | None = None,
+                    lora: dict | None = None, trust_remote_code: bool = False, param: str = "model"):
+    """The model a training stage trains: `source`'s weights loaded with `config` (RoPE scaling already in it) and
+    checked, S²-Attn (`configure_s2attn(**s2attn)`) or dense attention, then LoRA (`method: lora`) or LoRA+
+    (`lora_plus`, `apply_lora_plus(**lora)`) unless `method: full`; trainable weights in fp32 (the master copy mixed
+    precision updates), frozen ones in the compute dtype of `precision` (bf16, fp16 or fp32). `param` names the
+    parameter that chose `source` in errors."""
+    from transformers import AutoModelForCausalLM
+
+    from longlora.method.lora import apply_lora_plus
+    from longlora.method.s2attn import configure_s2attn
+    from longlora.method.weights import check_finite, check_weight_files
+
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = torch.float32 if method == "full" else frozen_dtype
+    check_weight_files(source, param)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{param} {source!r}: cannot load the model: {err}") from None
+    check_finite(model, source, param)
+    model.config.use_cache = False
+    if attention == "s2":
+        configure_s2attn(model, **(s2attn or {}))
+    else:
+        model.set_attn_implementation("sdpa")
+    if method != "full":
+        lora = dict(lora or {})
+        if method == "lora":  # plain LoRA: the embeddings and norms stay frozen
+            lora.update(train_embeddings=False, train_norms=False)
+        model = apply_lora_plus(model, **lora)
+    for weight in model.parameters():
+        if weight.requires_grad and weight.dtype != torch.float32:
+            weight.data = weight.data.float()
+    return model
 
 
 def peak_memory_mib() -> float:

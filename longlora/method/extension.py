@@ -30,7 +30,8 @@ from longlora.io import write_json
 EXTENSION_FILE = "extension.json"
 EXTENSION_FORMAT = "longlora-extension-v1"
 ADAPTER_CONFIG = "adapter_config.json"
-# Attributes `longlora.s2attn.configure_s2attn` sets on a config: training machinery, never part of a saved model.
+# Attributes `longlora.method.s2attn.configure_s2attn` sets on a config: training machinery, never part of a saved
+# model.
 S2ATTN_ATTRIBUTES = ("s2attn_group_size", "s2attn_group_size_ratio", "s2attn_shift")
 
 
@@ -78,7 +79,7 @@ def load_extended(folder: str | Path, base: str | Path | None = None, dtype: tor
     its base built with the folder's extended config; a full-model folder gives the model itself. `base` replaces the
     base model the folder names (e.g. the same model in another place).
     """
-    from longlora.weights import check_finite, check_weight_files
+    from longlora.method.weights import check_finite, check_weight_files
 
     description = read_description(folder, param)
     folder = Path(folder)

@@ -10,7 +10,8 @@ generation length and metric it is scored with; the texts are ours, never LongBe
   repeated; the answer is how many distinct ones there are.
 - `passage_retrieval_en` (retrieval): functions as numbered paragraphs; the "abstract" is the docstring of one of
   them (which its paragraph contains, so finding it is a long-range look-up); the answer is "Paragraph i".
-- `multifieldqa_en` (single-document QA, F1): the held-out LongQA questions (longlora/longqa.py), the code as the
+- `multifieldqa_en` (single-document QA, F1): the held-out LongQA questions (longlora/embedded/longqa.py), the code as
+the
   context and the question as the input.
 
 Every context is between `min_tokens` and `max_tokens` tokens of the model's tokenizer (the LongQA set's own
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from longlora.longqa import CLOSING, instruction_document, source_units
+from longlora.embedded.longqa import CLOSING, instruction_document, source_units
 
 CountTokens = Callable[[list[str]], Sequence[int]]
 EMBEDDED_DATASETS = ("multifieldqa_en", "passage_count", "passage_retrieval_en", "lcc")
@@ -38,7 +39,8 @@ def _record(dataset: str, index: int, context: str, question: str, answers: list
 
 
 def longqa_as_single_doc_qa(examples: list[dict]) -> list[dict]:
-    """LongAlpaca-format LongQA records (longlora/longqa.py) as multifieldqa_en records: code → context, question
+    """LongAlpaca-format LongQA records (longlora/embedded/longqa.py) as multifieldqa_en records: code → context,
+    question
     → input, the checked answer → answers."""
     marker = CLOSING.split("{")[0]
     return [_record("multifieldqa_en", i, instruction_document(e["instruction"]),

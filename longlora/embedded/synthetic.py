@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from longlora import passkey
+from longlora.evaluation import passkey
 
 # Identifier parts for the planted names; deliberately without "pass" or "key".
 WORDS = (

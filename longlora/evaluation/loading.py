@@ -12,16 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
+from longlora.data.tokenizing import load_tokenizer
 from longlora.errors import InputError
 from longlora.recipe import RopeType
 from longlora.sources import check_model_source
-from longlora.tokenizing import load_tokenizer
 
 
 @dataclass(frozen=True)
 class Interpolation:
     """Position interpolation applied at load time: RoPE scaled from `original_context` (None: the config's
-    max_position_embeddings) to `target_context` tokens, with `headroom` (`longlora.rope.interpolated_config`)."""
+    max_position_embeddings) to `target_context` tokens, with `headroom`
+    (`longlora.method.rope.interpolated_config`)."""
 
     target_context: int
     rope_type: RopeType = "linear"
@@ -36,8 +37,8 @@ def load_for_evaluation(name_or_path: str, interpolation: Interpolation | None =
     interpolated first when `interpolation` is given. Errors are InputErrors naming `param`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longlora.rope import current_context_length, interpolated_config
-    from longlora.weights import check_finite, check_weight_files
+    from longlora.method.rope import current_context_length, interpolated_config
+    from longlora.method.weights import check_finite, check_weight_files
 
     check_model_source(name_or_path, param, need_config=True)
     check_weight_files(name_or_path, param)

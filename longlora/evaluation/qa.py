@@ -1,7 +1,7 @@
 """Answering held-out instructions in the SFT prompt format, scored by exact match and token F1.
 
 What `sft` trains for, measured on examples no training stage saw: each record (LongAlpaca format) is rendered with
-the template and tokenized exactly as `prepare_sft` does (longlora/sft_data.py), the model answers greedily, and the
+the template and tokenized exactly as `prepare_sft` does (longlora/data/sft.py), the model answers greedily, and the
 first line of its answer is compared with the reference:
 
 - exact match: the stripped first line equals the stripped reference, character for character;
@@ -17,8 +17,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from longlora.longbench import token_f1
-from longlora.sft_data import Instruction, prompt_has_special_tokens, render_prompt
+from longlora.data.sft import Instruction, prompt_has_special_tokens, render_prompt
+from longlora.evaluation.longbench import token_f1
 
 _WORD = re.compile(r"[a-z0-9]+")
 

@@ -1,0 +1,1 @@
+"""Evaluation: loading a model as the evaluation stages do, perplexity, passkey, LongBench, held-out QA, the report."""
