@@ -653,7 +653,7 @@ def _interrupted_run(project: Path, monkeypatch, params) -> list[Path]:
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patched:
-        patched.setattr(_training, "_check_finite_weights", killed)
+        patched.setattr(_training, "raise_if_diverged", killed)
         with pytest.raises(KeyboardInterrupt):
             extend.run(params)
     assert not (project / "data/extend").exists()
