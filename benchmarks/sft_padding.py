@@ -169,10 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(p.seed)  # LoRA's initialisation
     from longlora.method.training import trainable_model
 
-    lora = job.params.lora.model_dump(include={"r", "alpha", "dropout", "target_modules", "train_embeddings",
-                                               "train_norms"})
     model = trainable_model(job.model_source, job.config, method=p.method, attention=p.attention, precision="fp32",
-                            s2attn=job.s2attn, lora=lora).train()
+                            s2attn=job.s2attn, lora=job.params.lora.model_dump()).train()
     result = measure(model, collate(batches, packing), args.rounds)
     result.update(batches=args.batches, batch_size=p.per_device_batch_size, crop=args.crop,
                   group_size=packing.multiple, row_length=packing.row_length, threads=args.threads)

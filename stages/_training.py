@@ -389,12 +389,12 @@ def _source_param(job: Job) -> str:
 def _model(job: Job, precision: str):
     from longlora.method.training import trainable_model
 
-    p, lora = job.section, job.params.lora
+    p = job.section
+    # The lora section's keys are apply_lora_plus's keyword arguments.
     return trainable_model(
         job.model_source, job.config, method=p.method, attention=p.attention, precision=precision, s2attn=job.s2attn,
-        lora={"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": lora.target_modules,
-              "train_embeddings": lora.train_embeddings, "train_norms": lora.train_norms},
-        trust_remote_code=job.params.model.trust_remote_code, param=_source_param(job))
+        lora=job.params.lora.model_dump(), trust_remote_code=job.params.model.trust_remote_code,
+        param=_source_param(job))
 
 
 def _trainable_counts(model) -> dict:
