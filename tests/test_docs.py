@@ -16,7 +16,7 @@ PROJECT_PATH = re.compile(
 )
 # Tests are left out: they name the fixture files they create.
 CITING = ["README.md", "Makefile", "dvc.yaml", "params.yaml", "pyproject.toml", "docs/*.md", "configs/*.yaml",
-          "longlora/*.py", "stages/*.py", "pipelines/*.py", "benchmarks/*.py"]
+          "longlora/**/*.py", "stages/*.py", "pipelines/*.py", "benchmarks/*.py"]
 
 
 def test_every_cited_project_file_exists():

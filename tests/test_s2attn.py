@@ -191,7 +191,7 @@ def test_flash_attn_path_uses_bshd_views(monkeypatch, heads, heads_kv, kv_heads_
         return out.transpose(1, 2).contiguous()  # flash-attn returns (B, S, H, D) contiguous
 
     monkeypatch.setattr(s2, "_use_flash_attn", lambda q: True)
-    monkeypatch.setattr(s2, "_flash_attn_func", lambda: fake_flash_attn_func)
+    monkeypatch.setattr(s2, "_flash_attn", {"flash_attn_func": fake_flash_attn_func}.get)
     q, k, v = make_qkv(2, heads, heads_kv, 32, seed=5)
     out = shifted_sparse_attention(q, k, v, 8, scale=0.3)
     torch.testing.assert_close(out, reference(q, k, v, 8, scale=0.3), rtol=1e-10, atol=1e-10)

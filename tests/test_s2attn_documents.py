@@ -196,7 +196,7 @@ def test_flash_attn_varlen_path_gets_the_segment_boundaries(monkeypatch):
         return out
 
     monkeypatch.setattr(s2, "_use_flash_attn", lambda q: True)
-    monkeypatch.setattr(s2, "_flash_attn_varlen_func", lambda: fake_varlen)
+    monkeypatch.setattr(s2, "_flash_attn", {"flash_attn_varlen_func": fake_varlen}.get)
     n, documents = rows_of([[5, 12, 3, 20], [9, 31]])
     q, k, v = make_qkv(2, 8, 2, n, seed=2)
     out = shifted_sparse_attention(q, k, v, 8, scale=0.3, documents=documents)

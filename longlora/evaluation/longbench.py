@@ -1,28 +1,10 @@
-"""LongBench (Bai et al., 2023): its 21 tasks' prompts, generation lengths and metrics, scored exactly as its `eval.py`.
+"""LongBench (Bai et al., 2023): its 21 tasks' prompts, generation lengths and metrics; predicted as its `pred.py`
+(the prompt cut in the middle to `max_length` tokens, the chat template except where it skips it, greedy decoding)
+and scored exactly as its `eval.py`, with the packages its `metrics.py` uses (`rouge`, `fuzzywuzzy` on difflib,
+`jieba`). Prediction files are its JSON lines, `<dataset>.jsonl`, so its own tools rescore them.
 
-LongBench's prediction files are JSON lines `{"pred", "answers", "all_classes", "length"}`, one file per task named
-`<dataset>.jsonl`; its scorer takes, per example, the best score over the reference answers (after keeping only the
-first line of the prediction on trec, triviaqa, samsum and lsht), averages over the examples and reports
-100 × mean rounded to 2 decimals; LongBench-E reports the same per length bucket of the `length` field (0–4k, 4–8k,
-8k+ words). The metrics below reproduce its `metrics.py` with the packages it uses, so the numbers match: `rouge`
-(Rouge().get_scores, F of ROUGE-L), `fuzzywuzzy` (fuzz.ratio; LongBench's requirements install it without
-python-Levenshtein, i.e. on difflib's SequenceMatcher, which gives other numbers than the Levenshtein backend) and
-`jieba` for Chinese word segmentation. tests/test_longbench.py checks each metric on worked examples.
-
-Prediction (`predict_dataset`) follows its `pred.py`: the task's prompt template, the prompt tokenized and, when
-longer than `max_length` tokens, cut in the middle (first and last max_length // 2 tokens, decoded and joined), the
-chat template applied except on the tasks where LongBench skips it, greedy decoding of at most the task's maximum
-generation length, a newline as an extra stop on samsum.
-
-The prompt templates and maximum generation lengths are LongBench's (config/dataset2prompt.json and
-dataset2maxlen.json), used under its MIT licence:
-    Copyright (c) 2023 THU-KEG & Zhipu AI. Permission is hereby granted, free of charge, to any person obtaining a
-    copy of this software and associated documentation files (the "Software"), to deal in the Software without
-    restriction, including without limitation the rights to use, copy, modify, merge, publish, distribute,
-    sublicense, and/or sell copies of the Software, and to permit persons to whom the Software is furnished to do
-    so, subject to the following conditions: The above copyright notice and this permission notice shall be
-    included in all copies or substantial portions of the Software. THE SOFTWARE IS PROVIDED "AS IS", WITHOUT
-    WARRANTY OF ANY KIND, EXPRESS OR IMPLIED.
+The prompt templates and maximum generation lengths are LongBench's (config/dataset2prompt.json, dataset2maxlen.json),
+used under its MIT licence: see THIRD_PARTY_NOTICES.md.
 """
 
 from __future__ import annotations

@@ -77,18 +77,19 @@ def _warn_once(message: str) -> None:
 
 
 @functools.cache
-def _flash_attn_func() -> Callable | None:
+def _flash_attn(name: str) -> Callable | None:
+    """flash-attn's `name` kernel (flash_attn_func, flash_attn_varlen_func), or None where flash-attn is absent."""
     # Imported lazily: flash-attn is an optional CUDA-only extra and importing it costs seconds.
     try:
-        from flash_attn import flash_attn_func
+        import flash_attn
     except Exception:  # ImportError, or a broken build raising anything at import
         return None
-    return flash_attn_func
+    return getattr(flash_attn, name, None)
 
 
 def _use_flash_attn(q: torch.Tensor) -> bool:
     fused = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-    return fused and _flash_attn_func() is not None
+    return fused and _flash_attn("flash_attn_func") is not None
 
 
 def _causal_attention(
@@ -97,7 +98,7 @@ def _causal_attention(
     """Causal attention on (B, H, S, D) tensors; k/v may have fewer heads than q (GQA)."""
     if _use_flash_attn(q):
         # flash-attn wants (B, S, H, D): the transposes are free, and it takes GQA and strided heads natively.
-        out = _flash_attn_func()(
+        out = _flash_attn("flash_attn_func")(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, softmax_scale=scale, causal=True
         )
         return out.transpose(1, 2)
@@ -353,15 +354,6 @@ def s2_segments(documents: torch.Tensor, group_size: int, shifted: bool) -> torc
     return torch.cat((starts[doc] + offsets, documents[-1:]))
 
 
-@functools.cache
-def _flash_attn_varlen_func() -> Callable | None:
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except Exception:  # ImportError, or a broken build raising anything at import
-        return None
-    return flash_attn_varlen_func
-
-
 def _bucket_quantum(group_size: int) -> int:
     # Segments are padded up to a multiple of G/32 (never beyond G) so that a packed block needs a handful of kernel
     # calls rather than one per distinct document length; the padding comes after the real tokens, so causal
@@ -412,8 +404,8 @@ def _varlen_attention(
     returns (T, h, d)."""
     if plan.index is None:
         cu = plan.cu_seqlens
-        return _flash_attn_varlen_func()(q, k, v, cu, cu, plan.longest, plan.longest, dropout_p, softmax_scale=scale,
-                                         causal=True)
+        varlen = _flash_attn("flash_attn_varlen_func")
+        return varlen(q, k, v, cu, cu, plan.longest, plan.longest, dropout_p, softmax_scale=scale, causal=True)
     # split, not slicing: its backward concatenates the pieces' gradients instead of filling a zero buffer per piece.
     pieces = [x.index_select(0, plan.index).split([size * count for size, count in zip(plan.sizes, plan.counts,
                                                                                           strict=True)])
@@ -451,7 +443,7 @@ def _plans_for(documents: torch.Tensor, total: int, group_size: int, buckets: bo
 def _document_sparse_attention(query, key, value, group_size, documents, scale, dropout_p) -> torch.Tensor:
     _validate(query, key, value, group_size, whole_groups=False)
     b, heads, n, _ = query.shape
-    buckets = not (_use_flash_attn(query) and _flash_attn_varlen_func() is not None)
+    buckets = not (_use_flash_attn(query) and _flash_attn("flash_attn_varlen_func") is not None)
     plans = _plans_for(documents.to(query.device), b * n, group_size, buckets)
     half = heads // 2
     key, value, kv_unshifted, kv_shifted = _kv_halves(key, value, heads)
