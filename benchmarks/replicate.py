@@ -2,7 +2,7 @@
 data, steps and seeds) under each variant, then held-out perplexity and passkey at 256/512/1024, training
 speed and memory.
 
-    .venv/bin/python benchmarks/replicate.py --steps 100 --seeds 2 --jobs 2 --threads 1  # the study (docs/results.md)
+    .venv/bin/python benchmarks/replicate.py            # the study (docs/results.md): 64 steps, 2 seeds, 2 × 1 thread
     .venv/bin/python benchmarks/replicate.py --quick    # smoke run: 2 variants × 1 seed × 2 steps, about a minute
 
 Writes benchmarks/results/replication.{md,csv,png}, the command that made them and its wall clock in the .md header;
@@ -14,11 +14,10 @@ params.yaml with the variant's overrides: `extend.method`, `extend.attention`, `
 `extend.max_steps`), in its own working folder under --work, so its checkpoints and run log never touch the
 project's data/. The evaluation is the pipeline's: `longlora.method.extension.load_extended` (dense attention),
 `longlora.evaluation.perplexity.strided_perplexity` (standard, every token scored once, windows of 256, 512 and 1024
-over the
-same first --eval-tokens tokens of the held-out stream) and `longlora.evaluation.passkey.passkey_accuracy` at each
-length over the
-depth grid. Training speed is the Trainer's tokens/s (wall clock); CPU seconds and peak resident memory come from the
-run's own process (`os.wait4`), so they hold on a shared machine where the wall clock does not.
+over the same first --eval-tokens tokens of the held-out stream) and `longlora.evaluation.passkey.passkey_accuracy`
+at each length over the depth grid. Training speed is the Trainer's tokens/s (wall clock); CPU seconds and peak
+resident memory come from the run's own process (`os.wait4`), so they hold on a shared machine where the wall clock
+does not.
 
 Variants (the paper's Tables 2 and 6, issue #10; 9 and 10: the default's departures from the paper, issue #19):
   no_pi       base model as it is (no fine-tuning, no interpolation)
@@ -342,8 +341,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
                         help="prepare_pretrain's packed 1024-token blocks")
     parser.add_argument("--eval", type=Path, default=Path("data/eval"), help="prepare_eval's held-out stream")
     parser.add_argument("--variants", nargs="+", default=None, help="names (default: all)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20, help="extend.max_steps of every trained variant")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=64, help="extend.max_steps of every trained variant")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored at every length")
     parser.add_argument("--passkey-trials", type=int, default=4, help="keys per depth at each length")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at a time (one per core is fastest)")
