@@ -102,7 +102,8 @@ class Params(Section):
             "prepare_sft": {"max_length": target},
             "prepare_eval": {"lengths": quarter_half_whole},
             "extend": {"data": self.prepare_pretrain.out_dir},
-            "sft": {"data": self.prepare_sft.out_dir, "base_model": str(self.merge.extend.out_dir),
+            "sft": {"data": self.prepare_sft.out_dir, "replay_data": self.prepare_pretrain.out_dir,
+                    "base_model": str(self.merge.extend.out_dir),
                     "padding_free": self.sft.attention == "s2" and self.s2attn.shift},
             "eval_perplexity": {"lengths": self.prepare_eval.lengths or quarter_half_whole},
             "eval_passkey": {"lengths": quarter_half_whole},
@@ -157,6 +158,14 @@ class Params(Section):
         if self.sft.padding_free and not self.s2attn.shift:
             raise KeyProblem("sft.padding_free", "packed rows need the shifted S²-Attn; with s2attn.shift false (the "
                              "short-attention ablation) set sft.padding_free false")
+        return self
+
+    @model_validator(mode="after")
+    def _replay_mixes(self) -> Self:
+        """Replay pieces are shuffled among the examples; length-grouped examples are read in their written order."""
+        if self.sft.replay_share > 0 and self.prepare_sft.group_by_length:
+            raise KeyProblem("sft.replay_share", "replay is shuffled among the examples, but "
+                             "prepare_sft.group_by_length makes sft read them in their written order; set one off")
         return self
 
     @model_validator(mode="after")
@@ -285,6 +294,8 @@ class Params(Section):
                 inputs.append(({stage}, f"{stage}.deepspeed", str(section.deepspeed)))
         if not is_hub_model_id(self.sft.base_model):
             inputs.append(({"sft"}, "sft.base_model", self.sft.base_model))
+        if self.sft.replay_share > 0:
+            inputs.append(({"sft"}, "sft.replay_data", str(self.sft.replay_data)))
         for source in MERGE_SOURCES:
             inputs.append(({f"merge@{source}"}, f"{source}.out_dir", str(self.section(source).out_dir)))
         for name, model in self.eval_models.items():

@@ -569,6 +569,16 @@ class SftParams(TrainingParams):
     and gradients as padded batches, without computing the padding (needs attention s2 and s2attn.shift true). false:
     each example right-padded to the batch's longest, rounded up to a multiple of the S² group. None: true exactly
     when it can be (attention s2 and s2attn.shift true), else false."""
+    replay_share: float = Field(0.0, ge=0, lt=1)
+    """Share of the training examples that are plain-text replay: pieces of `replay_data`'s packed blocks,
+    `replay_length` tokens each, loss on every token, shuffled among the instructions (seeded by `seed`). Replay
+    keeps SFT from forgetting plain text, so a higher lr can train the answers (docs/sft.md). 0: instructions only,
+    as the paper."""
+    replay_data: InPath | None = None
+    """Packed blocks replayed when replay_share > 0 (prepare_pretrain's format, blocks of model.target_context);
+    None: prepare_pretrain.out_dir."""
+    replay_length: int = Field(256, gt=0)
+    """Tokens per replay piece, each cut from one block (at most the block's length)."""
     max_steps: int = Field(560, gt=0)
     """Optimizer steps; 560 at a global batch of 64 is about 3 epochs of LongAlpaca-12k."""
     checkpoint_dir: OutPath = Path("data/checkpoints/sft")

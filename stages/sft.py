@@ -153,7 +153,32 @@ def _examples(params: Params, config, group_size: int | None):
             digest.update(hashlib.file_digest(f, "sha256").digest())
     meta = {"rows": len(dataset), "tokens": len(ids), "longest": longest, "grouped_batch_size": grouped,
             "sha256": digest.hexdigest()}
+    if p.replay_share > 0:
+        dataset, meta["replay"] = _with_replay(params, dataset, config)
     return dataset, meta, grouped
+
+
+def _with_replay(params: Params, dataset, config):
+    """The examples with sft.replay_share of replay pieces shuffled in (their labels are their tokens: the loss
+    covers every replayed token), and what identifies the replay."""
+    import datasets
+    import numpy as np
+
+    from longlora.io import content_digest
+    from longlora.method.training import open_blocks
+
+    p = params.sft
+    blocks = open_blocks(p.replay_data, params.model.target_context, config.vocab_size, "sft.replay_data")
+    length = min(p.replay_length, blocks.block_length)
+    per_block = blocks.block_length // length
+    count = round(p.replay_share / (1 - p.replay_share) * len(dataset))
+    available = len(blocks) * per_block
+    picks = np.random.default_rng(p.seed).choice(available, size=count, replace=count > available)
+    pieces = [np.asarray(blocks[int(k) // per_block][int(k) % per_block * length:][:length]).tolist() for k in picks]
+    replay = datasets.Dataset.from_dict({"input_ids": pieces, "labels": pieces, "length": [length] * count},
+                                        features=dataset.features)
+    mixed = datasets.concatenate_datasets([dataset, replay]).shuffle(seed=p.seed)
+    return mixed, {"pieces": count, "length": length, "sha256": content_digest(p.replay_data)}
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture
 def project(inputs, tmp_path, monkeypatch, single_torch_thread):
-    for name in ("data/base_model", "data/extended_model", "data/sft", "grouped_sft"):
+    for name in ("data/base_model", "data/extended_model", "data/sft", "grouped_sft", "data/pretrain"):
         shutil.copytree(inputs / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -135,6 +135,32 @@ def test_length_grouped_examples_are_read_in_the_stored_order(project, monkeypat
     stored = datasets.load_from_disk("grouped_sft")["length"]
     # 4 steps × accumulation 2 × batches of 2: the first 16 rows, in the stored order and batches.
     assert seen == [stored[i: i + 2] for i in range(0, 16, 2)]
+
+
+def test_replay_pieces_are_shuffled_in_with_every_token_in_the_loss(project):
+    import datasets
+
+    from longlora.data.packing import PackedBlocks
+    from stages.params import ParamsError
+
+    examples = len(datasets.load_from_disk("data/sft"))
+    plain = sft.prepare_job(_params())
+    assert len(plain.dataset) == examples and "replay" not in plain.data_meta
+
+    job = sft.prepare_job(_params(sft={"replay_share": 0.25, "replay_length": 48}))
+    pieces = round(examples / 3)  # a quarter of all rows
+    assert len(job.dataset) == examples + pieces and job.data_meta["replay"]["pieces"] == pieces
+    rows = list(job.dataset)
+    replayed = [i for i, row in enumerate(rows) if row["labels"] == row["input_ids"]]  # instructions mask the prompt
+    assert len(replayed) == pieces and replayed != list(range(examples, examples + pieces))  # shuffled in
+    blocks = PackedBlocks("data/pretrain")
+    cut = {tuple(np.asarray(blocks[b][j * 48:(j + 1) * 48]).tolist()) for b in range(len(blocks)) for j in range(2)}
+    assert all(len(rows[i]["input_ids"]) == 48 and tuple(rows[i]["input_ids"]) in cut for i in replayed)
+
+    metrics = sft.run(_params(sft={"replay_share": 0.25, "replay_length": 48, "max_steps": 1}))
+    assert np.isfinite(metrics["losses"]).all()
+    with pytest.raises(ParamsError, match="sft.replay_share"):
+        _params(sft={"replay_share": 0.25}, prepare_sft={"group_by_length": True})
 
 
 def _s2_llama(heads: int, kv_heads: int):
