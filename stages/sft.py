@@ -147,6 +147,10 @@ def _examples(params: Params, config, group_size: int | None):
         raise InputError(f"sft.per_device_batch_size {p.per_device_batch_size}: {str(folder / ORDER_FILE)!r} says the "
                          f"examples are stored in length-grouped batches of {grouped}; set it to {grouped} (or "
                          "prepare_sft.group_batch_size to match)")
+    if grouped is not None and p.replay_share > 0:
+        raise InputError(f"sft.replay_share {p.replay_share}: {str(folder / ORDER_FILE)!r} says the examples are "
+                         "stored in length-grouped batches, read in that order, and replay is shuffled among them; "
+                         "set sft.replay_share 0 or prepare_sft.group_by_length false")
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*.arrow")):
         with open(path, "rb") as f:
@@ -177,7 +181,8 @@ def _with_replay(params: Params, dataset, config):
     pieces = [np.asarray(blocks[int(k) // per_block][int(k) % per_block * length:][:length]).tolist() for k in picks]
     replay = datasets.Dataset.from_dict({"input_ids": pieces, "labels": pieces, "length": [length] * count},
                                         features=dataset.features)
-    mixed = datasets.concatenate_datasets([dataset, replay]).shuffle(seed=p.seed)
+    # In memory: a cached shuffle would write its index file into prepare_sft's output folder, changing that output.
+    mixed = datasets.concatenate_datasets([dataset, replay]).shuffle(seed=p.seed, keep_in_memory=True)
     return mixed, {"pieces": count, "length": length, "sha256": content_digest(p.replay_data)}
 
 

@@ -122,7 +122,8 @@ def test_the_deterministic_sft_folder_is_still_a_dataset_load_from_disk_reads(fi
 
 
 def test_length_grouped_sft_data_is_written_the_same_way_twice(first_run, tmp_path, monkeypatch):
-    grouped = parse_params(tiny_params_dict(prepare_sft={"group_by_length": True, "group_batch_size": 2}))
+    grouped = parse_params(tiny_params_dict(prepare_sft={"group_by_length": True, "group_batch_size": 2},
+                                            sft={"replay_share": 0}))
     written = []
     for attempt in ("a", "b"):
         (tmp_path / attempt / "data/corpus").mkdir(parents=True)

@@ -60,7 +60,7 @@ def inputs(tmp_path_factory):
         merge.run(params, "extend")
         prepare_sft.run(params)
         grouped = _params(prepare_sft={"group_by_length": True, "group_batch_size": 2, "out_dir": "grouped_sft",
-                                       "metrics_file": "grouped_sft.json"})
+                                       "metrics_file": "grouped_sft.json"}, sft={"replay_share": 0})
         prepare_sft.run(grouped)
     return root
 
@@ -131,7 +131,7 @@ def test_length_grouped_examples_are_read_in_the_stored_order(project, monkeypat
         return collate(self, examples)
 
     monkeypatch.setattr(PaddedBatches, "__call__", recording)
-    sft.run(_params(sft={"data": "grouped_sft"}))
+    sft.run(_params(sft={"data": "grouped_sft", "replay_share": 0}))
     stored = datasets.load_from_disk("grouped_sft")["length"]
     # 4 steps × accumulation 2 × batches of 2: the first 16 rows, in the stored order and batches.
     assert seen == [stored[i: i + 2] for i in range(0, 16, 2)]
@@ -141,10 +141,12 @@ def test_replay_pieces_are_shuffled_in_with_every_token_in_the_loss(project):
     import datasets
 
     from longlora.data.packing import PackedBlocks
+    from longlora.errors import InputError
     from stages.params import ParamsError
 
+    before = sorted(p.name for p in Path("data/sft").iterdir())
     examples = len(datasets.load_from_disk("data/sft"))
-    plain = sft.prepare_job(_params())
+    plain = sft.prepare_job(_params(sft={"replay_share": 0}))
     assert len(plain.dataset) == examples and "replay" not in plain.data_meta
 
     job = sft.prepare_job(_params(sft={"replay_share": 0.25, "replay_length": 48}))
@@ -156,11 +158,14 @@ def test_replay_pieces_are_shuffled_in_with_every_token_in_the_loss(project):
     blocks = PackedBlocks("data/pretrain")
     cut = {tuple(np.asarray(blocks[b][j * 48:(j + 1) * 48]).tolist()) for b in range(len(blocks)) for j in range(2)}
     assert all(len(rows[i]["input_ids"]) == 48 and tuple(rows[i]["input_ids"]) in cut for i in replayed)
+    assert sorted(p.name for p in Path("data/sft").iterdir()) == before  # nothing written into prepare_sft's output
 
     metrics = sft.run(_params(sft={"replay_share": 0.25, "replay_length": 48, "max_steps": 1}))
     assert np.isfinite(metrics["losses"]).all()
     with pytest.raises(ParamsError, match="sft.replay_share"):
         _params(sft={"replay_share": 0.25}, prepare_sft={"group_by_length": True})
+    with pytest.raises(InputError, match="sft.replay_share 0.25: 'grouped_sft/order.json' says"):
+        sft.prepare_job(_params(sft={"replay_share": 0.25, "data": "grouped_sft", "per_device_batch_size": 2}))
 
 
 def _s2_llama(heads: int, kv_heads: int):
