@@ -59,12 +59,14 @@ WAYS = ("padded", "padding-free")
 
 
 def stage_job(model: str | None, data: str | None):
-    """The sft stage's job as params.yaml describes it (padding-free), `--model` and `--data` put in its section: its
-    config, dataset, collator and S²-Attn settings, checked as the stage checks them (InputError otherwise)."""
+    """The sft stage's job as params.yaml describes it (padding-free, and without replay: what is measured is
+    `--data`'s examples), `--model` and `--data` put in its section: its config, dataset, collator and S²-Attn
+    settings, checked as the stage checks them (InputError otherwise)."""
     from stages import sft
 
     params = load_params(ROOT / "params.yaml")
-    update = {"padding_free": True} | {k: v for k, v in (("base_model", model), ("data", data)) if v}
+    given = {k: v for k, v in (("base_model", model), ("data", data)) if v}
+    update = {"padding_free": True, "replay_share": 0.0} | given
     return sft.prepare_job(params.model_copy(update={"sft": params.sft.model_copy(update=update)}))
 
 

@@ -41,3 +41,14 @@ LONGBENCH_E_DATASETS = ("qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "go
                         "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p")
 """The tasks LongBench-E has (files `<dataset>_e.jsonl`), with lengths spread evenly over 0-4k, 4-8k and 8k+."""
 
+
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
+"""RULER's synthetic tasks built here, in its scripts/synthetic.yaml order (longlora/evaluation/ruler.py holds how
+each is built and scored)."""
+
+RULER_QA_TASKS = ("qa_1", "qa_2")
+"""RULER's two QA tasks, on SQuAD and HotpotQA: not built yet."""
+
+RULER_MODEL_TEMPLATES = ("base", "meta-chat", "vicuna-chat", "lwm-chat", "Phi3", "meta-llama3")
+"""The names of RULER's model templates (its scripts/data/template.py) that longlora/evaluation/ruler.py has."""

@@ -39,6 +39,7 @@ from stages.sections import (
     EvalModel,
     EvalPasskeyParams,
     EvalPerplexityParams,
+    EvalRulerParams,
     ExtendParams,
     KeyProblem,
     LaunchParams,
@@ -86,6 +87,7 @@ class Params(Section):
     eval_perplexity: EvalPerplexityParams = EvalPerplexityParams()
     eval_passkey: EvalPasskeyParams = EvalPasskeyParams()
     eval_longqa: EvalLongQAParams = EvalLongQAParams()
+    eval_ruler: EvalRulerParams = EvalRulerParams()
     longbench: LongBenchParams = LongBenchParams()
     report: ReportParams = ReportParams()
 
@@ -107,6 +109,7 @@ class Params(Section):
                     "padding_free": self.sft.attention == "s2" and self.s2attn.shift},
             "eval_perplexity": {"lengths": self.prepare_eval.lengths or quarter_half_whole},
             "eval_passkey": {"lengths": quarter_half_whole},
+            "eval_ruler": {"lengths": tuple(sorted({max(target // 2, 1), target}))},
             "longbench": {"max_length": target - (self.longbench.max_new_tokens or 512)},
         }
         for name, defaults in derived.items():

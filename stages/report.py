@@ -8,14 +8,15 @@ the model card `merge` wrote into each merged folder that an eval_models entry n
 is left out, and no dependency of the report in dvc.yaml), and writes `report.out_dir` (data/report/):
 
 - README.md: the models, the summary, perplexity by context length (tables, both numbers, and perplexity.png),
-  passkey accuracy by prompt length (table, and each model's heatmap copied to passkey/<model>.png), LongBench
-  scores by task and their average, and how to publish each merged model with its card;
+  passkey accuracy by prompt length (table, and each model's heatmap copied to passkey/<model>.png), the held-out
+  questions, RULER's average by length and effective length (and each model's heatmap, ruler/<model>.png),
+  LongBench scores by task and their average, and how to publish each merged model with its card;
 - models/<merge source>/README.md: the merged folder's card (longlora/method/modelcard.py) with its Evaluation section
   filled in and `model-index` metadata (huggingface_hub's EvalResult), ready to replace the folder's README.md
   before uploading it. The card cannot be completed in the model folder itself: that folder is merge's output, and
   writing into it would make merge and every evaluation of its model stale;
-- summary.txt: per model, perplexity at each length, passkey accuracy and LongBench average (what `make repro`
-  prints at the end).
+- summary.txt: per model, perplexity and passkey accuracy at each length, LongQA, the LongBench average and RULER's
+  averages and effective length (what `make repro` prints at the end).
 
 An evaluation that has not run (no metrics file) is reported as such, not guessed. Same inputs, same bytes (no
 dates; the PNG carries no software tag).
@@ -53,7 +54,9 @@ REPORT_FILE = "README.md"
 SUMMARY_FILE = "summary.txt"
 PLOT_FILE = "perplexity.png"
 HEATMAP_FILE = "heatmap.png"
-"""What eval_passkey writes into `<eval_passkey.out_dir>/<model>/`."""
+"""What eval_passkey and eval_ruler write into `<out_dir>/<model>/`."""
+HEATMAP_STAGES = {"eval_passkey": "passkey", "eval_ruler": "ruler"}
+"""The evaluations whose heatmaps the report copies, and the report's folder for each."""
 
 
 def read_metrics(path: Path) -> dict | None:
@@ -90,7 +93,7 @@ def _report(params: Params, out: StageOutput) -> dict:
         results[name] = model_results(found)
     if missing:
         log.warning("not evaluated, left out of the report: %s", "; ".join(missing))
-    heatmaps = _heatmaps(params)
+    heatmaps = {stage: _heatmaps(params, stage) for stage in HEATMAP_STAGES}
     sections = comparison_sections(results)
     cards = {}
     for source in MERGE_SOURCES:
@@ -100,9 +103,10 @@ def _report(params: Params, out: StageOutput) -> dict:
             cards[source] = folder
     with out.publish() as tmp:
         plotted = perplexity_plot(results, tmp / PLOT_FILE)
-        for name, heatmap in heatmaps.items():
-            (tmp / "passkey").mkdir(exist_ok=True)
-            shutil.copyfile(heatmap, tmp / "passkey" / f"{name}.png")
+        for stage, folder in HEATMAP_STAGES.items():
+            for name, heatmap in heatmaps[stage].items():
+                (tmp / folder).mkdir(exist_ok=True)
+                shutil.copyfile(heatmap, tmp / folder / f"{name}.png")
         for source, folder in cards.items():
             card = _card_with_results(params, folder, results, sections)
             (tmp / "models" / source).mkdir(parents=True)
@@ -119,11 +123,11 @@ def _report(params: Params, out: StageOutput) -> dict:
     return out.write_metrics(metrics)
 
 
-def _heatmaps(params: Params) -> dict[str, Path]:
-    """Each evaluated model's passkey heatmap, by model name."""
+def _heatmaps(params: Params, stage: str) -> dict[str, Path]:
+    """Each evaluated model's heatmap of `stage`, by model name."""
     found = {}
     for name in params.eval_models:
-        heatmap = params.destination(f"eval_passkey@{name}")[0] / HEATMAP_FILE
+        heatmap = params.destination(f"{stage}@{name}")[0] / HEATMAP_FILE
         if heatmap.is_file():
             found[name] = heatmap
     return found
@@ -170,9 +174,20 @@ def _setup(params: Params) -> dict[str, str]:
                        f"(`{params.prepare_sft.template}`), greedy answers of at most "
                        f"{params.eval_longqa.max_new_tokens} tokens; exact match of the first line and token F1 over "
                        "its alphanumeric runs (longlora/evaluation/qa.py).",
+        "eval_ruler": f"RULER's synthetic tasks ({', '.join(params.eval_ruler.tasks)}), "
+                      f"{params.eval_ruler.samples} prompts per task and length built and scored as RULER does "
+                      "(longlora/evaluation/ruler.py); the average is over the tasks that fit every length, the "
+                      f"effective length the longest up to which every average is at least "
+                      f"{params.eval_ruler.threshold:g}. Essay haystack: {_ruler_haystack(params)}.",
         "longbench": f"LongBench's prompts, generation lengths and metrics on `{params.longbench.input}`; the average "
                      "is the mean over the tasks.",
     }
+
+
+def _ruler_haystack(params: Params) -> str:
+    if params.eval_ruler.haystack is None:
+        return "held-out Python sources (RULER-format scores, not comparable to published essay-haystack numbers)"
+    return f"`{params.eval_ruler.haystack}`"
 
 
 def _eval_results(params: Params, r: ModelResults):
@@ -200,6 +215,11 @@ def _eval_results(params: Params, r: ModelResults):
             task_type="question-answering", task_name="Long-context QA (SFT prompt format)",
             dataset_type=str(params.eval_longqa.input), dataset_name=f"{params.eval_longqa.input} (held-out)",
             metric_type=key, metric_value=value, metric_name=f"LongQA {LONGQA_SCORES[key]}"))
+    for length, value in r.ruler.items():
+        results.append(EvalResult(
+            task_type="text-generation", task_name="RULER", dataset_type="ruler",
+            dataset_name="RULER (synthetic tasks)", metric_type="score", metric_value=value,
+            metric_name=f"RULER average at {length} tokens", metric_config=str(length)))
     for task, score in r.longbench.items():
         results.append(EvalResult(
             task_type="text-generation", task_name="LongBench",
@@ -216,7 +236,7 @@ def _image(path: str, alt: str) -> str:
 
 
 def _readme(params: Params, results: dict[str, ModelResults], sections: dict[str, str], summary: str,
-            plotted: bool, heatmaps: dict[str, Path], cards: dict[str, Path], missing: list[str]) -> str:
+            plotted: bool, heatmaps: dict[str, dict[str, Path]], cards: dict[str, Path], missing: list[str]) -> str:
     m = params.model
     models = [[name, f"`{model.path}`", "yes" if model.interpolate else "no"]
               for name, model in params.eval_models.items()]
@@ -247,10 +267,13 @@ def _readme(params: Params, results: dict[str, ModelResults], sections: dict[str
     lines += [sections.get("eval_perplexity", "No perplexity results.\n"), "## Passkey retrieval", "",
               setup["eval_passkey"], ""]
     lines += [sections.get("eval_passkey", "No passkey results.\n")]
-    for name in heatmaps:
+    for name in heatmaps["eval_passkey"]:
         lines += [f"#### {name}", "", _image(f"passkey/{name}.png", f"passkey retrieval: {name}"), ""]
     lines += ["## Held-out questions (what SFT trains for)", "", setup["eval_longqa"], "",
               sections.get("eval_longqa", "No LongQA results.\n")]
+    lines += ["## RULER", "", setup["eval_ruler"], "", sections.get("eval_ruler", "No RULER results.\n")]
+    for name in heatmaps["eval_ruler"]:
+        lines += [f"#### {name}", "", _image(f"ruler/{name}.png", f"RULER: {name}"), ""]
     lines += ["## LongBench", "", setup["longbench"], "", sections.get("longbench", "No LongBench results.\n"),
               "## Model cards", ""]
     unevaluated = [f"`{params.section(f'merge@{source}').out_dir}` (merge@{source})" for source in MERGE_SOURCES

@@ -14,6 +14,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from longlora.choices import (
     LONGBENCH_DATASETS,
     LONGBENCH_E_DATASETS,
+    RULER_MODEL_TEMPLATES,
+    RULER_QA_TASKS,
+    RULER_TASKS,
     BosPolicy,
     OnError,
     Remainder,
@@ -770,6 +773,67 @@ class EvalLongQAParams(Section):
     scores."""
     metrics_dir: OutPath = Path("data/metrics/eval_longqa")
     """DVC metrics, `<metrics_dir>/<name>.json`: `exact_match` and `f1` (0–100), by question kind too."""
+
+
+class EvalRulerParams(Section):
+    """Stage `eval_ruler` (one instance per eval_models name): RULER's synthetic tasks at each prompt length, scored
+    as RULER scores them, and the effective length (longlora/evaluation/ruler.py; docs/evaluation.md)."""
+
+    lengths: tuple[int, ...] | None = None
+    """Prompt lengths in tokens, generation included (RULER: 4096 … 131072); None: model.target_context / 2 and × 1
+    (at a quarter most of RULER's prompts do not fit a tiny tokenizer's few hundred tokens)."""
+    tasks: tuple[str, ...] = tuple(RULER_TASKS)
+    """RULER task names (scripts/synthetic.yaml): the needle-in-a-haystack variants, vt, cwe, fwe. qa_1 and qa_2
+    (SQuAD, HotpotQA) are not built yet. A task whose smallest prompt exceeds a length is reported as not fitting
+    there (RULER's own code would loop forever)."""
+    samples: int = Field(4, gt=0)
+    """Prompts per task and length (RULER: 500)."""
+    seed: int = 42
+    """Seed of every task at every length (RULER's default)."""
+    model_template: str = "base"
+    """RULER's template around each prompt, by its name in RULER's scripts/data/template.py (base: none; meta-chat,
+    meta-llama3, …: for the chat models RULER wraps)."""
+    haystack: InPath | None = None
+    """Prose for the essay-haystack tasks: RULER's PaulGrahamEssays.json ({"text": …}, made by its
+    download_paulgraham_essay.py), or any UTF-8 text file. None: the held-out split of the embedded corpus (Python
+    sources), so those tasks' scores are RULER-format but not comparable to published essay-haystack numbers."""
+    threshold: float = Field(85.6, ge=0, le=100)
+    """Effective length: the longest length up to which every length's average clears this (RULER: 85.6, Llama-2-7B's
+    average at 4K)."""
+    dtype: EvalDtype = "auto"
+    """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
+    out_dir: OutPath = Path("data/eval_results/ruler")
+    """One folder per model, `<out_dir>/<name>/`: for each length a folder `<length>/` as RULER's own tools read it
+    (`<task>.jsonl` predictions with RULER's fields, summary.csv as its evaluate.py writes it), ruler.csv (score per
+    task and length) and heatmap.png (task × length, a DVC plot)."""
+    metrics_dir: OutPath = Path("data/metrics/eval_ruler")
+    """DVC metrics, `<metrics_dir>/<name>.json`: `average.<length>` (over the tasks that fit every length),
+    `effective_length` (0: not even the shortest), `wavg_inc`, `wavg_dec`."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("empty: name RULER tasks")
+        qa = [name for name in value if name in RULER_QA_TASKS]
+        if qa:
+            raise ValueError(f"{qa}: RULER's QA tasks (SQuAD, HotpotQA) are not built yet")
+        unknown = [name for name in value if name not in RULER_TASKS]
+        if unknown:
+            raise ValueError(f"unknown RULER tasks {unknown}; known: {', '.join(RULER_TASKS)}")
+        return value
+
+    @field_validator("model_template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in RULER_MODEL_TEMPLATES:
+            raise ValueError(f"unknown RULER model template {value!r}; known: {', '.join(RULER_MODEL_TEMPLATES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _grid(self) -> Self:
+        _check_positive_lengths(self.lengths)
+        return self
 
 
 class LongBenchParams(Section):

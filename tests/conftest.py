@@ -44,6 +44,8 @@ TINY_OVERRIDES = {
     # The tiny tokenizer spends ~160 tokens on the passkey prompt's fixed lines: 32-token prompts cannot hold them.
     "eval_perplexity": {"windowed_step": 32},
     "eval_passkey": {"lengths": [200, 256], "depths": [0.0, 1.0], "trials": 1},
+    # RULER's fixed text takes most of 600 of these tokens: fwe fits 400 and 600, niah_multikey_2 only 600.
+    "eval_ruler": {"lengths": [400, 600], "tasks": ["niah_multikey_2", "fwe"], "samples": 1},
     # … so every model is evaluated past the tiny 128 positions, on purpose.
     "eval_models": {name: {"extrapolate": True} for name in ("base", "base_pi", "extended", "sft")},
     "longbench": {"max_examples": 2, "max_new_tokens": 4},

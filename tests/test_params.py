@@ -284,7 +284,7 @@ def test_the_default_chain_and_hub_names_are_fine(tmp_path):
 @pytest.mark.parametrize(("text", "message"), [
     ("", r"params\.yaml: empty: every stage reads the whole file"),
     ("model:\n  target_context: 1024\n", r"params\.yaml: no section embedded_corpus, build_base_model, s2attn, lora, "
-                                         r"prepare_corpus, prepare_pretrain, … \(18 in all\)"),
+                                         r"prepare_corpus, prepare_pretrain, … \(19 in all\)"),
 ])
 def test_an_empty_or_partial_file_is_refused_rather_than_run_as_the_paper_s_7b_recipe(tmp_path, text, message):
     path = tmp_path / "params.yaml"

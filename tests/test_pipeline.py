@@ -188,7 +188,8 @@ def test_plots_show_every_training_curve_and_every_evaluated_model():
                          ("perplexity (LongLoRA eval.py) vs context length", "windowed_perplexity")):
         definition = plots[title][title]
         assert definition["x"] == "length" and definition["y"] == dict.fromkeys(sorted(perplexity), field)
-    heatmaps = {str(params.destination(f"eval_passkey@{name}")[0] / "heatmap.png") for name in params.eval_models}
+    heatmaps = {str(params.destination(f"{stage}@{name}")[0] / "heatmap.png") for name in params.eval_models
+                for stage in ("eval_passkey", "eval_ruler")}
     assert heatmaps <= set(plots)
 
 

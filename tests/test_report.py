@@ -25,6 +25,9 @@ PASSKEY = {"base": (1.0, 0.0, 0.0), "base_pi": (0.5, 0.0, 0.0), "extended": (1.0
 LONGQA = {"base": (0.0, 1.5), "base_pi": (0.0, 2.0), "extended": (3.125, 10.5), "sft": (25.0, 40.25)}
 LONGBENCH = {"base": {"lcc": 5.0, "passage_count": 0.0}, "base_pi": {"lcc": 10.0, "passage_count": 0.0},
              "extended": {"lcc": 20.5, "passage_count": 5.0}, "sft": {"lcc": 30.0, "passage_count": 2.5}}
+# RULER averages at 64 and 128 tokens and the effective length (0: not even the shortest clears the threshold).
+RULER = {"base": ((10.0, 0.0), 0), "base_pi": ((20.0, 5.0), 0), "extended": ((90.0, 70.5), 64),
+         "sft": ((95.0, 88.25), 128)}
 ROPE = {"factor": 4.0, "rope_theta": 10000.0, "rope_type": "linear"}
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 128,
           "rope_parameters": ROPE, "tie_word_embeddings": True}
@@ -72,9 +75,13 @@ def evaluated(tmp_path, monkeypatch):
         _write_json(params.destination(f"longbench@{name}")[2], {
             "stage": f"longbench@{name}", "model": name, "scores": LONGBENCH[name],
             "categories": {"code": LONGBENCH[name]["lcc"]}})
-        heatmap = params.destination(f"eval_passkey@{name}")[0] / "heatmap.png"
-        heatmap.parent.mkdir(parents=True)
-        heatmap.write_bytes(f"png of {name}".encode())
+        (low, high), effective = RULER[name]
+        _write_json(params.destination(f"eval_ruler@{name}")[2], {
+            "average": {"64": low, "128": high}, "effective_length": effective, "wavg_inc": 0.0, "wavg_dec": 0.0})
+        for stage in ("eval_passkey", "eval_ruler"):
+            heatmap = params.destination(f"{stage}@{name}")[0] / "heatmap.png"
+            heatmap.parent.mkdir(parents=True)
+            heatmap.write_bytes(f"{stage} png of {name}".encode())
     for source, stages in (("extend", ["extend"]), ("sft", ["extend", "sft"])):
         folder = params.section(f"merge@{source}").out_dir
         folder.mkdir(parents=True)
@@ -100,23 +107,33 @@ def test_the_report_puts_every_evaluation_side_by_side(evaluated, tmp_path, caps
     assert png.startswith(b"\x89PNG") and b"Software" not in png and b"atplotlib" not in png
     for name in evaluated.eval_models:
         assert f"![passkey retrieval: {name}](passkey/{name}.png)" in text
-        assert (out / f"passkey/{name}.png").read_bytes() == f"png of {name}".encode()
+        assert (out / f"passkey/{name}.png").read_bytes() == f"eval_passkey png of {name}".encode()
+        assert f"![RULER: {name}](ruler/{name}.png)" in text
+        assert (out / f"ruler/{name}.png").read_bytes() == f"eval_ruler png of {name}".encode()
+    assert "| model | 64 | 128 | effective length |" in text
+    assert "| base | 10.00 | 0.00 | <64 |" in text and "| sft | 95.00 | 88.25 | 128 |" in text
     assert "cp data/report/models/sft/README.md /tmp/upload/README.md" in text
 
     summary = (out / "summary.txt").read_text(encoding="utf-8").splitlines()
-    assert summary[:5] == [
-        "model     ppl@32  ppl@64  ppl@128  passkey@32  passkey@64  passkey@128  LongQA EM  LongQA F1  LongBench",
-        "base       50.00   80.00   300.00        1.00        0.00         0.00       0.00       1.50       2.50",
-        "base_pi    90.00   95.50   140.25        0.50        0.00         0.00       0.00       2.00       5.00",
-        "extended   60.00   58.50    61.12        1.00        0.50         0.50       3.12      10.50      12.75",
-        "sft        70.00   68.00    72.00        1.00        1.00         0.50      25.00      40.25      16.25"]
-    assert "\n".join(summary[:5]) in text
+    assert summary[:11] == [
+        "model     ppl@32  ppl@64  ppl@128  passkey@32  passkey@64  passkey@128",
+        "base       50.00   80.00   300.00        1.00        0.00         0.00",
+        "base_pi    90.00   95.50   140.25        0.50        0.00         0.00",
+        "extended   60.00   58.50    61.12        1.00        0.50         0.50",
+        "sft        70.00   68.00    72.00        1.00        1.00         0.50",
+        "",
+        "model     LongQA EM  LongQA F1  LongBench  RULER@64  RULER@128  RULER length",
+        "base           0.00       1.50       2.50     10.00       0.00           <64",
+        "base_pi        0.00       2.00       5.00     20.00       5.00           <64",
+        "extended       3.12      10.50      12.75     90.00      70.50            64",
+        "sft           25.00      40.25      16.25     95.00      88.25           128"]
+    assert "\n".join(summary[:11]) in text
     assert "| sft | 25.00 | 40.25 |" in text  # the held-out questions' table
     assert report.main(["summary"]) == 0
-    assert summary[4] in capsys.readouterr().out
+    assert summary[10] in capsys.readouterr().out
 
     assert metrics["models"]["extended"] == {"evaluated": ["eval_perplexity", "eval_passkey", "eval_longqa",
-                                                           "longbench"], "longbench_average": 12.75}
+                                                           "eval_ruler", "longbench"], "longbench_average": 12.75}
     assert metrics["cards"] == {"extend": "data/report/models/extend/README.md",
                                 "sft": "data/report/models/sft/README.md"}
     assert json.loads(Path("data/metrics/report.json").read_text()) == metrics
@@ -153,11 +170,10 @@ def test_the_report_is_the_same_bytes_twice_and_says_what_was_not_evaluated(eval
 
     Path("data/metrics/longbench/sft.json").unlink()
     metrics = report.run(evaluated)
-    assert metrics["models"]["sft"] == {"evaluated": ["eval_perplexity", "eval_passkey", "eval_longqa"],
+    assert metrics["models"]["sft"] == {"evaluated": ["eval_perplexity", "eval_passkey", "eval_longqa", "eval_ruler"],
                                         "longbench_average": None}
     summary = Path("data/report/summary.txt").read_text(encoding="utf-8")
-    assert "sft        70.00   68.00    72.00        1.00        1.00         0.50      25.00      40.25          -" \
-        in summary
+    assert "sft           25.00      40.25          -     95.00      88.25           128" in summary
     text = Path("data/report/README.md").read_text(encoding="utf-8")
     assert "Not evaluated (left out; `dvc repro` runs them): longbench@sft (no data/metrics/longbench/sft.json)" in text
     assert "| sft | - | - | - |" in text
@@ -214,15 +230,21 @@ def test_results_are_read_from_the_evaluation_metrics_and_shown_the_same_way_eve
     """The report and the Prefect flow's comparison artifact share these tables."""
     results = {"a": model_results({"eval_perplexity": {"ppl": {"64": 2.5, "32": 3.0}},
                                    "longbench": {"scores": {"lcc": 40.0, "trec": 50.0}}}),
-               "b": model_results({"eval_passkey": {"accuracy": 0.25, "by_length": {"32": 0.5, "64": 0.0}}})}
+               "b": model_results({"eval_passkey": {"accuracy": 0.25, "by_length": {"32": 0.5, "64": 0.0}},
+                                   "eval_ruler": {"average": {"64": 12.5}, "effective_length": 0}})}
     assert results["a"].perplexity == {32: 3.0, 64: 2.5} and results["a"].longbench_average == 45.0
     markdown = comparison_markdown(results)
     assert "| model | 32 | 64 |\n|---|---|---|\n| a | 3.00 | 2.50 |\n| b | - | - |" in markdown
     assert "| a | - | - | - |\n| b | 0.50 | 0.00 | 0.25 |" in markdown
     assert "| a | 40.00 | 50.00 | 45.00 |\n| b | - | - | - |" in markdown
-    assert summary_text(results).splitlines()[1:3] == [
-        "a        3.00    2.50           -           -          -          -      45.00",
-        "b           -       -        0.50        0.00          -          -          -"]
+    assert "| a | - | - |\n| b | 12.50 | <64 |" in markdown  # RULER at 64 tokens, below the threshold there
+    assert summary_text(results).splitlines()[1:7] == [
+        "a        3.00    2.50           -           -",
+        "b           -       -        0.50        0.00",
+        "",
+        "model  LongQA EM  LongQA F1  LongBench  RULER@64  RULER length",
+        "a              -          -      45.00         -             -",
+        "b              -          -          -     12.50           <64"]
 
 
 def test_merge_traces_every_training_step_back_to_the_first_base_model(tmp_path, monkeypatch):

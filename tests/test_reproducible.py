@@ -19,6 +19,7 @@ from stages import (
     eval_longqa,
     eval_passkey,
     eval_perplexity,
+    eval_ruler,
     extend,
     longbench,
     merge,
@@ -46,6 +47,7 @@ RUNS = {
     "eval_perplexity@extended": lambda params: eval_perplexity.run(params, "extended"),
     "eval_passkey@extended": lambda params: eval_passkey.run(params, "extended"),
     "eval_longqa@extended": lambda params: eval_longqa.run(params, "extended"),
+    "eval_ruler@extended": lambda params: eval_ruler.run(params, "extended"),
     "longbench@extended": lambda params: longbench.run(params, "extended"),
     "report": report.run,
 }
@@ -142,19 +144,25 @@ def test_the_report_shows_the_numbers_the_real_evaluations_wrote(first_run):
     from huggingface_hub import ModelCard
 
     written = {stage: json.loads((first_run / f"data/metrics/{stage}/extended.json").read_text(encoding="utf-8"))
-               for stage in ("eval_perplexity", "eval_passkey", "eval_longqa", "longbench")}
+               for stage in ("eval_perplexity", "eval_passkey", "eval_longqa", "eval_ruler", "longbench")}
     perplexity = written["eval_perplexity"]["ppl"]
     passkey = written["eval_passkey"]["by_length"]
     longqa = written["eval_longqa"]
+    ruler = written["eval_ruler"]
     scores = written["longbench"]["scores"]
-    expected = ["extended", *(f"{perplexity[n]:.2f}" for n in sorted(perplexity, key=int)),
-                *(f"{passkey[n]:.2f}" for n in sorted(passkey, key=int)),
-                f"{longqa['exact_match']:.2f}", f"{longqa['f1']:.2f}", f"{sum(scores.values()) / len(scores):.2f}"]
     summary = (first_run / "data/report/summary.txt").read_text(encoding="utf-8").splitlines()
+    second = summary.index("") + 1  # the second table: the scored tasks
     assert summary[0].split() == ["model", *(f"ppl@{n}" for n in sorted(perplexity, key=int)),
-                                  *(f"passkey@{n}" for n in sorted(passkey, key=int)),
-                                  "LongQA", "EM", "LongQA", "F1", "LongBench"]
-    assert next(line for line in summary if line.startswith("extended")).split() == expected
+                                  *(f"passkey@{n}" for n in sorted(passkey, key=int))]
+    assert summary[second].split() == ["model", "LongQA", "EM", "LongQA", "F1", "LongBench",
+                                       *(f"RULER@{n}" for n in sorted(ruler["average"], key=int)), "RULER", "length"]
+    rows = [line.split() for line in summary if line.startswith("extended")]
+    assert rows[0] == ["extended", *(f"{perplexity[n]:.2f}" for n in sorted(perplexity, key=int)),
+                       *(f"{passkey[n]:.2f}" for n in sorted(passkey, key=int))]
+    effective = ruler["effective_length"] or f"<{min(map(int, ruler['average']))}"
+    assert rows[1] == ["extended", f"{longqa['exact_match']:.2f}", f"{longqa['f1']:.2f}",
+                       f"{sum(scores.values()) / len(scores):.2f}",
+                       *(f"{ruler['average'][n]:.2f}" for n in sorted(ruler["average"], key=int)), str(effective)]
     card = ModelCard.load(first_run / "data/report/models/extend/README.md")
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert all(values[f"perplexity (strided) at {n} tokens"] == v for n, v in perplexity.items())

@@ -2,9 +2,9 @@
 metrics.
 
 `model_results` is the one place that knows the shape of the evaluation stages' metrics files (eval_perplexity,
-eval_passkey, longbench); everything else here works on the `ModelResults` it returns. The report stage
-(stages/report.py) and the Prefect flow's comparison artifact (pipelines/longlora_flow.py) both build their tables
-with `comparison_markdown`, so the two show the same numbers the same way.
+eval_passkey, eval_longqa, eval_ruler, longbench); everything else here works on the `ModelResults` it returns. The
+report stage (stages/report.py) and the Prefect flow's comparison artifact (pipelines/longlora_flow.py) both build
+their tables with `comparison_markdown`, so the two show the same numbers the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ class ModelResults:
     """Held-out questions in the SFT prompt format (eval_longqa): `exact_match` and `f1`, 0-100."""
     longbench: dict[str, float] = field(default_factory=dict)
     """LongBench score (0-100, as its eval.py) by task."""
+    ruler: dict[int, float] = field(default_factory=dict)
+    """RULER's average over its tasks (0-100), by prompt length."""
+    ruler_effective_length: int | None = None
+    """The longest length up to which every RULER average clears the threshold; 0: not even the shortest."""
 
     @property
     def longbench_average(self) -> float | None:
@@ -48,12 +52,13 @@ def _by_length(values: dict | None) -> dict[int, float]:
 
 def model_results(metrics: dict[str, dict | None]) -> ModelResults:
     """A model's results from what its evaluation stages wrote: the parsed metrics file (`<metrics_dir>/<model>.json`)
-    by stage, `eval_perplexity`, `eval_passkey`, `eval_longqa` and `longbench`; a stage missing or None has not
-    run."""
+    by stage, `eval_perplexity`, `eval_passkey`, `eval_longqa`, `eval_ruler` and `longbench`; a stage missing or
+    None has not run."""
     perplexity = metrics.get("eval_perplexity") or {}
     passkey = metrics.get("eval_passkey") or {}
     longqa = metrics.get("eval_longqa") or {}
     longbench = metrics.get("longbench") or {}
+    ruler = metrics.get("eval_ruler") or {}
     return ModelResults(
         perplexity=_by_length(perplexity.get("ppl")),
         windowed_perplexity=_by_length(perplexity.get("ppl_windowed")),
@@ -61,6 +66,8 @@ def model_results(metrics: dict[str, dict | None]) -> ModelResults:
         passkey_by_length=_by_length(passkey.get("by_length")),
         longqa={key: float(longqa[key]) for key in LONGQA_SCORES if key in longqa},
         longbench={task: float(score) for task, score in (longbench.get("scores") or {}).items()},
+        ruler=_by_length(ruler.get("average")),
+        ruler_effective_length=ruler.get("effective_length"),
     )
 
 
@@ -84,6 +91,13 @@ def _number(value: float | None, digits: int) -> str:
 
 def _lengths(values: list[dict[int, float]]) -> list[int]:
     return sorted({length for by_length in values for length in by_length})
+
+
+def _effective(r: ModelResults) -> str:
+    """The RULER effective length as shown: `<N` below the shortest length N, `-` when not evaluated."""
+    if r.ruler_effective_length is None:
+        return "-"
+    return str(r.ruler_effective_length) if r.ruler_effective_length else f"<{min(r.ruler)}"
 
 
 def comparison_sections(results: dict[str, ModelResults]) -> dict[str, str]:
@@ -114,6 +128,13 @@ def comparison_sections(results: dict[str, ModelResults]) -> dict[str, str]:
                 for name, r in results.items()]
         sections["eval_longqa"] = ("### eval_longqa: held-out questions in the SFT prompt format (0-100)\n\n"
                                    + markdown_table(["model", "exact match", "token F1"], rows))
+    lengths = _lengths([r.ruler for r in results.values()])
+    if lengths:
+        rows = [[name, *(_number(r.ruler.get(n), SCORE_DIGITS) for n in lengths), _effective(r)]
+                for name, r in results.items()]
+        sections["eval_ruler"] = ("### eval_ruler: RULER average over its tasks by prompt length (0-100), and the "
+                                  "effective length\n\n"
+                                  + markdown_table(["model", *map(str, lengths), "effective length"], rows))
     tasks = list(dict.fromkeys(task for r in results.values() for task in r.longbench))
     if tasks:
         rows = [[name, *(_number(r.longbench.get(task), SCORE_DIGITS) for task in tasks),
@@ -130,25 +151,35 @@ def comparison_markdown(results: dict[str, ModelResults]) -> str:
 
 
 def summary_text(results: dict[str, ModelResults]) -> str:
-    """A few lines for a terminal: per model, the perplexity and the passkey accuracy at each length, the held-out
-    LongQA scores and the LongBench average."""
+    """A few lines for a terminal, two tables of the models: perplexity and passkey accuracy at each length; the
+    held-out LongQA scores, the LongBench average, RULER's average at each length and its effective length."""
     lengths = _lengths([r.perplexity for r in results.values()])
     passkey_lengths = _lengths([r.passkey_by_length for r in results.values()])
-    header = ["model", *(f"ppl@{n}" for n in lengths), *(f"passkey@{n}" for n in passkey_lengths),
-              *(f"LongQA {short}" for short in LONGQA_SCORES.values()), "LongBench"]
-    rows = [[name, *(_number(r.perplexity.get(n), PERPLEXITY_DIGITS) for n in lengths),
-             *(_number(r.passkey_by_length.get(n), ACCURACY_DIGITS) for n in passkey_lengths),
-             *(_number(r.longqa.get(key), SCORE_DIGITS) for key in LONGQA_SCORES),
-             _number(r.longbench_average, SCORE_DIGITS)]
-            for name, r in results.items()]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths,
-                                                                                                     strict=True)))
-             for row in [header, *rows]]
+    ruler_lengths = _lengths([r.ruler for r in results.values()])
+    first = [["model", *(f"ppl@{n}" for n in lengths), *(f"passkey@{n}" for n in passkey_lengths)]]
+    first += [[name, *(_number(r.perplexity.get(n), PERPLEXITY_DIGITS) for n in lengths),
+               *(_number(r.passkey_by_length.get(n), ACCURACY_DIGITS) for n in passkey_lengths)]
+              for name, r in results.items()]
+    second = [["model", *(f"LongQA {short}" for short in LONGQA_SCORES.values()), "LongBench",
+               *(f"RULER@{n}" for n in ruler_lengths), "RULER length"]]
+    second += [[name, *(_number(r.longqa.get(key), SCORE_DIGITS) for key in LONGQA_SCORES),
+                _number(r.longbench_average, SCORE_DIGITS),
+                *(_number(r.ruler.get(n), SCORE_DIGITS) for n in ruler_lengths), _effective(r)]
+               for name, r in results.items()]
     notes = ["ppl@N: strided perplexity at N tokens of context; passkey@N: share of keys retrieved from N-token",
              "prompts (every depth); LongQA: held-out questions in the SFT prompt format, exact match and token F1",
-             "(0-100); LongBench: mean score over its tasks (0-100); -: not evaluated"]
-    return "\n".join([*lines, *notes]) + "\n"
+             "(0-100); LongBench: mean score over its tasks (0-100); RULER@N: mean score over RULER's tasks at N",
+             "tokens (0-100); RULER length: its effective length (every average up to it >= the threshold);",
+             "-: not evaluated"]
+    return "\n".join([*_aligned(first), "", *_aligned(second), *notes]) + "\n"
+
+
+def _aligned(table: list[list[str]]) -> list[str]:
+    """Rows of a plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths,
+                                                                                                     strict=True)))
+            for row in table]
 
 
 def perplexity_plot(results: dict[str, ModelResults], path: str | Path) -> bool:
