@@ -1,6 +1,6 @@
 """Stages eval_perplexity and eval_passkey end to end on tiny models built here: what they write (CSV, metrics, the
-heatmap PNG) agrees with itself and with the library, `dvc plots show` reads it, and bad input stops before any work
-with one line naming the parameter."""
+heatmap PNG) agrees with itself and with the library, `dvc plots show` reads it (eval_ruler's heatmaps too), and bad
+input stops before any work with one line naming the parameter."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from longlora.data.packing import TokenStream, TokenStreamWriter
 from longlora.evaluation.loading import Interpolation, load_for_evaluation
 from longlora.evaluation.perplexity import strided_perplexity, windowed_perplexity
-from stages import eval_passkey, eval_perplexity
+from stages import eval_passkey, eval_perplexity, eval_ruler
 from stages.params import parse_params
 from tests.conftest import ROOT, tiny_params_dict
 
@@ -235,9 +235,12 @@ def test_dvc_plots_show_reads_the_perplexity_lines_and_the_heatmaps(project):
                                                                             "lengths": [32, 64, 128]}}))
     passkey = parse_params(tiny_params_dict(**{**evals, "eval_passkey": {"lengths": [200], "depths": [0.5],
                                                                          "trials": 1}}))
+    ruler = parse_params(tiny_params_dict(**{**evals, "eval_ruler": {"lengths": [600], "tasks": ["fwe"],
+                                                                     "samples": 1}}))
     for name in models:
         eval_perplexity.run(params, name)
         eval_passkey.run(passkey, name)
+        eval_ruler.run(ruler, name)
     shutil.copy(ROOT / "dvc.yaml", "dvc.yaml")
     Path("params.yaml").write_text(yaml.safe_dump(tiny_params_dict(**evals)), encoding="utf-8")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(project / "dvc-site-cache")}
@@ -256,5 +259,6 @@ def test_dvc_plots_show_reads_the_perplexity_lines_and_the_heatmaps(project):
         assert sorted(int(p["length"]) for p in points if p["model"] == "base") == [32, 64, 128]
         assert all(float(p[field]) > 1 for p in points)
     for name in models:
-        image = plots["data"][f"data/eval_results/passkey/{name}/heatmap.png"][0]
-        assert image["type"] == "image" and Path(image["url"]).exists()
+        for stage in ("passkey", "ruler"):
+            image = plots["data"][f"data/eval_results/{stage}/{name}/heatmap.png"][0]
+            assert image["type"] == "image" and Path(image["url"]).exists()

@@ -344,7 +344,8 @@ def test_prefect_run_attaches_logs_and_artifacts(flow_runs):
     assert "perplexity.csv" in by_key["plots"] and "heatmap.png](data:image/png;base64," in by_key["plots"]
     # The report as the UI shows it: its plot and heatmaps embedded, no link to a file beside it.
     report = by_key["report"]
-    assert report.count("](data:image/png;base64,") == 1 + len(load_params(repo / "params.yaml").eval_models)
+    # The perplexity plot, and a passkey and a RULER heatmap per model.
+    assert report.count("](data:image/png;base64,") == 1 + 2 * len(load_params(repo / "params.yaml").eval_models)
     assert not re.search(r"\]\((?!data:|https?:)", report), "no relative link or image is left"
 
 
