@@ -199,7 +199,8 @@ def test_the_stage_writes_rulers_folders_and_the_effective_length(tokenizer, tmp
 @pytest.mark.parametrize(("sections", "message"), [
     ({"eval_ruler": {"lengths": [300], "tasks": ["vt"]}},
      r"eval_ruler\.lengths \[300\]: no task of eval_ruler\.tasks fits every length"),
-    ({"eval_ruler": {"lengths": [512], "haystack": "absent.txt"}}, r"eval_ruler\.haystack 'absent\.txt': no such file"),
+    ({"eval_ruler": {"lengths": [512], "tasks": ["niah_single_2"], "haystack": "absent.txt"}},
+     r"eval_ruler\.haystack 'absent\.txt': no such file"),
     ({"eval_ruler": {"tasks": ["qa_1"]}}, r"eval_ruler\.tasks: .*'qa_1'.*not built yet"),
     ({"eval_ruler": {"model_template": "llama9"}}, r"eval_ruler\.model_template: unknown RULER model template"),
 ])
