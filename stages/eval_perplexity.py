@@ -2,7 +2,8 @@
 
     .venv/bin/python -m stages.eval_perplexity base     # or: dvc repro eval_perplexity@base (one per model)
 
-Two numbers per length (longlora/evaluation/perplexity.py): the standard strided perplexity (each token scored once) and
+Two numbers per length (longlora/evaluation/perplexity.py): the standard strided perplexity (each token of the
+whole windows scored once; the tail after the last whole window is not) and
 LongLoRA's own (its eval.py: windows every 256 tokens, exp of the mean window loss), which the paper's tables use.
 Dense attention unless `attention: s2`. On a GPU the model runs in bfloat16. How to run it and read it:
 docs/evaluation.md; PG19 and proof-pile at 2k … 32k: docs/full-size.md.

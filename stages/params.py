@@ -35,6 +35,7 @@ from stages.sections import (
     DEFAULT_EVAL_MODELS,
     BuildBaseModelParams,
     EmbeddedCorpusParams,
+    EvalHarnessParams,
     EvalLongQAParams,
     EvalModel,
     EvalPasskeyParams,
@@ -43,6 +44,7 @@ from stages.sections import (
     ExtendParams,
     KeyProblem,
     LaunchParams,
+    LongBench2Params,
     LongBenchParams,
     LoraParams,
     MergeParams,
@@ -88,7 +90,9 @@ class Params(Section):
     eval_passkey: EvalPasskeyParams = EvalPasskeyParams()
     eval_longqa: EvalLongQAParams = EvalLongQAParams()
     eval_ruler: EvalRulerParams = EvalRulerParams()
+    eval_harness: EvalHarnessParams = EvalHarnessParams()
     longbench: LongBenchParams = LongBenchParams()
+    longbench2: LongBench2Params = LongBench2Params()
     report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
@@ -110,7 +114,11 @@ class Params(Section):
             "eval_perplexity": {"lengths": self.prepare_eval.lengths or quarter_half_whole},
             "eval_passkey": {"lengths": quarter_half_whole},
             "eval_ruler": {"lengths": tuple(sorted({max(target // 2, 1), target}))},
+            "eval_harness": {"max_length": target},
             "longbench": {"max_length": target - (self.longbench.max_new_tokens or 512)},
+            "longbench2": {"max_length": target - max(self.longbench2.max_new_tokens,
+                                                      self.longbench2.max_new_tokens_cot
+                                                      if self.longbench2.mode == "cot" else 0)},
         }
         for name, defaults in derived.items():
             section = getattr(self, name)

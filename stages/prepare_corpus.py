@@ -13,7 +13,9 @@ It writes, under `data/corpus/`, the inputs the other data stages read, in the f
   model.target_context tokens long;
 - `longbench/<dataset>.jsonl` — LongBench format, small sets from the held-out split scored with LongBench's
   prompts and metrics (lcc, passage_count, passage_retrieval_en, and the held-out LongQA as multifieldqa_en; see
-  longlora/embedded/longbench_data.py), contexts in the LongQA length range.
+  longlora/embedded/longbench_data.py), contexts in the LongQA length range;
+- `longbench2.jsonl` — LongBench v2 format: the held-out LongQA questions as four-choice questions (wrong choices
+  from the same code, "hard", or from other files, "easy"; see longlora/embedded/longbench2_data.py).
 
 Deterministic for a given seed, Python version and tokenizer (the tokenizer only measures lengths); what the
 embedded pipeline's run writes: docs/data.md.
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from longlora.data.tokenizing import BatchEncoder, load_tokenizer, rust_parallelism
+from longlora.embedded.longbench2_data import embedded_longbench2
 from longlora.embedded.longbench_data import embedded_longbench
 from longlora.embedded.longqa import generate_longqa, long_documents
 from longlora.errors import InputError
@@ -98,6 +101,20 @@ def _run(params: Params, out: StageOutput) -> dict:
                 if records:
                     _write_jsonl(tmp / "longbench" / f"{dataset}.jsonl", records)
             metrics["longbench_examples"] = {dataset: len(records) for dataset, records in sets.items()}
+        if p.longbench2_examples:
+            questions = embedded_longbench2(longqa_sets["heldout"], count_tokens, p.longbench2_examples,
+                                            p.longqa_min_tokens, p.longqa_max_tokens, seed=p.seed)
+            if not questions:
+                raise InputError(
+                    f"prepare_corpus.longbench2_examples: no four-choice question could be made from the "
+                    f"{len(longqa_sets['heldout'])} held-out LongQA questions (each needs three wrong choices of "
+                    "its kind); raise prepare_corpus.longqa_heldout_examples, or set longbench2_examples to 0")
+            _write_jsonl(tmp / "longbench2.jsonl", questions)
+            metrics["longbench2_examples"] = len(questions)
+            metrics["longbench2_by_group"] = {
+                key: sum(q[field] == key for q in questions)
+                for field, keys in (("difficulty", ("easy", "hard")), ("length", ("short", "medium", "long")))
+                for key in keys}
     return out.write_metrics(metrics)
 
 

@@ -17,7 +17,8 @@ STAGES = ("build_base_model", "prepare_corpus", "prepare_pretrain", "prepare_sft
 `merge.extend`), which holds its `out_dir` and `metrics_file`; `embedded_corpus`, `model`, `s2attn` and `lora` are
 shared by several stages."""
 
-EVAL_STAGES = ("eval_perplexity", "eval_passkey", "eval_longqa", "eval_ruler", "longbench")
+EVAL_STAGES = ("eval_perplexity", "eval_passkey", "eval_longqa", "eval_ruler", "eval_harness", "longbench",
+               "longbench2")
 """The evaluation stages, after STAGES: one dvc.yaml instance per `eval_models` name (`eval_perplexity@base`), all
 instances reading the stage's section, each writing `<out_dir>/<name>/` and `<metrics_dir>/<name>.json` of it
 (`Params.stages` lists every instance, `Params.destination` gives its paths)."""

@@ -10,13 +10,14 @@ is left out, and no dependency of the report in dvc.yaml), and writes `report.ou
 - README.md: the models, the summary, perplexity by context length (tables, both numbers, and perplexity.png),
   passkey accuracy by prompt length (table, and each model's heatmap copied to passkey/<model>.png), the held-out
   questions, RULER's average by length and effective length (and each model's heatmap, ruler/<model>.png),
-  LongBench scores by task and their average, and how to publish each merged model with its card;
+  LongBench scores by task and their average, LongBench v2's accuracies, the lm-evaluation-harness numbers, and
+  how to publish each merged model with its card;
 - models/<merge source>/README.md: the merged folder's card (longlora/method/modelcard.py) with its Evaluation section
   filled in and `model-index` metadata (huggingface_hub's EvalResult), ready to replace the folder's README.md
   before uploading it. The card cannot be completed in the model folder itself: that folder is merge's output, and
   writing into it would make merge and every evaluation of its model stale;
-- summary.txt: per model, perplexity and passkey accuracy at each length, LongQA, the LongBench average and RULER's
-  averages and effective length (what `make repro` prints at the end).
+- summary.txt: per model, perplexity and passkey accuracy at each length, LongQA, the LongBench average, LongBench
+  v2's accuracy and RULER's averages and effective length (what `make repro` prints at the end).
 
 An evaluation that has not run (no metrics file) is reported as such, not guessed. Same inputs, same bytes (no
 dates; the PNG carries no software tag).
@@ -179,9 +180,25 @@ def _setup(params: Params) -> dict[str, str]:
                       "(longlora/evaluation/ruler.py); the average is over the tasks that fit every length, the "
                       f"effective length the longest up to which every average is at least "
                       f"{params.eval_ruler.threshold:g}. Essay haystack: {_ruler_haystack(params)}.",
+        "eval_harness": f"lm-evaluation-harness {_harness_version()} ({', '.join(params.eval_harness.tasks)}) on "
+                        "the model as the pipeline loads it, lm-eval's own evaluator and metrics; its results.json "
+                        f"and samples are in `{params.eval_harness.out_dir}/<model>/`.",
         "longbench": f"LongBench's prompts, generation lengths and metrics on `{params.longbench.input}`; the average "
                      "is the mean over the tasks.",
+        "longbench2": f"LongBench v2's `{params.longbench2.mode}` prompt on `{params.longbench2.input}`, cut in the "
+                      "middle as its pred.py cuts, greedy answers, the letter read by its regexes, accuracy as its "
+                      "result.py computes it" + (" (compensated: an unreadable answer counts 0.25)"
+                                                 if params.longbench2.compensated else "") + ".",
     }
+
+
+def _harness_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def _ruler_haystack(params: Params) -> str:
@@ -228,6 +245,19 @@ def _eval_results(params: Params, r: ModelResults):
             else f"{task} (LongBench format, {longbench_data})",
             dataset_config=task, metric_type=TASKS[task].metric if task in TASKS else "score",
             metric_value=score, metric_name=f"LongBench {task}"))
+    longbench2_data = str(params.longbench2.input)
+    for key, value in r.longbench2.items():
+        if value is not None:
+            results.append(EvalResult(
+                task_type="multiple-choice", task_name="LongBench v2", dataset_type=longbench2_data,
+                dataset_name="LongBench v2" if is_hub_name(longbench2_data)
+                else f"{longbench2_data} (LongBench v2 format)", metric_type="accuracy", metric_value=value,
+                metric_name=f"LongBench v2 accuracy ({key})", metric_config=key))
+    for key, value in r.harness.items():
+        task, _, metric = key.partition(" ")
+        results.append(EvalResult(
+            task_type="text-generation", task_name=f"lm-evaluation-harness {task}", dataset_type=task,
+            dataset_name=task, metric_type=metric, metric_value=value, metric_name=f"{task} {metric} (lm-eval)"))
     return results
 
 
@@ -275,7 +305,9 @@ def _readme(params: Params, results: dict[str, ModelResults], sections: dict[str
     for name in heatmaps["eval_ruler"]:
         lines += [f"#### {name}", "", _image(f"ruler/{name}.png", f"RULER: {name}"), ""]
     lines += ["## LongBench", "", setup["longbench"], "", sections.get("longbench", "No LongBench results.\n"),
-              "## Model cards", ""]
+              "## LongBench v2", "", setup["longbench2"], "", sections.get("longbench2", "No LongBench v2 results.\n"),
+              "## lm-evaluation-harness", "", setup["eval_harness"], "",
+              sections.get("eval_harness", "No lm-evaluation-harness results.\n"), "## Model cards", ""]
     unevaluated = [f"`{params.section(f'merge@{source}').out_dir}` (merge@{source})" for source in MERGE_SOURCES
                    if not _evaluated_as(params, params.section(f"merge@{source}").out_dir)]
     if not cards:

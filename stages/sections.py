@@ -313,6 +313,9 @@ class PrepareCorpusParams(Section):
     code, multifieldqa_en from the held-out LongQA; longlora/embedded/longbench_data.py), contexts of
     longqa_min_tokens to
     longqa_max_tokens tokens; 0: none."""
+    longbench2_examples: int = Field(16, ge=0)
+    """Four-choice questions of longbench2.jsonl, LongBench v2's format made from the held-out LongQA
+    (longlora/embedded/longbench2_data.py); 0: none."""
 
 
 class PreparePretrainParams(Section):
@@ -690,8 +693,9 @@ class EvalPerplexityParams(Section):
     """Context lengths (tokens per window) to evaluate at; None: prepare_eval.lengths. The paper: 2k … 32k (PG19,
     proof-pile), up to 100k for its 100k models."""
     stride: int | None = None
-    """Strided perplexity: a window starts every `stride` tokens (each token is still scored once, with more context
-    the smaller the stride); None: every length itself (windows side by side). At most the shortest length."""
+    """Strided perplexity: a whole window starts every `stride` tokens (each token is still scored at most once, with
+    more context the smaller the stride; the tail after the last whole window is not scored); None: every length
+    itself (windows side by side). At most the shortest length."""
     windowed_step: int = Field(256, gt=0)
     """LongLoRA's number: a window of each length starts every this many tokens (its eval.py: 256)."""
     batch_size: int = Field(1, gt=0)
@@ -836,6 +840,61 @@ class EvalRulerParams(Section):
         return self
 
 
+class EvalHarnessParams(Section):
+    """Stage `eval_harness` (one instance per eval_models name): lm-evaluation-harness tasks on the model as the
+    pipeline loads it (position interpolation, dtype, device), with lm-eval's own results (docs/evaluation.md)."""
+
+    tasks: tuple[str, ...] = ("longlora_longbench2",)
+    """lm-eval task or group names: its own (`longbench2`, `babilong`, `ruler`, `infinitebench`, …: they read the
+    hub) or those of `include_path`. Default: LongBench v2's four-choice prompt on the embedded set, offline."""
+    include_path: InPath = Path("longlora/evaluation/harness_tasks")
+    """A folder of task YAMLs beside lm-eval's own, as its `--include_path` (a DVC dependency): by default this
+    project's local tasks, `longlora_longbench2`."""
+    metadata: dict[str, object] = {"longbench2_path": "data/corpus/longbench2.jsonl"}
+    """lm-eval's `--metadata`, passed to every task: the local tasks' files (`longbench2_path`: a LongBench v2 file,
+    JSON list or lines), RULER's `max_seq_lengths` (lm-eval's default: [4096] only), `pretrained` for the tasks that
+    load a tokenizer by name."""
+    task_metadata: dict[str, dict[str, object]] = {}
+    """Additions to `metadata` for one task or group, where tasks read the same key differently (babilong's
+    `max_seq_lengths` is one of its dataset configs, "32k"; RULER's a list of lengths): the tasks are run in as many
+    lm-eval calls as there are distinct metadata, and their results merged."""
+    limit: float | None = Field(None, gt=0)
+    """At most this many documents per task (a fraction when below 1), as lm-eval's `--limit`; None: all."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Few-shot examples, as `--num_fewshot`; None: each task's own."""
+    batch_size: int = Field(1, gt=0)
+    """Requests per forward pass."""
+    max_length: int | None = Field(None, gt=0)
+    """lm-eval's `max_length`: longer contexts lose their start (lm-eval truncates on the left). None:
+    model.target_context."""
+    apply_chat_template: bool = False
+    """Wrap every prompt in the tokenizer's chat template (`--apply_chat_template`)."""
+    seed: int = 1234
+    """lm-eval's seeds (python, numpy, torch, few-shot sampling), its own default."""
+    dtype: EvalDtype = "auto"
+    """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
+    out_dir: OutPath = Path("data/eval_results/harness")
+    """One folder per model, `<out_dir>/<name>/`: results.json (lm-eval's, without its clock and machine fields)
+    and `samples_<task>.jsonl` (every document's prompt, answers and scores, as lm-eval's --log_samples writes)."""
+    metrics_dir: OutPath = Path("data/metrics/eval_harness")
+    """DVC metrics, `<metrics_dir>/<name>.json`: `results.<task>.<metric>` for each task's (and group's) numbers as
+    lm-eval reports them, e.g. `results.longlora_longbench2.acc`."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("empty: name lm-eval tasks")
+        return value
+
+    @model_validator(mode="after")
+    def _metadata_of_listed_tasks(self) -> Self:
+        stray = sorted(set(self.task_metadata) - set(self.tasks))
+        if stray:
+            raise ValueError(f"task_metadata names {stray}, which tasks does not list")
+        return self
+
+
 class LongBenchParams(Section):
     """Stage `longbench` (one instance per eval_models name): LongBench's prompts, greedy predictions and its own
     scoring (longlora/evaluation/longbench.py)."""
@@ -890,6 +949,40 @@ class LongBenchParams(Section):
             if missing:
                 raise ValueError(f"longbench_e: LongBench-E has no {missing}; it has {', '.join(LONGBENCH_E_DATASETS)}")
         return self
+
+
+class LongBench2Params(Section):
+    """Stage `longbench2` (one instance per eval_models name): LongBench v2's four-choice questions predicted as its
+    pred.py and scored as its result.py (longlora/evaluation/longbench2.py)."""
+
+    input: Source = "data/corpus/longbench2.jsonl"
+    """A LongBench v2 file (a JSON list, as its data.json, or JSON lines: `_id`, `domain`, `sub_domain`, `difficulty`,
+    `length`, `question`, `choice_A` … `choice_D`, `answer`, `context`), or the hub dataset THUDM/LongBench-v2 (503
+    questions; needs the network once). Default: the embedded set prepare_corpus makes from held-out code."""
+    max_examples: int | None = Field(None, gt=0)
+    """At most this many questions (the first); None: all."""
+    mode: Literal["0shot", "cot", "no_context"] = "0shot"
+    """pred.py's prompt: 0shot (its default), cot (reasoning first, then the answer: --cot), no_context (the
+    question alone: --no_context, what the model knows without the text)."""
+    max_length: int | None = Field(None, gt=0)
+    """Prompt tokens kept, cut in the middle as pred.py cuts (its model2maxlen.json: 120000 for 128K models). None:
+    model.target_context minus the longest generation."""
+    max_new_tokens: int = Field(128, gt=0)
+    """Tokens of the answer (pred.py: 128)."""
+    max_new_tokens_cot: int = Field(1024, gt=0)
+    """Tokens of the reasoning in cot mode (pred.py: 1024)."""
+    chat_template: bool = False
+    """Put each prompt in the tokenizer's chat template (pred.py sends it to a chat server as one user turn)."""
+    compensated: bool = False
+    """result.py's `compensated` flag: a question without a readable answer counts 0.25 (chance) instead of 0."""
+    dtype: EvalDtype = "auto"
+    """Weights dtype: auto is bfloat16 on a GPU that supports it, else float32."""
+    out_dir: OutPath = Path("data/eval_results/longbench2")
+    """One folder per model, `<out_dir>/<name>/`: pred.py's prediction file `<name>.jsonl` and result.txt as
+    result.py writes it for that file."""
+    metrics_dir: OutPath = Path("data/metrics/longbench2")
+    """DVC metrics, `<metrics_dir>/<name>.json`: accuracy (0–100) `overall`, `easy`, `hard`, `short`, `medium`,
+    `long`, with `questions` and `nulls` (answers pred.py's regexes could not read)."""
 
 
 class ReportParams(Section):

@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Overrides that shrink the default pipeline to seconds: merged into the project's params.yaml by `tiny_params`.
+HARNESS_TASKS = ROOT / "longlora/evaluation/harness_tasks"
+"""The project's local lm-eval tasks: params.yaml names the folder relative to the project, which tests leave."""
+
 TINY_OVERRIDES = {
     "embedded_corpus": {"max_documents": 24},
     "build_base_model": {
@@ -37,7 +40,8 @@ TINY_OVERRIDES = {
     # The tiny tokenizer (vocab 400) spends ~190 tokens on the LongQA preamble and question alone: LongQA
     # instructions longer than the 128-token context, cut in the middle by prepare_sft, keep the pipeline whole.
     "prepare_corpus": {"longqa_min_tokens": 240, "longqa_max_tokens": 400, "longqa_examples": 16,
-                      "longqa_heldout_examples": 4, "eval_documents": 4, "longbench_examples": 2},
+                      "longqa_heldout_examples": 8, "eval_documents": 4, "longbench_examples": 2,
+                      "longbench2_examples": 4},
     "prepare_sft": {"truncation": "truncate_middle"},
     # Synthetic extension sequences of 32 to 128 tokens, the tiny context.
     "prepare_pretrain": {"synthetic_min_length": 32},
@@ -49,6 +53,8 @@ TINY_OVERRIDES = {
     # … so every model is evaluated past the tiny 128 positions, on purpose.
     "eval_models": {name: {"extrapolate": True} for name in ("base", "base_pi", "extended", "sft")},
     "longbench": {"max_examples": 2, "max_new_tokens": 4},
+    "longbench2": {"max_examples": 2, "max_new_tokens": 4},
+    "eval_harness": {"limit": 2},
     "extend": {"max_steps": 6, "global_batch_size": 4, "per_device_batch_size": 2, "lr": 0.003, "warmup_steps": 1,
                "log_every": 1, "checkpoint_every": 2},
     "sft": {"max_steps": 4, "global_batch_size": 4, "per_device_batch_size": 2, "lr": 0.003, "warmup_steps": 1,

@@ -21,6 +21,7 @@ from longlora.data.sft import IGNORE_INDEX, Instruction, render_prompt
 from longlora.embedded.corpus import stdlib_documents
 from longlora.embedded.longqa import DEPTH_BANDS, KINDS, generate_longqa, instruction_document, source_units
 from longlora.errors import InputError
+from longlora.evaluation.longbench2 import read_records
 from longlora.io import TIMINGS_FILE, run_log
 from stages import _cli, prepare_corpus, prepare_eval, prepare_pretrain, prepare_sft
 from stages.params import ParamsError, parse_params
@@ -579,7 +580,7 @@ def test_prepare_corpus_writes_the_embedded_inputs(in_tmp, tiny_tokenizer, tiny_
         assert len(tiny_tokenizer(text)["input_ids"]) >= 2 * params.model.target_context
         assert set(_sections(text)) <= heldout  # only files the base model never saw
 
-    for name, count in (("longqa.json", 16), ("longqa_heldout.json", 4)):
+    for name, count in (("longqa.json", 16), ("longqa_heldout.json", 8)):
         examples = json.loads((corpus / name).read_text("utf-8"))
         assert len(examples) == count == metrics[name.removesuffix(".json") + "_examples"]
         for example in examples:
@@ -590,6 +591,13 @@ def test_prepare_corpus_writes_the_embedded_inputs(in_tmp, tiny_tokenizer, tiny_
     for dataset, count in metrics["longbench_examples"].items():
         records = [json.loads(line) for line in (corpus / "longbench" / f"{dataset}.jsonl").read_text().splitlines()]
         assert len(records) == count and all(r["dataset"] == dataset and r["answers"] for r in records)
+    # The LongBench v2 set (tests/test_longbench2.py checks its construction): LongBench v2 records, held-out code.
+    questions = read_records(corpus / "longbench2.jsonl")
+    assert len(questions) == metrics["longbench2_examples"] >= 1
+    assert sum(metrics["longbench2_by_group"][d] for d in ("easy", "hard")) == len(questions)
+    heldout_questions = {e["instruction"].rsplit("Question: ", 1)[1].split(" Answer with")[0]
+                         for e in json.loads((corpus / "longqa_heldout.json").read_text("utf-8"))}
+    assert {q["question"] for q in questions} <= heldout_questions
     assert not list((in_tmp / "data").glob(".*"))
 
     sft = prepare_sft.run(params)  # the default chain: prepare_sft reads what prepare_corpus wrote

@@ -28,6 +28,10 @@ LONGBENCH = {"base": {"lcc": 5.0, "passage_count": 0.0}, "base_pi": {"lcc": 10.0
 # RULER averages at 64 and 128 tokens and the effective length (0: not even the shortest clears the threshold).
 RULER = {"base": ((10.0, 0.0), 0), "base_pi": ((20.0, 5.0), 0), "extended": ((90.0, 70.5), 64),
          "sft": ((95.0, 88.25), 128)}
+# LongBench v2 accuracies (overall, easy, hard, short, medium, long; None: no question of that group) and lm-eval's acc.
+LONGBENCH2 = {"base": (25.0, 50.0, 0.0, 25.0, None, 25.0), "base_pi": (12.5, 25.0, 0.0, 12.5, None, 0.0),
+              "extended": (37.5, 50.0, 25.0, 50.0, None, 25.0), "sft": (50.0, 75.0, 25.0, 50.0, None, 50.0)}
+HARNESS = {"base": 0.25, "base_pi": 0.125, "extended": 0.375, "sft": 0.5}
 ROPE = {"factor": 4.0, "rope_theta": 10000.0, "rope_type": "linear"}
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 128,
           "rope_parameters": ROPE, "tie_word_embeddings": True}
@@ -75,6 +79,12 @@ def evaluated(tmp_path, monkeypatch):
         _write_json(params.destination(f"longbench@{name}")[2], {
             "stage": f"longbench@{name}", "model": name, "scores": LONGBENCH[name],
             "categories": {"code": LONGBENCH[name]["lcc"]}})
+        _write_json(params.destination(f"longbench2@{name}")[2], {
+            **dict(zip(("overall", "easy", "hard", "short", "medium", "long"), LONGBENCH2[name], strict=True)),
+            "questions": 8, "nulls": 2})
+        _write_json(params.destination(f"eval_harness@{name}")[2], {
+            "results": {"longlora_longbench2": {"acc": HARNESS[name]}}, "samples": {"longlora_longbench2": 8},
+            "lm_eval_version": "0.4.13"})
         (low, high), effective = RULER[name]
         _write_json(params.destination(f"eval_ruler@{name}")[2], {
             "average": {"64": low, "128": high}, "effective_length": effective, "wavg_inc": 0.0, "wavg_dec": 0.0})
@@ -122,18 +132,22 @@ def test_the_report_puts_every_evaluation_side_by_side(evaluated, tmp_path, caps
         "extended   60.00   58.50    61.12        1.00        0.50         0.50",
         "sft        70.00   68.00    72.00        1.00        1.00         0.50",
         "",
-        "model     LongQA EM  LongQA F1  LongBench  RULER@64  RULER@128  RULER length",
-        "base           0.00       1.50       2.50     10.00       0.00           <64",
-        "base_pi        0.00       2.00       5.00     20.00       5.00           <64",
-        "extended       3.12      10.50      12.75     90.00      70.50            64",
-        "sft           25.00      40.25      16.25     95.00      88.25           128"]
+        "model     LongQA EM  LongQA F1  LongBench  LongBench v2  RULER@64  RULER@128  RULER length",
+        "base           0.00       1.50       2.50         25.00     10.00       0.00           <64",
+        "base_pi        0.00       2.00       5.00         12.50     20.00       5.00           <64",
+        "extended       3.12      10.50      12.75         37.50     90.00      70.50            64",
+        "sft           25.00      40.25      16.25         50.00     95.00      88.25           128"]
     assert "\n".join(summary[:11]) in text
     assert "| sft | 25.00 | 40.25 |" in text  # the held-out questions' table
+    assert "| model | overall | easy | hard | short | medium | long |" in text
+    assert "| extended | 37.50 | 50.00 | 25.00 | 50.00 | - | 25.00 |" in text  # LongBench v2, as result.py
+    assert "| model | longlora_longbench2 acc |" in text and "| base_pi | 0.1250 |" in text  # lm-eval's numbers
     assert report.main(["summary"]) == 0
     assert summary[10] in capsys.readouterr().out
 
     assert metrics["models"]["extended"] == {"evaluated": ["eval_perplexity", "eval_passkey", "eval_longqa",
-                                                           "eval_ruler", "longbench"], "longbench_average": 12.75}
+                                                           "eval_ruler", "eval_harness", "longbench", "longbench2"],
+                                             "longbench_average": 12.75}
     assert metrics["cards"] == {"extend": "data/report/models/extend/README.md",
                                 "sft": "data/report/models/sft/README.md"}
     assert json.loads(Path("data/metrics/report.json").read_text()) == metrics
@@ -170,10 +184,10 @@ def test_the_report_is_the_same_bytes_twice_and_says_what_was_not_evaluated(eval
 
     Path("data/metrics/longbench/sft.json").unlink()
     metrics = report.run(evaluated)
-    assert metrics["models"]["sft"] == {"evaluated": ["eval_perplexity", "eval_passkey", "eval_longqa", "eval_ruler"],
-                                        "longbench_average": None}
+    assert metrics["models"]["sft"] == {"evaluated": ["eval_perplexity", "eval_passkey", "eval_longqa", "eval_ruler",
+                                                      "eval_harness", "longbench2"], "longbench_average": None}
     summary = Path("data/report/summary.txt").read_text(encoding="utf-8")
-    assert "sft           25.00      40.25          -     95.00      88.25           128" in summary
+    assert "sft           25.00      40.25          -         50.00     95.00      88.25           128" in summary
     text = Path("data/report/README.md").read_text(encoding="utf-8")
     assert "Not evaluated (left out; `dvc repro` runs them): longbench@sft (no data/metrics/longbench/sft.json)" in text
     assert "| sft | - | - | - |" in text
@@ -231,7 +245,11 @@ def test_results_are_read_from_the_evaluation_metrics_and_shown_the_same_way_eve
     results = {"a": model_results({"eval_perplexity": {"ppl": {"64": 2.5, "32": 3.0}},
                                    "longbench": {"scores": {"lcc": 40.0, "trec": 50.0}}}),
                "b": model_results({"eval_passkey": {"accuracy": 0.25, "by_length": {"32": 0.5, "64": 0.0}},
-                                   "eval_ruler": {"average": {"64": 12.5}, "effective_length": 0}})}
+                                   "eval_ruler": {"average": {"64": 12.5}, "effective_length": 0},
+                                   "longbench2": {"overall": 37.5, "easy": None},
+                                   "eval_harness": {"results": {"t": {"acc": 0.75, "f1.strict": 0.5}},
+                                                    "samples": {"t": 4}}})}
+    assert results["b"].harness == {"t acc": 0.75, "t f1.strict": 0.5} and results["b"].longbench2["easy"] is None
     assert results["a"].perplexity == {32: 3.0, 64: 2.5} and results["a"].longbench_average == 45.0
     markdown = comparison_markdown(results)
     assert "| model | 32 | 64 |\n|---|---|---|\n| a | 3.00 | 2.50 |\n| b | - | - |" in markdown
@@ -242,9 +260,11 @@ def test_results_are_read_from_the_evaluation_metrics_and_shown_the_same_way_eve
         "a        3.00    2.50           -           -",
         "b           -       -        0.50        0.00",
         "",
-        "model  LongQA EM  LongQA F1  LongBench  RULER@64  RULER length",
-        "a              -          -      45.00         -             -",
-        "b              -          -          -     12.50           <64"]
+        "model  LongQA EM  LongQA F1  LongBench  LongBench v2  RULER@64  RULER length",
+        "a              -          -      45.00             -         -             -",
+        "b              -          -          -         37.50     12.50           <64"]
+    assert "| a | - | - |\n| b | 0.7500 | 0.5000 |" in markdown  # lm-eval's numbers
+    assert "| b | 37.50 | - | - | - | - | - |" in markdown  # LongBench v2: a group without questions shows -
 
 
 def test_merge_traces_every_training_step_back_to_the_first_base_model(tmp_path, monkeypatch):

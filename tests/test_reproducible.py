@@ -16,12 +16,14 @@ import pytest
 from longlora.io import PARAMS_FILE, RUN_LOGS, TIMINGS_FILE, run_log
 from stages import (
     build_base_model,
+    eval_harness,
     eval_longqa,
     eval_passkey,
     eval_perplexity,
     eval_ruler,
     extend,
     longbench,
+    longbench2,
     merge,
     prepare_corpus,
     prepare_eval,
@@ -31,7 +33,7 @@ from stages import (
     sft,
 )
 from stages.params import parse_params
-from tests.conftest import tiny_params_dict
+from tests.conftest import HARNESS_TASKS, tiny_params_dict
 
 # Each stage once, in the pipeline's order (merge@extend makes the model sft trains), the evaluations of one model, and
 # the report of them.
@@ -48,14 +50,17 @@ RUNS = {
     "eval_passkey@extended": lambda params: eval_passkey.run(params, "extended"),
     "eval_longqa@extended": lambda params: eval_longqa.run(params, "extended"),
     "eval_ruler@extended": lambda params: eval_ruler.run(params, "extended"),
+    "eval_harness@extended": lambda params: eval_harness.run(params, "extended"),
     "longbench@extended": lambda params: longbench.run(params, "extended"),
+    "longbench2@extended": lambda params: longbench2.run(params, "extended"),
     "report": report.run,
 }
 
 
 def _params():
     # Few steps: what matters is that two runs agree, not how far they train.
-    return parse_params(tiny_params_dict(extend={"max_steps": 3}, sft={"max_steps": 2}))
+    return parse_params(tiny_params_dict(extend={"max_steps": 3}, sft={"max_steps": 2},
+                                         eval_harness={"include_path": str(HARNESS_TASKS)}))
 
 
 def _digests(path: Path) -> dict[str, str]:

@@ -2,15 +2,18 @@
 LongLoRA's own.
 
     from longlora.evaluation.perplexity import strided_perplexity, windowed_perplexity
-    strided_perplexity(model, tokens, seq_len=8192)["perplexity"]          # every token scored once
+    strided_perplexity(model, tokens, seq_len=8192)["perplexity"]          # each token of whole windows once
     windowed_perplexity(model, tokens, seq_len=8192, step=256)["perplexity"]  # the paper's tables (eval.py)
 
-The two differ on purpose. `strided_perplexity` scores every token once (windows every `stride` tokens, each scoring
-only the tokens no earlier window scored): exp(total NLL / tokens scored). `windowed_perplexity` is the reference's
-`eval.py`: full windows starting every `step` tokens over `range(0, len(tokens) - seq_len, step)` minus its last
-start, each window's mean loss with labels = inputs, and exp of the mean of those means — so a token is scored up to
-seq_len / step times, each time with a different amount of context. (The reference raises 2.71828 rather than e to
-that power: a relative difference below 1e-6 × the loss.)
+The two differ on purpose. `strided_perplexity` scores each token at most once (whole windows of `seq_len` every
+`stride` tokens, each scoring only the tokens no earlier window scored): exp(total NLL / tokens scored). Every window
+holds `seq_len` tokens, so the number is about that context length: the stream's first token, and the tail after the
+last whole window (fewer than `stride` tokens), are not scored, and `tokens_scored` says how many were.
+`windowed_perplexity` is the reference's `eval.py`: full windows starting every `step` tokens over
+`range(0, len(tokens) - seq_len, step)` minus its last start, each window's mean loss with labels = inputs, and exp
+of the mean of those means — so a token is scored up to seq_len / step times, each time with a different amount of
+context. (The reference raises
+2.71828 rather than e to that power: a relative difference below 1e-6 × the loss.)
 
 Both run batched under `torch.no_grad` with the model's attention as loaded (dense for `load_for_evaluation`), or
 S²-Attn for the duration of the call (`attention="s2"`: the paper reports both; models trained with S²-Attn score
@@ -124,9 +127,11 @@ def _device(model) -> torch.device:
 def strided_perplexity(model, tokens, seq_len: int, stride: int | None = None, *, batch_size: int = 1,
                        attention: Attention = "dense", group_size_ratio: float | None = DEFAULT_GROUP_SIZE_RATIO,
                        group_size: int | None = None, progress: bool = True) -> dict:
-    """The standard perplexity: windows of `seq_len` every `stride` tokens (default `seq_len`), each token scored
-    once, from the tokens before it inside its window (the stream's first token never is; with stride == seq_len
-    neither is each window's first). Returns {"perplexity", "nll", "tokens_scored", "windows"}."""
+    """The standard perplexity: whole windows of `seq_len` every `stride` tokens (default `seq_len`), each token
+    scored at most once, from the tokens before it inside its window. Not scored: the stream's first token, with
+    stride == seq_len each window's first, and the tail after the last whole window (fewer than `stride` tokens;
+    a shorter final window, as Hugging Face's perplexity guide scores it, would mix in a shorter context).
+    Returns {"perplexity", "nll", "tokens_scored", "windows"}."""
     tokens = _as_tokens(tokens)
     _check_length(tokens, seq_len)
     windows = strided_windows(len(tokens), seq_len, stride)

@@ -2,9 +2,10 @@
 metrics.
 
 `model_results` is the one place that knows the shape of the evaluation stages' metrics files (eval_perplexity,
-eval_passkey, eval_longqa, eval_ruler, longbench); everything else here works on the `ModelResults` it returns. The
-report stage (stages/report.py) and the Prefect flow's comparison artifact (pipelines/longlora_flow.py) both build
-their tables with `comparison_markdown`, so the two show the same numbers the same way.
+eval_passkey, eval_longqa, eval_ruler, eval_harness, longbench, longbench2); everything else here works on the
+`ModelResults` it returns. The report stage (stages/report.py) and the Prefect flow's comparison artifact
+(pipelines/longlora_flow.py) both build their tables with `comparison_markdown`, so the two show the same numbers the
+same way.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ PERPLEXITY_DIGITS = 2
 ACCURACY_DIGITS = 2
 SCORE_DIGITS = 2
 """Decimals shown (LongBench reports its 0-100 scores with two)."""
+HARNESS_DIGITS = 4
+"""lm-eval's numbers are shares (0-1), which its tables show with four decimals."""
 LONGQA_SCORES = {"exact_match": "EM", "f1": "F1"}
 """eval_longqa's scores, with their short names in tables."""
+LONGBENCH2_SCORES = ("overall", "easy", "hard", "short", "medium", "long")
+"""longbench2's accuracies, in result.py's column order."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,10 @@ class ModelResults:
     """RULER's average over its tasks (0-100), by prompt length."""
     ruler_effective_length: int | None = None
     """The longest length up to which every RULER average clears the threshold; 0: not even the shortest."""
+    longbench2: dict[str, float | None] = field(default_factory=dict)
+    """LongBench v2 accuracy (0-100, as its result.py) by LONGBENCH2_SCORES key; None: no question of that group."""
+    harness: dict[str, float] = field(default_factory=dict)
+    """lm-evaluation-harness numbers as lm-eval reports them, by `<task> <metric>`."""
 
     @property
     def longbench_average(self) -> float | None:
@@ -52,13 +61,15 @@ def _by_length(values: dict | None) -> dict[int, float]:
 
 def model_results(metrics: dict[str, dict | None]) -> ModelResults:
     """A model's results from what its evaluation stages wrote: the parsed metrics file (`<metrics_dir>/<model>.json`)
-    by stage, `eval_perplexity`, `eval_passkey`, `eval_longqa`, `eval_ruler` and `longbench`; a stage missing or
-    None has not run."""
+    by stage, `eval_perplexity`, `eval_passkey`, `eval_longqa`, `eval_ruler`, `eval_harness`, `longbench` and
+    `longbench2`; a stage missing or None has not run."""
     perplexity = metrics.get("eval_perplexity") or {}
     passkey = metrics.get("eval_passkey") or {}
     longqa = metrics.get("eval_longqa") or {}
     longbench = metrics.get("longbench") or {}
     ruler = metrics.get("eval_ruler") or {}
+    longbench2 = metrics.get("longbench2") or {}
+    harness = metrics.get("eval_harness") or {}
     return ModelResults(
         perplexity=_by_length(perplexity.get("ppl")),
         windowed_perplexity=_by_length(perplexity.get("ppl_windowed")),
@@ -68,6 +79,9 @@ def model_results(metrics: dict[str, dict | None]) -> ModelResults:
         longbench={task: float(score) for task, score in (longbench.get("scores") or {}).items()},
         ruler=_by_length(ruler.get("average")),
         ruler_effective_length=ruler.get("effective_length"),
+        longbench2={key: longbench2[key] for key in LONGBENCH2_SCORES if key in longbench2},
+        harness={f"{task} {metric}": float(value) for task, numbers in (harness.get("results") or {}).items()
+                 for metric, value in numbers.items()},
     )
 
 
@@ -142,6 +156,17 @@ def comparison_sections(results: dict[str, ModelResults]) -> dict[str, str]:
                 for name, r in results.items()]
         sections["longbench"] = ("### longbench: score by task (0-100, LongBench's metrics)\n\n"
                                  + markdown_table(["model", *tasks, "average"], rows))
+    if any(r.longbench2 for r in results.values()):
+        rows = [[name, *(_number(r.longbench2.get(key), SCORE_DIGITS) for key in LONGBENCH2_SCORES)]
+                for name, r in results.items()]
+        sections["longbench2"] = ("### longbench2: LongBench v2 accuracy (0-100, as its result.py)\n\n"
+                                  + markdown_table(["model", *LONGBENCH2_SCORES], rows))
+    numbers = list(dict.fromkeys(key for r in results.values() for key in r.harness))
+    if numbers:
+        rows = [[name, *(_number(r.harness.get(key), HARNESS_DIGITS) for key in numbers)]
+                for name, r in results.items()]
+        sections["eval_harness"] = ("### eval_harness: lm-evaluation-harness, each task's numbers as lm-eval "
+                                    "reports them\n\n" + markdown_table(["model", *numbers], rows))
     return sections
 
 
@@ -152,7 +177,8 @@ def comparison_markdown(results: dict[str, ModelResults]) -> str:
 
 def summary_text(results: dict[str, ModelResults]) -> str:
     """A few lines for a terminal, two tables of the models: perplexity and passkey accuracy at each length; the
-    held-out LongQA scores, the LongBench average, RULER's average at each length and its effective length."""
+    held-out LongQA scores, the LongBench average, LongBench v2's accuracy, RULER's average at each length and its
+    effective length."""
     lengths = _lengths([r.perplexity for r in results.values()])
     passkey_lengths = _lengths([r.passkey_by_length for r in results.values()])
     ruler_lengths = _lengths([r.ruler for r in results.values()])
@@ -160,15 +186,16 @@ def summary_text(results: dict[str, ModelResults]) -> str:
     first += [[name, *(_number(r.perplexity.get(n), PERPLEXITY_DIGITS) for n in lengths),
                *(_number(r.passkey_by_length.get(n), ACCURACY_DIGITS) for n in passkey_lengths)]
               for name, r in results.items()]
-    second = [["model", *(f"LongQA {short}" for short in LONGQA_SCORES.values()), "LongBench",
+    second = [["model", *(f"LongQA {short}" for short in LONGQA_SCORES.values()), "LongBench", "LongBench v2",
                *(f"RULER@{n}" for n in ruler_lengths), "RULER length"]]
     second += [[name, *(_number(r.longqa.get(key), SCORE_DIGITS) for key in LONGQA_SCORES),
-                _number(r.longbench_average, SCORE_DIGITS),
+                _number(r.longbench_average, SCORE_DIGITS), _number(r.longbench2.get("overall"), SCORE_DIGITS),
                 *(_number(r.ruler.get(n), SCORE_DIGITS) for n in ruler_lengths), _effective(r)]
                for name, r in results.items()]
     notes = ["ppl@N: strided perplexity at N tokens of context; passkey@N: share of keys retrieved from N-token",
              "prompts (every depth); LongQA: held-out questions in the SFT prompt format, exact match and token F1",
-             "(0-100); LongBench: mean score over its tasks (0-100); RULER@N: mean score over RULER's tasks at N",
+             "(0-100); LongBench: mean score over its tasks (0-100); LongBench v2: accuracy on its four-choice",
+             "questions (0-100, 25 is chance); RULER@N: mean score over RULER's tasks at N",
              "tokens (0-100); RULER length: its effective length (every average up to it >= the threshold);",
              "-: not evaluated"]
     return "\n".join([*_aligned(first), "", *_aligned(second), *notes]) + "\n"
