@@ -43,12 +43,16 @@ LONGBENCH_E_DATASETS = ("qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "go
 
 
 RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
-               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
-"""RULER's synthetic tasks built here, in its scripts/synthetic.yaml order (longlora/evaluation/ruler.py holds how
-each is built and scored)."""
+               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2")
+"""RULER's 13 tasks, in its scripts/synthetic.yaml order (longlora/evaluation/ruler.py holds how each is built and
+scored)."""
 
 RULER_QA_TASKS = ("qa_1", "qa_2")
-"""RULER's two QA tasks, on SQuAD and HotpotQA: not built yet."""
+"""RULER's two QA tasks, on SQuAD v2.0 and HotpotQA (distractor) dev: the ones that read a data set
+(eval_ruler.qa_squad, eval_ruler.qa_hotpotqa); the others are built from nothing but word lists and a haystack."""
+
+RULER_OFFLINE_TASKS = tuple(name for name in RULER_TASKS if name not in RULER_QA_TASKS)
+"""RULER's 11 tasks that need no data set: eval_ruler's default."""
 
 RULER_MODEL_TEMPLATES = ("base", "meta-chat", "vicuna-chat", "lwm-chat", "Phi3", "meta-llama3")
 """The names of RULER's model templates (its scripts/data/template.py) that longlora/evaluation/ruler.py has."""

@@ -73,9 +73,14 @@ def task_runs(params: Params) -> list[tuple[list[str], dict]]:
 
 
 def _task_manager(params: Params, tasks: list[str], metadata: dict):
+    """lm-eval's TaskManager for `tasks`: the include_path folder alone when it has them all (indexing lm-eval's
+    thousands of task files takes seconds per instance), else that folder and lm-eval's own tasks."""
     from lm_eval.tasks import TaskManager
 
     p = params.eval_harness
+    local = TaskManager(include_path=str(p.include_path), include_defaults=False, metadata=metadata)
+    if all(local.match_tasks([task]) for task in tasks):
+        return local
     manager = TaskManager(include_path=str(p.include_path), metadata=metadata)
     unknown = [task for task in tasks if not manager.match_tasks([task])]
     if unknown:

@@ -15,7 +15,7 @@ from longlora.choices import (
     LONGBENCH_DATASETS,
     LONGBENCH_E_DATASETS,
     RULER_MODEL_TEMPLATES,
-    RULER_QA_TASKS,
+    RULER_OFFLINE_TASKS,
     RULER_TASKS,
     BosPolicy,
     OnError,
@@ -786,12 +786,13 @@ class EvalRulerParams(Section):
     lengths: tuple[int, ...] | None = None
     """Prompt lengths in tokens, generation included (RULER: 4096 … 131072); None: model.target_context / 2 and × 1
     (at a quarter most of RULER's prompts do not fit a tiny tokenizer's few hundred tokens)."""
-    tasks: tuple[str, ...] = tuple(RULER_TASKS)
-    """RULER task names (scripts/synthetic.yaml): the needle-in-a-haystack variants, vt, cwe, fwe. qa_1 and qa_2
-    (SQuAD, HotpotQA) are not built yet. A task whose smallest prompt exceeds a length is reported as not fitting
-    there (RULER's own code would loop forever)."""
-    samples: int = Field(4, gt=0)
-    """Prompts per task and length (RULER: 500)."""
+    tasks: tuple[str, ...] = tuple(RULER_OFFLINE_TASKS)
+    """RULER task names (scripts/synthetic.yaml): the needle-in-a-haystack variants, vt, cwe, fwe (the default: they
+    need no data set), and qa_1, qa_2 (SQuAD, HotpotQA: they read qa_squad, qa_hotpotqa, and are skipped with a note
+    in the metrics while that is null or a hub set cannot be loaded). A task whose smallest prompt exceeds a length
+    is reported as not fitting there (RULER's own code would loop forever)."""
+    samples: int = Field(2, gt=0)
+    """Prompts per task and length (RULER: 500; the embedded default's 2 keep `make repro` within its budget)."""
     seed: int = 42
     """Seed of every task at every length (RULER's default)."""
     model_template: str = "base"
@@ -801,6 +802,14 @@ class EvalRulerParams(Section):
     """Prose for the essay-haystack tasks: RULER's PaulGrahamEssays.json ({"text": …}, made by its
     download_paulgraham_essay.py), or any UTF-8 text file. None: the held-out split of the embedded corpus (Python
     sources), so those tasks' scores are RULER-format but not comparable to published essay-haystack numbers."""
+    qa_squad: Source | None = None
+    """qa_1's questions: RULER's squad.json (SQuAD v2.0's dev-v2.0.json, as its download_qa_dataset.sh fetches it),
+    or the hub's copy, rajpurkar/squad_v2 (split validation; needs the network or the `datasets` cache). None: qa_1
+    is skipped. A local path that does not exist stops the stage; a hub set that cannot be loaded skips qa_1."""
+    qa_hotpotqa: Source | None = None
+    """qa_2's questions: RULER's hotpotqa.json (HotpotQA's hotpot_dev_distractor_v1.json, as its download_qa_dataset.sh
+    fetches it), or the hub's copy, hotpotqa/hotpot_qa (configuration distractor, split validation). None: qa_2 is
+    skipped. A local path that does not exist stops the stage; a hub set that cannot be loaded skips qa_2."""
     threshold: float = Field(85.6, ge=0, le=100)
     """Effective length: the longest length up to which every length's average clears this (RULER: 85.6, Llama-2-7B's
     average at 4K)."""
@@ -812,16 +821,13 @@ class EvalRulerParams(Section):
     task and length) and heatmap.png (task × length, a DVC plot)."""
     metrics_dir: OutPath = Path("data/metrics/eval_ruler")
     """DVC metrics, `<metrics_dir>/<name>.json`: `average.<length>` (over the tasks that fit every length),
-    `effective_length` (0: not even the shortest), `wavg_inc`, `wavg_dec`."""
+    `effective_length` (0: not even the shortest), `wavg_inc`, `wavg_dec`, `skipped` (task: why)."""
 
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             raise ValueError("empty: name RULER tasks")
-        qa = [name for name in value if name in RULER_QA_TASKS]
-        if qa:
-            raise ValueError(f"{qa}: RULER's QA tasks (SQuAD, HotpotQA) are not built yet")
         unknown = [name for name in value if name not in RULER_TASKS]
         if unknown:
             raise ValueError(f"unknown RULER tasks {unknown}; known: {', '.join(RULER_TASKS)}")

@@ -84,7 +84,8 @@ def test_accuracy_is_the_models_own_choice_by_log_likelihood(project, tiny_token
              for scores, r in zip(expected, _records(), strict=True)]
     acc = results["results"]["longlora_longbench2"]["acc,none"]
     assert acc == pytest.approx(sum(right) / len(right))
-    assert metrics["results"] == {"longlora_longbench2": {"acc": acc}} and metrics["samples"] == {"longlora_longbench2": 5}
+    assert metrics["results"] == {"longlora_longbench2": {"acc": acc}}
+    assert metrics["samples"] == {"longlora_longbench2": 5}
     assert [s["doc"]["_id"] for s in samples] == [r["_id"] for r in _records()]
     assert samples[0]["arguments"][0][0] == _prompt(_records()[0])  # lm-eval's prompt, filled from our record
     assert [s["target"] for s in samples] == [r["answer"] for r in _records()]

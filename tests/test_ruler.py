@@ -1,5 +1,6 @@
 """RULER's tasks as RULER builds and scores them: prompts sized to the length in the model's tokens with the answers
-inside, RULER's wording and metrics, its summary.csv byte for byte, the effective length; the stage end to end."""
+inside, RULER's wording and metrics, its QA readers' questions and documents from its files and from the hub's rows,
+its summary.csv byte for byte, the effective length; the stage end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from longlora.choices import RULER_MODEL_TEMPLATES, RULER_TASKS
+from longlora.choices import RULER_MODEL_TEMPLATES, RULER_OFFLINE_TASKS, RULER_QA_TASKS, RULER_TASKS
 from longlora.evaluation import ruler
 
 
@@ -36,10 +37,13 @@ def _tokens(tokenizer, text: str) -> int:
 
 def test_the_tasks_and_templates_are_the_ones_params_validate_against():
     assert tuple(ruler.TASKS) == RULER_TASKS and tuple(ruler.MODEL_TEMPLATES) == RULER_MODEL_TEMPLATES
-    assert [ruler.tokens_to_generate(t) for t in ("niah_single_1", "vt", "cwe", "fwe")] == [128, 30, 120, 50]
+    assert ruler.QA_TASKS == RULER_QA_TASKS == RULER_TASKS[-2:] and len(RULER_OFFLINE_TASKS) == 11
+    assert [ruler.tokens_to_generate(t) for t in ("niah_single_1", "vt", "cwe", "fwe", "qa_1")] == [128, 30, 120, 50,
+                                                                                                    32]
+    assert [ruler.qa_dataset(t) for t in RULER_QA_TASKS] == ["squad", "hotpotqa"]
 
 
-@pytest.mark.parametrize("task", [t for t in RULER_TASKS if t != "cwe"])
+@pytest.mark.parametrize("task", [t for t in RULER_OFFLINE_TASKS if t != "cwe"])
 def test_every_prompt_fits_its_length_and_holds_its_answers(tokenizer, task):
     samples = ruler.build_samples(task, tokenizer, 2000, 3, haystack=HAYSTACK)
     assert [s.index for s in samples] == [0, 1, 2]
@@ -93,7 +97,9 @@ def test_samples_are_a_function_of_the_seed(tokenizer):
 def test_a_length_too_short_for_the_task_is_reported_not_looped_on(tokenizer):
     with pytest.raises(ruler.DoesNotFit):
         ruler.build_samples("vt", tokenizer, 400, 1)
-    with pytest.raises(ValueError, match="unknown RULER task 'qa_1'"):
+    with pytest.raises(ValueError, match="unknown RULER task 'qa_3'"):
+        ruler.build_samples("qa_3", tokenizer, 4000, 1)
+    with pytest.raises(ValueError, match=r"qa_1 needs its data set \(squad\)"):
         ruler.build_samples("qa_1", tokenizer, 4000, 1)
 
 
@@ -142,8 +148,10 @@ def test_nothing_the_embedded_models_train_on_uses_rulers_wording():
     sources = " ".join(Path(m.__file__).read_text(encoding="utf-8") for m in (synthetic, longqa)).lower()
     phrases = ["special magic", "memorize", "quiz you", "variable assignment", "most common words",
                "appear most often", "coded text", "frequently appeared", "mentioned in the provided text"]
-    for family in ruler.FAMILIES.values():
-        phrases.append(family.answer_prefix.split("{")[0].strip().lower())
+    phrases += ["given documents", "only give me the answer", "do not output any other words"]
+    for name, family in ruler.FAMILIES.items():
+        if name != "qa":  # its prefix, "Answer:", is a word, not a phrase (and a field name in longqa.py)
+            phrases.append(family.answer_prefix.split("{")[0].strip().lower())
     assert not [phrase for phrase in phrases if phrase and phrase in sources]
 
 
@@ -155,6 +163,191 @@ def test_predictions_are_rulers_records(tokenizer, tmp_path):
     assert records[1]["input"] == samples[1].input + samples[1].answer_prefix
     assert ruler.score_task("niah_single_1", [r["pred"] for r in records], [r["outputs"] for r in records]) \
         == (50.0, "0/2")
+
+
+# -- the QA tasks (scripts/data/synthetic/qa.py) --
+
+SQUAD = {"version": "v2.0", "data": [
+    {"title": "Normans", "paragraphs": [
+        {"context": "The Normans were a people of Normandy.", "qas": [
+            {"question": "Who were the Normans?", "id": "n1", "is_impossible": False,
+             "answers": [{"text": "a people of Normandy", "answer_start": 16},
+                         {"text": "a people", "answer_start": 16}]},
+            {"question": "Who were the Vikings?", "id": "n2", "is_impossible": True, "answers": [],
+             "plausible_answers": [{"text": "a people", "answer_start": 16}]}]},
+        {"context": "Bread is baked in Rouen.", "qas": [
+            {"question": "Where is bread baked?", "id": "n3", "is_impossible": False,
+             "answers": [{"text": "Rouen", "answer_start": 18}]}]},
+        {"context": "Apples grow in Caen.", "qas": [
+            {"question": "Where do apples grow?", "id": "n4", "is_impossible": False,
+             "answers": [{"text": "Caen", "answer_start": 15}]}]}]},
+    {"title": "Alps", "paragraphs": [
+        {"context": "An Alpine lake is cold.", "qas": [
+            {"question": "What is cold?", "id": "a1", "is_impossible": False,
+             "answers": [{"text": "An Alpine lake", "answer_start": 0}]}]}]},
+]}
+"""SQuAD v2.0's format (dev-v2.0.json, RULER's squad.json) in miniature: an impossible question, two articles."""
+
+SQUAD_ROWS = [
+    {"id": "n1", "title": "Normans", "context": "The Normans were a people of Normandy.",
+     "question": "Who were the Normans?",
+     "answers": {"text": ["a people of Normandy", "a people"], "answer_start": [16, 16]}},
+    {"id": "n2", "title": "Normans", "context": "The Normans were a people of Normandy.",
+     "question": "Who were the Vikings?", "answers": {"text": [], "answer_start": []}},
+    {"id": "n3", "title": "Normans", "context": "Bread is baked in Rouen.", "question": "Where is bread baked?",
+     "answers": {"text": ["Rouen"], "answer_start": [18]}},
+    {"id": "n4", "title": "Normans", "context": "Apples grow in Caen.", "question": "Where do apples grow?",
+     "answers": {"text": ["Caen"], "answer_start": [15]}},
+    {"id": "a1", "title": "Alps", "context": "An Alpine lake is cold.", "question": "What is cold?",
+     "answers": {"text": ["An Alpine lake"], "answer_start": [0]}},
+]
+"""The same questions as rajpurkar/squad_v2's validation rows have them."""
+
+HOTPOT = [
+    {"_id": "h1", "question": "Which river is longer?", "answer": "the Nile", "type": "comparison", "level": "hard",
+     "supporting_facts": [["Nile", 0], ["Amazon", 0]],
+     "context": [["Nile", ["The Nile is long.", " It flows north."]], ["Amazon", ["The Amazon is wide."]]]},
+    {"_id": "h2", "question": "Where does the Nile flow?", "answer": "north", "type": "bridge", "level": "easy",
+     "supporting_facts": [["Nile", 1]],
+     "context": [["Tiber", ["The Tiber is in Rome."]], ["Nile", ["The Nile is long.", " It flows north."]]]},
+]
+"""HotpotQA's distractor format (hotpot_dev_distractor_v1.json, RULER's hotpotqa.json) in miniature: a paragraph in
+two questions."""
+
+HOTPOT_ROWS = [
+    {"id": "h1", "question": "Which river is longer?", "answer": "the Nile", "type": "comparison", "level": "hard",
+     "supporting_facts": {"title": ["Nile", "Amazon"], "sent_id": [0, 0]},
+     "context": {"title": ["Nile", "Amazon"], "sentences": [["The Nile is long.", " It flows north."],
+                                                           ["The Amazon is wide."]]}},
+    {"id": "h2", "question": "Where does the Nile flow?", "answer": "north", "type": "bridge", "level": "easy",
+     "supporting_facts": {"title": ["Nile"], "sent_id": [1]},
+     "context": {"title": ["Tiber", "Nile"], "sentences": [["The Tiber is in Rome."],
+                                                          ["The Nile is long.", " It flows north."]]}},
+]
+"""The same questions as hotpotqa/hotpot_qa (distractor, validation) has them."""
+
+
+def test_the_qa_readers_give_what_rulers_give():
+    # Pinned from RULER's read_squad / read_hotpotqa (scripts/data/synthetic/qa.py) run on these files.
+    squad_docs = ["An Alpine lake is cold.", "Apples grow in Caen.", "Bread is baked in Rouen.",
+                  "The Normans were a people of Normandy."]
+    squad_qas = [
+        {"query": "Who were the Normans?", "outputs": ["a people of Normandy", "a people"], "context": [3],
+         "more_context": [2, 1]},
+        {"query": "Where is bread baked?", "outputs": ["Rouen"], "context": [2], "more_context": [3, 1]},
+        {"query": "Where do apples grow?", "outputs": ["Caen"], "context": [1], "more_context": [3, 2]},
+        {"query": "What is cold?", "outputs": ["An Alpine lake"], "context": [0], "more_context": []},
+    ]
+    assert ruler.read_squad(SQUAD) == (squad_qas, squad_docs)
+    hotpot_docs = ["Amazon\nThe Amazon is wide.", "Nile\nThe Nile is long. It flows north.",
+                   "Tiber\nThe Tiber is in Rome."]
+    hotpot_qas = [{"query": "Which river is longer?", "outputs": ["the Nile"], "context": [1, 0]},
+                  {"query": "Where does the Nile flow?", "outputs": ["north"], "context": [2, 1]}]
+    assert ruler.read_hotpotqa(HOTPOT) == (hotpot_qas, hotpot_docs)
+    assert ruler.read_qa("squad", SQUAD) == (squad_qas, squad_docs)
+
+
+def test_the_hubs_rows_give_what_rulers_files_give():
+    assert ruler.qa_from_rows("squad", SQUAD_ROWS) == ruler.read_squad(SQUAD)
+    assert ruler.qa_from_rows("hotpotqa", HOTPOT_ROWS) == ruler.read_hotpotqa(HOTPOT)
+    converted = ruler.squad_from_rows(SQUAD_ROWS)["data"]
+    assert [(a["title"], [p["context"] for p in a["paragraphs"]]) for a in converted] \
+        == [(a["title"], [p["context"] for p in a["paragraphs"]]) for a in SQUAD["data"]]
+    assert [q["is_impossible"] for p in converted[0]["paragraphs"] for q in p["qas"]] == [False, True, False, False]
+    assert [{k: d[k] for k in ("question", "answer", "context")} for d in ruler.hotpotqa_from_rows(HOTPOT_ROWS)] \
+        == [{k: d[k] for k in ("question", "answer", "context")} for d in HOTPOT]
+
+
+def _facts(articles: int = 6, paragraphs: int = 5) -> dict:
+    """A SQuAD file of `articles` × `paragraphs` one-sentence paragraphs, a question each."""
+    return {"version": "v2.0", "data": [
+        {"title": f"Topic {a}", "paragraphs": [
+            {"context": f"Fact {k} of topic {a}: the code is {1000 + 10 * a + k}.",
+             "qas": [{"question": f"What is the code of fact {k} of topic {a}?", "id": f"{a}.{k}",
+                      "is_impossible": False, "answers": [{"text": str(1000 + 10 * a + k), "answer_start": 0}]}]}
+            for k in range(paragraphs)]}
+        for a in range(articles)]}
+
+
+def test_qa_documents_are_drawn_and_shuffled_as_rulers_generate_input_output():
+    qa = ruler.read_squad(_facts())
+    qas, docs = qa
+    # Pinned from RULER's generate_input_output after random.seed(42), on the same QAS and DOCS: question 7 among
+    # 8 documents (its own, its article's 4 others, 3 drawn), and question 3 among 3 (its own and 2 of its article's).
+    for index, num_docs, expected in ((7, 8, [19, 25, 4, 0, 7, 24, 13, 1]), (3, 3, [0, 18, 24])):
+        builder = ruler._Builder("qa_1", None, 4096, 42, "base", None, qa)
+        text, answer = builder._qa(index, num_docs)
+        listed = re.findall(r"Document (\d+):\n(.*)", text)
+        assert [int(i) for i, _ in listed] == list(range(1, num_docs + 1))
+        assert [docs.index(d) for _, d in listed] == expected and answer == qas[index]["outputs"]
+    builder = ruler._Builder("qa_1", None, 4096, 42, "base", None, qa)
+    text, _ = builder._qa(0, 65)  # more than there are: every document, repeated as needed, shuffled
+    listed = re.findall(r"Document \d+:\n(.*)", text)
+    assert sorted(listed) == sorted((docs * 3)[:65]) and listed != (docs * 3)[:65]
+
+
+@pytest.mark.parametrize("task", ["qa_1", "qa_2"])
+def test_a_qa_prompt_fits_its_length_and_holds_its_question_and_documents(tokenizer, task):
+    if task == "qa_1":
+        qa = ruler.read_squad(_facts())
+    else:  # ten questions, three paragraphs each
+        qa = ruler.read_hotpotqa([{"question": f"Which code does river {q} carry?", "answer": str(2000 + q),
+                                   "context": [[f"River {q}.{k}", [f"River {q}.{k} carries", f" code {2000 + q}."]]
+                                               for k in range(3)]} for q in range(10)])
+    qas, docs = qa
+    samples = ruler.build_samples(task, tokenizer, 700, 2, qa=qa)
+    family = ruler.FAMILIES["qa"]
+    head, tail = family.template.split("{context}")
+    per_doc = max(_tokens(tokenizer, f"Document 10:\n{d}\n\n") for d in docs)
+    for index, s in enumerate(samples):
+        question = qas[index]  # question i for sample i
+        assert s.input.startswith(head + "Document 1:\n")
+        assert s.input.endswith(tail.format(query=question["query"])) and s.answer_prefix == " Answer:"
+        assert s.outputs == question["outputs"]
+        parts = re.split(r"(?:^|\n\n)Document (\d+):\n", s.input[len(head):s.input.rindex(tail.split("{")[0])])
+        numbers, shown = [int(i) for i in parts[1::2]], parts[2::2]
+        assert parts[0] == "" and numbers == list(range(1, len(shown) + 1)) and len(shown) >= 10
+        assert set(shown) <= set(docs)
+        assert all(docs[i] in shown for i in question["context"] + question.get("more_context", []))
+        assert s.length == _tokens(tokenizer, s.prompt) + 32 <= 700
+        # the documents fill the length: sample 0's up to one more, the others' up to RULER's step back of 10
+        assert s.length > 700 - (1 if index == 0 else 11) * per_doc
+    with pytest.raises(ruler.DoesNotFit):
+        ruler.build_samples(task, tokenizer, 300, 1, qa=qa)  # ten documents and the template do not fit
+
+
+def test_qa_is_scored_by_string_match_part():
+    refs = [["a people of Normandy", "a people"], ["Rouen"], ["Caen"]]
+    assert ruler.score_task("qa_1", ["A people, from France.", "  ", "Caen and Rouen"], refs) == (66.67, "1/3")
+    assert ruler.score_task("qa_2", ["the nile"], [["The Nile"]]) == (100.0, "0/1")
+
+
+def test_a_qa_task_is_read_from_the_hub_and_skipped_with_the_error_when_it_cannot_be(tmp_path, monkeypatch, caplog):
+    import datasets
+
+    from stages import eval_ruler
+    from stages.params import parse_params
+    from tests.conftest import tiny_params_dict
+
+    monkeypatch.chdir(tmp_path)
+    asked = []
+
+    def load_dataset(name, config=None, split=None):
+        asked.append((name, config, split))
+        if name == "hotpotqa/hotpot_qa":
+            raise ConnectionError("no network")
+        return SQUAD_ROWS
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    params = parse_params(tiny_params_dict(eval_ruler={
+        "tasks": ["fwe", "qa_1", "qa_2"], "samples": 2, "qa_squad": "rajpurkar/squad_v2",
+        "qa_hotpotqa": "hotpotqa/hotpot_qa"}))
+    with caplog.at_level("WARNING"):
+        data, sources, skipped = eval_ruler._qa_data(params)
+    assert asked == [("rajpurkar/squad_v2", None, "validation"), ("hotpotqa/hotpot_qa", "distractor", "validation")]
+    assert data == {"qa_1": ruler.read_squad(SQUAD)} and sources == {"qa_1": "rajpurkar/squad_v2"}
+    note = "eval_ruler.qa_hotpotqa 'hotpotqa/hotpot_qa' could not be loaded (ConnectionError: no network)"
+    assert skipped == {"qa_2": note} and f"qa_2 skipped: {note}" in caplog.text
 
 
 def test_the_stage_writes_rulers_folders_and_the_effective_length(tokenizer, tmp_path, monkeypatch,
@@ -201,7 +394,10 @@ def test_the_stage_writes_rulers_folders_and_the_effective_length(tokenizer, tmp
      r"eval_ruler\.lengths \[300\]: no task of eval_ruler\.tasks fits every length"),
     ({"eval_ruler": {"lengths": [512], "tasks": ["niah_single_2"], "haystack": "absent.txt"}},
      r"eval_ruler\.haystack 'absent\.txt': no such file"),
-    ({"eval_ruler": {"tasks": ["qa_1"]}}, r"eval_ruler\.tasks: .*'qa_1'.*not built yet"),
+    ({"eval_ruler": {"lengths": [512], "tasks": ["fwe", "qa_1"], "qa_squad": "absent.json"}},
+     r"eval_ruler\.qa_squad 'absent\.json': no such file \(a local path, so the hub was not asked"),
+    ({"eval_ruler": {"lengths": [512], "tasks": ["qa_2"]}},
+     r"eval_ruler\.tasks: every task is skipped \(eval_ruler\.qa_hotpotqa is null\)"),
     ({"eval_ruler": {"model_template": "llama9"}}, r"eval_ruler\.model_template: unknown RULER model template"),
 ])
 def test_bad_input_stops_before_any_work_naming_the_parameter(tokenizer, tmp_path, monkeypatch, capsys,
@@ -222,3 +418,36 @@ def test_bad_input_stops_before_any_work_naming_the_parameter(tokenizer, tmp_pat
     assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
     written = [path for path in Path("data").rglob("*") if path.is_file()]
     assert not written, written
+
+
+def test_the_stage_answers_qa_from_rulers_file_and_skips_a_qa_task_without_data(tokenizer, tmp_path, monkeypatch,
+                                                                               caplog, single_torch_thread):
+    from stages import eval_ruler
+    from stages.params import parse_params
+    from tests.conftest import tiny_params_dict
+    from tests.test_eval_stages import _save_model
+
+    monkeypatch.chdir(tmp_path)
+    _save_model(Path("models/tiny"), tokenizer, 128, seed=0)
+    Path("squad.json").write_text(json.dumps(_facts()), encoding="utf-8")
+    raw = tiny_params_dict(
+        eval_models={"tiny": {"path": "models/tiny", "extrapolate": True}},
+        eval_ruler={"lengths": [1024], "tasks": ["fwe", "qa_1", "qa_2"], "samples": 2, "qa_squad": "squad.json",
+                    "threshold": 0.0})
+    with caplog.at_level("WARNING"):
+        metrics = eval_ruler.run(parse_params(raw), "tiny")
+    note = "eval_ruler.qa_hotpotqa is null"
+    assert metrics["skipped"] == {"qa_2": note} and f"qa_2 skipped: {note}" in caplog.text
+    assert metrics["qa_data"] == {"qa_1": "squad.json"} and metrics["tasks_averaged"] == 2
+    folder = Path("data/eval_results/ruler/tiny")
+    rows = list(csv.DictReader((folder / "ruler.csv").read_text(encoding="utf-8").splitlines()))
+    assert [(r["task"], r["nulls"].startswith("skipped"), r["averaged"]) for r in rows] \
+        == [("fwe", False, "True"), ("qa_1", False, "True"), ("qa_2", True, "False")]
+    assert rows[2]["nulls"] == f"skipped: {note}" and rows[2]["score"] == ""
+    summary = ruler.read_summary(folder / "1024/summary.csv")
+    assert list(summary) == ["fwe", "qa_1"] and not (folder / "1024/qa_2.jsonl").exists()
+    records = [json.loads(line) for line in (folder / "1024/qa_1.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["outputs"] for r in records] == [["1000"], ["1001"]]  # questions 0 and 1
+    assert all(r["input"].endswith("?" + " Answer:") and r["length"] <= 1024 for r in records)
+    assert ruler.score_task("qa_1", [r["pred"] for r in records], [r["outputs"] for r in records]) == summary["qa_1"]
+    assert metrics["average"]["1024"] == round((summary["fwe"][0] + summary["qa_1"][0]) / 2, 2)

@@ -6,6 +6,8 @@ of each haystack to the prompt length in the model's own tokens, the model templ
 in THIRD_PARTY_NOTICES.md). Where this differs, and why, is in docs/evaluation.md (RULER section): the essay
 haystack is a text of the user's choosing (the embedded default: held-out standard-library sources), sentences are
 split by punctuation instead of NLTK's punkt, and prompts shorter than 4096 tokens grow their haystack in small steps.
+The QA tasks read SQuAD v2.0 and HotpotQA (distractor) dev sets, given here as loaded data (`read_squad`,
+`read_hotpotqa`: RULER's readers on the parsed JSON) or as the hub's rows (`qa_from_rows`), never downloaded here.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ FAMILIES = {
         "What are the three most frequently appeared words in the above coded text?",
         " Answer: According to the coded text above, the three most frequently appeared words are:",
         "string_match_all"),
+    "qa": Family(
+        32,
+        "Answer the question based on the given documents. Only give me the answer and do not output any other "
+        "words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on the given "
+        "documents. Only give me the answer and do not output any other words.\n\nQuestion: {query}",
+        " Answer:",
+        "string_match_part"),
 }
 
 TASKS: dict[str, tuple[str, dict]] = {
@@ -76,8 +85,21 @@ TASKS: dict[str, tuple[str, dict]] = {
     "vt": ("variable_tracking", {"num_chains": 1, "num_hops": 4}),
     "cwe": ("common_words_extraction", {"freq_cw": 30, "freq_ucw": 3, "num_cw": 10}),
     "fwe": ("freq_words_extraction", {"alpha": 2.0}),
+    "qa_1": ("qa", {"dataset": "squad"}),
+    "qa_2": ("qa", {"dataset": "hotpotqa"}),
 }
-"""RULER's 13 tasks but its two QA tasks (which read SQuAD and HotpotQA), in scripts/synthetic.yaml's order."""
+"""RULER's 13 tasks, in scripts/synthetic.yaml's order; the two QA tasks read a data set (`build_samples`' `qa`)."""
+
+QA_TASKS = tuple(name for name, (family, _) in TASKS.items() if family == "qa")
+"""Tasks that read a QA data set (RULER: SQuAD v2.0 dev, HotpotQA distractor dev), the others need none."""
+
+QA_HUB = {"squad": ("rajpurkar/squad_v2", None), "hotpotqa": ("hotpotqa/hotpot_qa", "distractor")}
+"""The hub copies of RULER's two QA files (name, configuration; split `validation`): the same questions, in the
+hub's row format (`qa_from_rows`)."""
+QA_HUB_SPLIT = "validation"
+
+DOCUMENT_PROMPT = "Document {i}:\n{document}"
+"""How RULER's qa.py numbers each document of the haystack."""
 
 ESSAY_TASKS = tuple(name for name, (_, args) in TASKS.items() if args.get("type_haystack") == "essay")
 """Tasks whose haystack is prose (RULER: Paul Graham's essays); their scores depend on the text used."""
@@ -137,7 +159,7 @@ class _Builder:
     `random.Random(seed)` (RULER seeds the global generators once per task and length)."""
 
     def __init__(self, task: str, tokenizer, max_seq_length: int, seed: int, model_template: str,
-                 essay_words: list[str] | None):
+                 essay_words: list[str] | None, qa: tuple[list[dict], list[str]] | None = None):
         self.family_name, args = TASKS[task]
         self.family = FAMILIES[self.family_name]
         self.args = {"num_needle_k": 1, "num_needle_v": 1, "num_needle_q": 1, **args}
@@ -152,6 +174,9 @@ class _Builder:
         self.essay_words = essay_words
         if self.args.get("type_haystack") == "essay" and not essay_words:
             raise ValueError(f"{task} needs a prose haystack")
+        if self.family_name == "qa" and qa is None:
+            raise ValueError(f"{task} needs its data set ({self.args['dataset']}): read_squad / read_hotpotqa")
+        self.qa = qa
         self._nouns = self._adjectives = self._verbs = None
         self._cwe_words: list[str] | None = None
 
@@ -327,11 +352,36 @@ class _Builder:
         text, answer = self._fwe_text(vocab, num_words)
         return text, answer, num_words
 
+    # -- question answering (scripts/data/synthetic/qa.py) --
+
+    def _qa(self, index: int, num_docs: int) -> tuple[str, list[str]]:
+        """RULER's generate_input_output: question `index` among `num_docs` documents, its own first, then the
+        rest of its article (SQuAD), then others drawn at random; all shuffled by a fresh generator of the seed."""
+        qas, docs = self.qa
+        question = qas[index]
+        own, more = question["context"], question.get("more_context", [])
+        if num_docs < len(docs):
+            if num_docs < len(own):  # RULER: random.sample of a negative count, retried forever
+                raise DoesNotFit(f"{num_docs} documents, fewer than question {index}'s own {len(own)}")
+            if num_docs - len(own) > len(more):
+                taken = set(own + more)
+                others = [i for i in range(len(docs)) if i not in taken]
+                chosen = own + more + self.rng.sample(others, max(0, num_docs - len(own) - len(more)))
+            else:
+                chosen = own + self.rng.sample(more, num_docs - len(own))
+            listed = [docs[i] for i in chosen]
+        else:
+            listed = (docs * -(-num_docs // len(docs)))[:num_docs]  # every document, repeated as needed
+        random.Random(self.seed).shuffle(listed)
+        context = "\n\n".join(DOCUMENT_PROMPT.format(i=i + 1, document=d) for i, d in enumerate(listed))
+        return self.template.format(context=context, query=question["query"]), question["outputs"]
+
     # -- the samples --
 
     def samples(self, count: int) -> list[Sample]:
         builders = {"niah": self._niah_samples, "variable_tracking": self._vt_samples,
-                    "common_words_extraction": self._cwe_samples, "freq_words_extraction": self._fwe_samples}
+                    "common_words_extraction": self._cwe_samples, "freq_words_extraction": self._fwe_samples,
+                    "qa": self._qa_samples}
         return builders[self.family_name](count)
 
     def _split(self, index: int, text: str, answer: list[str], length: int) -> Sample:
@@ -339,14 +389,18 @@ class _Builder:
         return Sample(index, text[:cut], list(answer), length, text[cut:])
 
     def _sized(self, generate: Callable[[int], tuple[str, list[str]]], count: int, incremental: int,
-               extra_tokens: int = 0, transform: Callable[[str], str] = lambda text: text) -> list[Sample]:
+               extra_tokens: int = 0, transform: Callable[[str], str] = lambda text: text,
+               generate_for: Callable[[int], Callable[[int], tuple[str, list[str]]]] | None = None) -> list[Sample]:
+        """`count` samples whose haystack is the largest that fits, found with `generate`; `generate_for(index)`:
+        sample `index`'s generator where it differs (qa: question `index`; RULER sizes on question 0)."""
         budget = self.max_seq_length - self.family.tokens_to_generate - extra_tokens
         size = _largest_fitting(lambda n: generate(n)[0], self.n_tokens, budget, incremental)
         out = []
         for index in range(count):
+            make = generate if generate_for is None else generate_for(index)
             used = size
             while True:
-                text, answer = generate(used)
+                text, answer = make(used)
                 text = transform(text)
                 length = self.n_tokens(text) + self.family.tokens_to_generate
                 if length <= self.max_seq_length:
@@ -375,6 +429,16 @@ class _Builder:
 
         return self._sized(lambda n: self._vt(n), count, incremental, extra_tokens=self.n_tokens(example),
                            transform=with_example)
+
+    def _qa_samples(self, count: int) -> list[Sample]:
+        qas, docs = self.qa
+        if count > len(qas):
+            raise ValueError(f"{count} samples asked of {len(qas)} questions")
+        if not docs:
+            raise ValueError("a QA data set without documents")
+        # RULER's step of 10 documents at every length: a HotpotQA question brings 10 of its own.
+        return self._sized(lambda n: self._qa(0, n), count, 10,
+                           generate_for=lambda index: lambda n: self._qa(index, n))
 
     def _cwe_samples(self, count: int) -> list[Sample]:
         return self._sized(self._cwe, count, 10)
@@ -433,14 +497,105 @@ def essay_words(text: str) -> list[str]:
 
 
 def build_samples(task: str, tokenizer, max_seq_length: int, count: int, seed: int = 42, model_template: str = "base",
-                  haystack: list[str] | None = None) -> list[Sample]:
+                  haystack: list[str] | None = None, qa: tuple[list[dict], list[str]] | None = None) -> list[Sample]:
     """`count` samples of RULER task `task` whose prompt and answer fit `max_seq_length` tokens of `tokenizer`;
-    `haystack`: the words of the essay haystack (essay_words). Raises DoesNotFit when even the smallest does not."""
+    `haystack`: the words of the essay haystack (essay_words); `qa`: a QA task's (questions, documents), as
+    read_squad / read_hotpotqa give them. Raises DoesNotFit when even the smallest does not."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; known: {', '.join(TASKS)}")
     if model_template not in MODEL_TEMPLATES:
         raise ValueError(f"unknown RULER model template {model_template!r}; known: {', '.join(MODEL_TEMPLATES)}")
-    return _Builder(task, tokenizer, max_seq_length, seed, model_template, haystack).samples(count)
+    return _Builder(task, tokenizer, max_seq_length, seed, model_template, haystack, qa).samples(count)
+
+
+# -- the QA data sets (scripts/data/synthetic/qa.py's readers; scripts/data/synthetic/json/download_qa_dataset.sh) --
+
+def read_squad(data: dict) -> tuple[list[dict], list[str]]:
+    """RULER's read_squad on SQuAD's JSON (dev-v2.0.json, RULER's squad.json), parsed: (questions, documents). The
+    documents are every paragraph, sorted; a question (answerable ones only) has its paragraph as `context` and the
+    other paragraphs of its article as `more_context`, by index into the documents; `outputs`: every annotator's
+    answer. (A question without `is_impossible`, as in SQuAD v1.1, counts as answerable: RULER's stops there.)"""
+    docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
+    index = {c: i for i, c in enumerate(docs)}
+    qas = []
+    for article in data["data"]:
+        more = [index[p["context"]] for p in article["paragraphs"]]
+        for paragraph in article["paragraphs"]:
+            own = index[paragraph["context"]]
+            for qa in paragraph["qas"]:
+                if not qa.get("is_impossible", False):
+                    qas.append({"query": qa["question"], "outputs": [a["text"] for a in qa["answers"]],
+                                "context": [own], "more_context": [i for i in more if i != own]})
+    return qas, docs
+
+
+def read_hotpotqa(data: list) -> tuple[list[dict], list[str]]:
+    """RULER's read_hotpotqa on HotpotQA's JSON (hotpot_dev_distractor_v1.json, RULER's hotpotqa.json), parsed:
+    (questions, documents). A document is a paragraph's title, a line break and its sentences joined; the documents
+    are all of them, sorted; a question's `context` is its own ten (gold and distractors), `outputs` its answer."""
+    def doc(title: str, sentences: list[str]) -> str:
+        return f"{title}\n{''.join(sentences)}"
+
+    docs = sorted({doc(t, p) for d in data for t, p in d["context"]})
+    index = {c: i for i, c in enumerate(docs)}
+    qas = [{"query": d["question"], "outputs": [d["answer"]], "context": [index[doc(t, p)] for t, p in d["context"]]}
+           for d in data]
+    return qas, docs
+
+
+def squad_from_rows(rows: Iterable[dict]) -> dict:
+    """SQuAD's JSON from the hub's rows of it (rajpurkar/squad_v2: id, title, context, question, answers{text,
+    answer_start}): an article per title, in order of first appearance, a paragraph per run of rows with the same
+    context, a question without answers impossible."""
+    articles: dict[str, list[dict]] = {}
+    for row in rows:
+        paragraphs = articles.setdefault(row["title"], [])
+        if not paragraphs or paragraphs[-1]["context"] != row["context"]:
+            paragraphs.append({"context": row["context"], "qas": []})
+        answers = row["answers"]
+        texts = list(answers["text"])
+        paragraphs[-1]["qas"].append({
+            "question": row["question"], "id": row.get("id"),
+            "answers": [{"text": t, "answer_start": s} for t, s in zip(texts, answers["answer_start"], strict=True)],
+            "is_impossible": not texts})
+    return {"version": "v2.0", "data": [{"title": t, "paragraphs": p} for t, p in articles.items()]}
+
+
+def hotpotqa_from_rows(rows: Iterable[dict]) -> list[dict]:
+    """HotpotQA's JSON from the hub's rows of it (hotpotqa/hotpot_qa, distractor: question, answer, context{title:
+    [...], sentences: [[...]]}): each paragraph as the file has it, `[title, sentences]`."""
+    return [{"_id": row.get("id"), "question": row["question"], "answer": row["answer"],
+             "context": [[t, list(s)] for t, s in zip(row["context"]["title"], row["context"]["sentences"],
+                                                       strict=True)]}
+            for row in rows]
+
+
+QA_READERS = {"squad": (read_squad, squad_from_rows), "hotpotqa": (read_hotpotqa, hotpotqa_from_rows)}
+
+
+def qa_dataset(task: str) -> str:
+    """The data set a QA task reads: squad (qa_1) or hotpotqa (qa_2)."""
+    return TASKS[task][1]["dataset"]
+
+
+def read_qa(dataset: str, data) -> tuple[list[dict], list[str]]:
+    """(questions, documents) of RULER's JSON file for `dataset` (squad, hotpotqa), parsed."""
+    return QA_READERS[dataset][0](data)
+
+
+def qa_from_rows(dataset: str, rows: Iterable[dict]) -> tuple[list[dict], list[str]]:
+    """(questions, documents) of the hub's rows of `dataset` (squad, hotpotqa): the same as RULER's file gives."""
+    reader, convert = QA_READERS[dataset]
+    return reader(convert(rows))
+
+
+def load_hub_qa(dataset: str, name: str) -> tuple[list[dict], list[str]]:
+    """(questions, documents) of hub dataset `name` (QA_HUB's for `dataset`, or a copy in its format), split
+    `validation`, as `datasets` loads it (its cache offline)."""
+    import datasets
+
+    rows = datasets.load_dataset(name, QA_HUB[dataset][1], split=QA_HUB_SPLIT)
+    return qa_from_rows(dataset, rows)
 
 
 def tokens_to_generate(task: str) -> int:
