@@ -149,24 +149,25 @@ def test_the_report_shows_the_numbers_the_real_evaluations_wrote(first_run):
     from huggingface_hub import ModelCard
 
     written = {stage: json.loads((first_run / f"data/metrics/{stage}/extended.json").read_text(encoding="utf-8"))
-               for stage in ("eval_perplexity", "eval_passkey", "eval_longqa", "eval_ruler", "longbench")}
+               for stage in ("eval_perplexity", "eval_passkey", "eval_longqa", "eval_ruler", "longbench", "longbench2")}
     perplexity = written["eval_perplexity"]["ppl"]
     passkey = written["eval_passkey"]["by_length"]
     longqa = written["eval_longqa"]
     ruler = written["eval_ruler"]
     scores = written["longbench"]["scores"]
+    longbench2 = written["longbench2"]["overall"]
     summary = (first_run / "data/report/summary.txt").read_text(encoding="utf-8").splitlines()
     second = summary.index("") + 1  # the second table: the scored tasks
     assert summary[0].split() == ["model", *(f"ppl@{n}" for n in sorted(perplexity, key=int)),
                                   *(f"passkey@{n}" for n in sorted(passkey, key=int))]
-    assert summary[second].split() == ["model", "LongQA", "EM", "LongQA", "F1", "LongBench",
+    assert summary[second].split() == ["model", "LongQA", "EM", "LongQA", "F1", "LongBench", "LongBench", "v2",
                                        *(f"RULER@{n}" for n in sorted(ruler["average"], key=int)), "RULER", "length"]
     rows = [line.split() for line in summary if line.startswith("extended")]
     assert rows[0] == ["extended", *(f"{perplexity[n]:.2f}" for n in sorted(perplexity, key=int)),
                        *(f"{passkey[n]:.2f}" for n in sorted(passkey, key=int))]
     effective = ruler["effective_length"] or f"<{min(map(int, ruler['average']))}"
     assert rows[1] == ["extended", f"{longqa['exact_match']:.2f}", f"{longqa['f1']:.2f}",
-                       f"{sum(scores.values()) / len(scores):.2f}",
+                       f"{sum(scores.values()) / len(scores):.2f}", f"{longbench2:.2f}",
                        *(f"{ruler['average'][n]:.2f}" for n in sorted(ruler["average"], key=int)), str(effective)]
     card = ModelCard.load(first_run / "data/report/models/extend/README.md")
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
