@@ -686,6 +686,9 @@ def s2attn_attention_forward(
     four_d = attention_mask is not None and attention_mask.dim() == 4
     # `s2attn_in_eval`: S² at evaluation too (longlora.evaluation.perplexity's attention="s2"; the paper reports both).
     s2 = module.training or getattr(module.config, "s2attn_in_eval", False)
+    shard = kwargs.get("sequence_shard")
+    if shard is not None:
+        return _sharded_attention(module, query, key, value, attention_mask, shard, s2, four_d, dropout, scaling)
     if not s2 or query.shape[2] != key.shape[2] or four_d:
         if module.training and four_d:
             _warn_once(
@@ -719,6 +722,24 @@ def s2attn_attention_forward(
                          "packed documents: use it with extend.document_attention false and sft.padding_free false")
     else:  # the no-shift ablation (configure_s2attn(shift=False))
         out = grouped_causal_attention(query, key, value, group_size, scale=scaling, dropout_p=dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _sharded_attention(module, query, key, value, attention_mask, shard, s2, four_d, dropout, scaling):
+    """One rank's shard of S²-Attn under sequence parallelism (longlora.method.context_parallel)."""
+    from longlora.method.context_parallel import sharded_s2_attention
+
+    if not s2 or four_d or query.shape[2] != key.shape[2]:
+        raise ValueError("a sequence-parallel shard (sequence_shard) runs S²-Attn in training only: not in eval mode, "
+                         "with a KV cache or with a 4D attention mask")
+    group_size = s2attn_group_size(module.config, shard.length, whole_groups=False)
+    shift = getattr(module.config, "s2attn_shift", True)
+    if group_size != shard.group_size or shift != shard.shift:
+        raise ValueError(f"the sequence shards were planned for S² group {shard.group_size} (shift {shard.shift}), "
+                         f"the model uses group {group_size} (shift {shift}) at length {shard.length}")
+    if attention_mask is not None and attention_mask.dim() == 2:
+        _check_right_padding(attention_mask)
+    out = sharded_s2_attention(query, key, value, shard, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
