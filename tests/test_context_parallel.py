@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from longlora.method.context_parallel import (
-    IGNORE_INDEX, LocalLink, halo_needs, plan_shards, shard_batch, sharded_s2_attention)
+    IGNORE_INDEX,
+    LocalLink,
+    halo_needs,
+    plan_shards,
+    shard_batch,
+    sharded_s2_attention,
+)
 from longlora.method.s2attn import document_boundaries, grouped_causal_attention, shifted_sparse_attention
 
 # Two rows of 64 tokens; the first packs documents of 13, 30 and 21 tokens, the second of 5 and 59: with G = 8 and
