@@ -1,7 +1,8 @@
 """First-principles cost of the full profile: Llama-2-7B extended with LongLoRA on one 8-GPU node, dense attention
 against S²-Attn, from 8k to 100k tokens — FLOPs per step and memory per GPU, to plan a run.
 
-    .venv/bin/python benchmarks/cost_model.py              # prints the tables of docs/full-size.md
+    .venv/bin/python benchmarks/cost_model.py              # prints the tables of docs/full-size.md, then memory
+                                                           # per rank under sequence parallelism (P = 1, 2, 4, 8)
     .venv/bin/python benchmarks/cost_model.py --mfu 0.3    # hours at another assumed utilisation
 
 Runs anywhere in well under a second (arithmetic only, no torch). Every number follows from the formulas below; the
@@ -27,6 +28,16 @@ the GPUs, ZeRO-3 the weights too. Activations with gradient checkpointing at mic
 (L·N·d bf16), one layer's activations rebuilt in the backward (34·N·d bytes with flash-attention: no N² term), and the
 logits (N·V in bf16, their fp32 copy for the loss). Not counted: framework buffers, fragmentation, communication
 buckets (DeepSpeed's defaults add a few GB).
+
+Memory per rank with S²-aware sequence parallelism over P ranks (launch.sequence_parallel, 8 GPUs on one node;
+longlora/method/context_parallel.py): weights, gradients and optimizer states as above, ZeRO sharding them over the
+whole world (all 8 GPUs, whatever P); activations as above for the rank's N/P tokens (L·(N/P)·d bf16 kept,
+34·(N/P)·d rebuilt, (N/P)·V logits in bf16 + fp32); plus the halo buffers of the layer being rebuilt: K and V of
+the G/2 tokens before the shard for the kv heads serving the shifted half of the heads (16 of Llama-2-7B's 32),
+bf16, × 2 for their gradients: 2 · 2 · (G/2) · (shifted kv heads · head dim) · 2 bytes. G = N/4 for P ≤ 4, N/P above
+(s2attn.group_size_ratio 0.125 at P = 8: a shard holds whole groups). "fits 80 GB": yes when the total leaves
+8 GiB of the A100's 80 GiB for what is not counted, tight when it is under 80 GiB, else no. Communication per layer:
+benchmarks/context_parallel.py.
 """
 
 from __future__ import annotations
@@ -120,6 +131,62 @@ def memory_gib(model: Model, n: int, gpus: int, zero: int, method: str = "lora_p
 
 LENGTHS = (8192, 16384, 32768, 65536, 100000)
 A100_BF16 = 312e12
+SP_LENGTHS = (32768, 65536, 100000, 131072, 262144)
+SP_SHARDS = (1, 2, 4, 8)
+A100_GIB = 80
+HEADROOM_GIB = 8
+"""What the model does not count (CUDA context, DeepSpeed buckets, fragmentation): left free for a "yes"."""
+
+
+def sequence_parallel_group(n: int, shards: int) -> int:
+    """The S² group with P shards: N/4 (ratio 0.25) while a shard holds whole groups of it, else N/P."""
+    return n // 4 if shards <= 4 else n // shards
+
+
+def halo_bytes(model: Model, n: int, shards: int, group: int | None = None, kv_heads: int | None = None) -> int:
+    """One layer's halo buffers on a rank: K and V of the G/2 tokens before its shard for the kv heads serving the
+    shifted heads [h//2, h), bf16, and their gradients. 0 on one rank."""
+    if shards == 1:
+        return 0
+    group = sequence_parallel_group(n, shards) if group is None else group
+    kv_heads = model.heads if kv_heads is None else kv_heads
+    head_dim = model.hidden // model.heads
+    shifted_kv = kv_heads - (model.heads // 2) // (model.heads // kv_heads)
+    return 2 * 2 * (group // 2) * shifted_kv * head_dim * 2
+
+
+def sequence_parallel_memory_gib(model: Model, n: int, shards: int, gpus: int = 8, zero: int = 3,
+                                 method: str = "lora_plus", group: int | None = None,
+                                 kv_heads: int | None = None) -> dict[str, float]:
+    """Per-rank memory with a row of n tokens split over `shards` ranks: `memory_gib`'s weights and states (ZeRO over
+    all `gpus`), its activations for n / shards tokens, and the halo buffers (gradient checkpointing, micro-batch 1)."""
+    if n % shards:
+        raise ValueError(f"{n} tokens do not split into {shards} equal shards")
+    whole = memory_gib(model, n // shards, gpus, zero, method)
+    halo = halo_bytes(model, n, shards, group, kv_heads) / GIB
+    return {"weights": whole["weights"], "grads_optimizer": whole["grads_optimizer"],
+            "activations": whole["activations"], "halo": halo, "total": whole["total"] + halo}
+
+
+def fits(total_gib: float, capacity_gib: float = A100_GIB, headroom_gib: float = HEADROOM_GIB) -> str:
+    """yes (the headroom stays free), tight (under the capacity only) or no."""
+    return "yes" if total_gib + headroom_gib <= capacity_gib else "tight" if total_gib <= capacity_gib else "no"
+
+
+def sequence_parallel_table(model: Model = LLAMA2_7B, gpus: int = 8) -> str:
+    lines = [f"Memory per rank with S²-aware sequence parallelism over P ranks, {model.name} LoRA+, {gpus} GPUs (ZeRO "
+             "over all of them), gradient checkpointing, micro-batch 1, bf16 (GiB: weights + gradients and optimizer "
+             f"+ activations of N/P tokens + halo = total; fits: {HEADROOM_GIB} GiB of {A100_GIB} left free):", "",
+             "| context | P | S² group | ZeRO-3 | fits 80 GB, ZeRO-3 | ZeRO-2 total | fits 80 GB, ZeRO-2 |",
+             "|---:|---:|---:|---:|:---:|---:|:---:|"]
+    for n in SP_LENGTHS:
+        for p in SP_SHARDS:
+            g = sequence_parallel_group(n, p)
+            m3, m2 = (sequence_parallel_memory_gib(model, n, p, gpus, zero) for zero in (3, 2))
+            lines.append(f"| {n:,} | {p} | {g:,} (N/{n // g}) | {m3['weights']:.1f} + {m3['grads_optimizer']:.1f} + "
+                         f"{m3['activations']:.1f} + {m3['halo']:.2f} = **{m3['total']:.1f}** | {fits(m3['total'])} | "
+                         f"{m2['total']:.1f} | {fits(m2['total'])} |")
+    return "\n".join(lines)
 
 
 def tables(model: Model = LLAMA2_7B, batch: int = 64, steps: int = 1000, gpus: int = 8, mfu: float = 0.4) -> str:
@@ -166,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed share of the bf16 peak reached")
     args = parser.parse_args(argv)
     print(tables(batch=args.batch, steps=args.steps, gpus=args.gpus, mfu=args.mfu))
+    print()
+    print(sequence_parallel_table(gpus=args.gpus))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 from longlora.errors import InputError, diverged, raise_if_diverged
 from longlora.io import StageOutput, content_digest, write_json
 from stages.params import Params
-from stages.sections import TrainingParams
+from stages.sections import TrainingParams, sequence_parallel_problem
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def train(job: Job, out: StageOutput | None) -> dict:
         logging.getLogger().setLevel(logging.WARNING)
     # Every check that can fail on the input runs before the model is loaded, and nothing is written until then.
     processes = world_size()
-    accumulation = p.gradient_accumulation(processes, job.stage)
+    shards = _sequence_parallel(job, processes)
+    accumulation = p.gradient_accumulation(processes // shards, job.stage)
     precision = resolve_precision(p.precision, f"{job.stage}.precision")
     deepspeed = _deepspeed_source(job)
     shaping = _shaping(job, processes, deepspeed)
@@ -134,8 +135,11 @@ def train(job: Job, out: StageOutput | None) -> dict:
     counts = _trainable_counts(model)
     _claim_checkpoints(job, run_dir, shaping)
     live = _live(run_dir, resumed=resume_from is not None)
-    trainer = _checked_trainer(job.stage)(model=model, args=args, train_dataset=job.dataset,
-                                          data_collator=job.collator, callbacks=_dvclive_callbacks(live))
+    collator = job.collator if shards == 1 else ShardedBatches(job.collator, shards, rank() % shards, job.s2attn)
+    trainer = _checked_trainer(job.stage, shards)(model=model, args=args, train_dataset=job.dataset,
+                                                  data_collator=collator, callbacks=_dvclive_callbacks(live))
+    if shards > 1:
+        collator.link = _halo_link(shards)  # the process group exists once the Trainer's accelerator does
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
@@ -159,6 +163,7 @@ def train(job: Job, out: StageOutput | None) -> dict:
         "attention": p.attention,
         "precision": precision,
         "world_size": processes,
+        "sequence_parallel": shards,
         "gradient_accumulation_steps": accumulation,
         "steps": trainer.state.global_step,
         "first_loss": round(losses[0], 4) if losses else None,
@@ -176,10 +181,11 @@ def train(job: Job, out: StageOutput | None) -> dict:
     return out.write_metrics(metrics, timings=timings)
 
 
-def _checked_trainer(stage: str):
+def _checked_trainer(stage: str, shards: int = 1):
     """The Trainer, stopped at the first non-finite loss or gradient norm. The Trainer itself goes on: with its
     default `logging_nan_inf_filter` a NaN loss is logged as the average of the finite ones (or 0), and NaN weights
-    would be saved as the result."""
+    would be saved as the result. With `shards` > 1 (sequence parallelism) the ranks sharing a row get the same
+    batches (`RepeatedBatches`)."""
     import torch
     from transformers import Trainer, TrainerCallback
 
@@ -193,6 +199,13 @@ def _checked_trainer(stage: str):
         def __init__(self, *args, callbacks=None, **kwargs):
             super().__init__(*args, callbacks=[*(callbacks or []), StopOnNonFiniteGradNorm()], **kwargs)
 
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if shards == 1 or sampler is None:
+                return sampler
+            return RepeatedBatches(_seedable(sampler, self.args.data_seed), self.args.per_device_train_batch_size,
+                                   shards)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             # One host sync per micro-batch: the Trainer's own NaN filter does the same.
@@ -201,6 +214,123 @@ def _checked_trainer(stage: str):
             return loss
 
     return CheckedTrainer
+
+
+# --- sequence parallelism (launch.sequence_parallel) ------------------------------------------------------------
+
+
+def _sequence_parallel(job: Job, processes: int) -> int:
+    """launch.sequence_parallel, checked against the world this stage really runs in and against its rows."""
+    shards = job.params.launch.sequence_parallel
+    if shards == 1:
+        return 1
+    if processes % shards:
+        raise InputError(f"launch.sequence_parallel {shards} does not divide the {processes} processes this "
+                         f"{job.stage} run has (WORLD_SIZE)")
+    problem = sequence_parallel_problem(shards, job.section.attention, job.description.get("s2attn_group_size"),
+                                        job.params.model.target_context if job.stage == "extend" else None)
+    if problem:
+        raise InputError(f"launch.sequence_parallel {problem}")
+    return shards
+
+
+class ShardedBatches:
+    """The stage's collator, then this rank's shard of every row (`longlora.method.context_parallel.shard_batch`):
+    rows of a fixed S² group (SFT) right-padded to a whole number of shards of whole groups first."""
+
+    def __init__(self, inner, shards: int, index: int, s2attn: dict):
+        self.inner, self.shards, self.index = inner, shards, index
+        self.group_size, self.ratio = s2attn.get("group_size"), s2attn.get("group_size_ratio")
+        self.shift = s2attn.get("shift", True)
+        self.link = None
+
+    def __call__(self, examples):
+        from longlora.method.context_parallel import shard_batch
+        from longlora.recipe import group_size_for
+
+        batch = self.inner(examples)
+        length = batch["input_ids"].shape[1]
+        if self.group_size is not None:
+            batch = _pad_right(batch, -length % (self.shards * self.group_size))
+        group_size = group_size_for(batch["input_ids"].shape[1], self.group_size, self.ratio, whole_groups=False)
+        return shard_batch(batch, self.shards, self.index, group_size, shift=self.shift, link=self.link)
+
+
+def _pad_right(batch: dict, extra: int) -> dict:
+    """`extra` more tokens at the end of every row: no target, masked, positions continuing."""
+    import torch
+
+    if not extra:
+        return batch
+    ids = batch["input_ids"]
+    fill = {"labels": -100, "attention_mask": 0}
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == ids.shape:
+            if key == "position_ids":
+                tail = value[:, -1:] + torch.arange(1, extra + 1)
+            else:
+                tail = value.new_full((value.shape[0], extra), fill.get(key, 0))
+            value = torch.cat((value, tail), dim=1)
+        out[key] = value
+    if "attention_mask" not in out:
+        mask = torch.ones_like(ids)
+        out["attention_mask"] = torch.cat((mask, mask.new_zeros(mask.shape[0], extra)), dim=1)
+    return out
+
+
+class RepeatedBatches:
+    """Each batch of `base` `shards` times in a row. accelerate hands process k the k-th of every world-size batches,
+    so the `shards` consecutive ranks sharing rows get the same batch, and the data order is the one-process run's."""
+
+    def __init__(self, base, batch_size: int, shards: int):
+        self.base, self.batch_size, self.shards = base, batch_size, shards
+
+    def __iter__(self):
+        batch = []
+        for index in self.base:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                for _ in range(self.shards):
+                    yield from batch
+                batch = []
+        for _ in range(self.shards if batch else 0):
+            yield from batch
+
+    def __len__(self) -> int:
+        return len(self.base) * self.shards
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+
+def _seedable(sampler, data_seed):
+    """The sampler accelerate would make of the Trainer's (a RandomSampler becomes its SeedableRandomSampler): the
+    same order as without sequence parallelism."""
+    from accelerate.data_loader import SeedableRandomSampler
+    from torch.utils.data import RandomSampler
+
+    if type(sampler) is RandomSampler:
+        return SeedableRandomSampler(data_source=sampler.data_source, replacement=sampler.replacement,
+                                     num_samples=sampler._num_samples, generator=sampler.generator,
+                                     data_seed=data_seed)
+    return sampler
+
+
+def _halo_link(shards: int):
+    """This rank's link to its neighbours in its row: the process groups of `shards` consecutive ranks (every rank
+    creates every group, in the same order, as torch.distributed requires)."""
+    import torch.distributed as dist
+
+    from longlora.method.context_parallel import HaloLink
+
+    world, me = dist.get_world_size(), dist.get_rank()
+    groups = [dist.new_group(list(range(first, first + shards))) for first in range(0, world, shards)]
+    group, first = groups[me // shards], me - me % shards
+    # NCCL wants every rank of a group in its first call; a rank with no halo to move would skip the first exchange.
+    dist.barrier(group=group)
+    return HaloLink(group, me - 1 if me > first else None, me + 1 if me + 1 < first + shards else None)
 
 
 def rope_parameters(config) -> dict:
@@ -229,6 +359,8 @@ def _shaping(job: Job, processes: int, deepspeed: dict | None) -> dict:
                "deepspeed": deepspeed, "data": job.data_meta, "content": identity}
     if p.attention == "s2":
         shaping["s2attn"] = job.s2attn
+    if job.params.launch.sequence_parallel > 1:  # absent otherwise: earlier runs' checkpoints keep their hash
+        shaping["sequence_parallel"] = job.params.launch.sequence_parallel
     if p.method != "full":
         shaping["lora"] = job.params.lora.model_dump(mode="json")
     return shaping

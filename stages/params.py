@@ -57,6 +57,7 @@ from stages.sections import (
     S2AttnParams,
     Section,
     SftParams,
+    sequence_parallel_problem,
 )
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
@@ -224,11 +225,18 @@ class Params(Section):
         """Each training stage's global batch splits evenly over the processes `launch` starts (checked again by the
         stage against the WORLD_SIZE it really runs with, e.g. under a SLURM allocation of another size)."""
         launch = self.launch
+        where = f" (launch.nodes {launch.nodes} × launch.nproc_per_node {launch.nproc_per_node}"
+        where += f" / launch.sequence_parallel {launch.sequence_parallel})" if launch.sequence_parallel > 1 else ")"
         for stage in TRAINING_STAGES:
-            problem = self.section(stage).batch_split_problem(
-                launch.world_size, f" (launch.nodes {launch.nodes} × launch.nproc_per_node {launch.nproc_per_node})")
+            problem = self.section(stage).batch_split_problem(launch.data_parallel, where)
             if problem:
                 raise KeyProblem(f"{stage}.global_batch_size", problem)
+            section = self.section(stage)
+            group_size = self.s2attn.group_size_for(self.model.target_context) if section.attention == "s2" else None
+            problem = sequence_parallel_problem(launch.sequence_parallel, section.attention, group_size,
+                                                self.model.target_context if stage == "extend" else None)
+            if problem:
+                raise KeyProblem("launch.sequence_parallel", f"{problem} ({stage})")
         return self
 
     @model_validator(mode="after")

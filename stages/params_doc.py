@@ -39,8 +39,8 @@ the paper's recipe (LongLoRA, Llama-2-7B → 32k on 8 GPUs) wherever the paper h
 description gives a rule ("None: model.target_context") is derived from other keys when the file is loaded.
 *params.yaml* is the value the project's `params.yaml` sets: the embedded tiny pipeline that `make repro` runs on
 2 CPU cores (empty: it leaves the key out).
-The full-size profiles, `configs/llama2-7b-32k.yaml`, `configs/llama2-7b-100k.yaml` and
-`configs/llama2-70b-32k.yaml`, are complete params files of their own ([full-size.md](full-size.md)). A params file
+The full-size profiles, `configs/llama2-7b-32k.yaml`, `configs/llama2-7b-100k.yaml`, `configs/llama2-7b-256k.yaml`
+and `configs/llama2-70b-32k.yaml`, are complete params files of their own ([full-size.md](full-size.md)). A params file
 must name every section (a missing one would silently run the paper's recipe at full size); within a section, a key
 left out takes its default.
 """

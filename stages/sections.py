@@ -600,6 +600,21 @@ class SftParams(TrainingParams):
 Launcher = Literal["none", "torchrun", "accelerate"]
 
 
+def sequence_parallel_problem(shards: int, attention: str, group_size: int | None,
+                              row_length: int | None) -> str | None:
+    """Why rows cannot be shared by `shards` processes (the rule, written here alone), or None: attention must be
+    S² and fixed-length rows (`row_length`) must cut into `shards` shards of whole groups; SFT's padded rows are
+    padded to that."""
+    if shards == 1:
+        return None
+    if attention != "s2":
+        return f"{shards} shares rows between processes through S²-Attn's halo: it needs attention s2, not {attention}"
+    if row_length is not None and group_size is not None and row_length % (shards * group_size):
+        return (f"{shards} × S² group size {group_size} = {shards * group_size} does not divide the rows' "
+                f"{row_length} tokens (model.target_context): lower it, or set a smaller s2attn.group_size_ratio")
+    return None
+
+
 class LaunchParams(Section):
     """How `python -m stages.launch <stage>` starts a training stage (TRAINING_STAGES): the command is built in
     stages/launch.py and nowhere else. The launcher only starts processes; the Trainer inside each one does the
@@ -618,10 +633,22 @@ class LaunchParams(Section):
     rdzv_endpoint: str = "localhost:0"
     """host:port of the c10d rendezvous, on the first node. localhost:0 (one node only) lets torchrun pick a free
     port; several nodes need the first node's address and an open port, e.g. node001:29500."""
+    sequence_parallel: int = Field(1, gt=0)
+    """P: processes that share each training row (S²-aware sequence parallelism, docs/long-sequences.md). Every row
+    is cut into P contiguous shards on S² group boundaries, one per process, so each holds 1/P of the activations;
+    only the K/V of the tokens just before each shard travel between them. 1: off. The world size must be a multiple
+    of P (data-parallel degree = world size / P, which the global batch must split over), the row length (the
+    training stages' model.target_context) a multiple of P × the S² group size, and attention s2. Consecutive ranks
+    share a row, so with P ≤ nproc_per_node the halo stays inside a node."""
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.nproc_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        """Processes that each see different rows: world size / sequence_parallel."""
+        return self.world_size // self.sequence_parallel
 
     @field_validator("rdzv_endpoint")
     @classmethod
@@ -636,6 +663,10 @@ class LaunchParams(Section):
         if self.launcher == "none" and self.world_size > 1:
             raise ValueError(f"launcher none runs one process, but nodes {self.nodes} × nproc_per_node "
                              f"{self.nproc_per_node} asks for {self.world_size}: use torchrun or accelerate")
+        if self.world_size % self.sequence_parallel:
+            raise KeyProblem("launch.sequence_parallel", f"{self.sequence_parallel} does not divide the world size, "
+                                                         f"nodes {self.nodes} × nproc_per_node {self.nproc_per_node} "
+                                                         f"= {self.world_size}")
         host, _, port = self.rdzv_endpoint.rpartition(":")
         if self.nodes > 1 and (host in ("localhost", "127.0.0.1", "::1", "[::1]") or port == "0"):
             raise KeyProblem("launch.rdzv_endpoint", f"{self.rdzv_endpoint!r} cannot be reached by the other "

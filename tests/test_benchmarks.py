@@ -129,6 +129,78 @@ def test_cost_model_against_hand_computed_values():
     assert "| 100,000 |" in cm.tables()
 
 
+def test_cost_model_memory_per_rank_under_sequence_parallelism_by_hand():
+    cm = _load("cost_model")
+    # Llama-2-7B LoRA+, ZeRO-3 over 8 GPUs, 262144 tokens over P = 4 ranks: 65536 tokens each, S² group 65536.
+    weights = 2 * 6_738_415_616 / 8
+    states = 14 * (32 * 4 * 8 * 8192 + 32000 * 4096 + 65 * 4096) / 8
+    activations = 32 * 65536 * 4096 * 2 + 34 * 65536 * 4096 + 65536 * 32000 * (2 + 4)
+    halo = 2 * 2 * 32768 * 16 * 128 * 2  # K and V, + gradients; G/2 tokens; 16 shifted kv heads × head dim; bf16
+    m = cm.sequence_parallel_memory_gib(cm.LLAMA2_7B, 262144, 4, gpus=8, zero=3)
+    assert m["halo"] == halo / 2**30 == 0.5
+    assert m["total"] == pytest.approx((weights + states + activations + halo) / 2**30, rel=1e-12)
+    assert m["total"] == pytest.approx(38.5, abs=0.05)
+    # One rank is the existing model at the whole length, no halo; P = 8 takes groups of N/8, so half the halo.
+    one = cm.sequence_parallel_memory_gib(cm.LLAMA2_7B, 262144, 1)
+    assert one["total"] == cm.memory_gib(cm.LLAMA2_7B, 262144, 8, 3)["total"] and one["halo"] == 0
+    assert cm.halo_bytes(cm.LLAMA2_7B, 262144, 8) == halo // 2
+    # Grouped-query attention: 64 heads over 8 kv heads (Llama-2-70B's), the shifted half served by kv heads 4-7.
+    assert cm.halo_bytes(cm.Model(hidden=8192, heads=64), 1024, 2, kv_heads=8) == 2 * 2 * 128 * 4 * 128 * 2
+    assert [cm.fits(x) for x in (72.0, 72.1, 80.0, 80.1)] == ["yes", "tight", "tight", "no"]
+    table = cm.sequence_parallel_table()
+    assert "| 262,144 | 4 | 65,536 (N/4) | 1.6 + 0.2 + 36.2 + 0.50 = **38.5** | yes |" in table
+    assert "| 262,144 | 1 |" in table and "| no |" in table
+    assert "| 32,768 | 8 | 4,096 (N/8) |" in table
+
+
+# --- benchmarks/context_parallel.py ----------------------------------------------------------------------------------
+
+
+def test_context_parallel_bytes_against_hand_computed_values():
+    cp = _load("context_parallel")
+    llama = cp.LLAMA2_7B
+    assert (llama.heads, llama.kv_heads, llama.head_dim, llama.itemsize, llama.shifted_kv_heads) == (32, 32, 128, 2, 16)
+    # Query heads [h/2, h) are served by kv heads [(h/2) // (h/h_kv), h_kv): 9 over 3 → kv heads 1, 2 (kv head 1 serves
+    # both halves); 8 over 2 → kv head 1; Llama-2-70B's 64 over 8 → kv heads 4-7.
+    shapes = ((9, 3), (8, 2), (64, 8))
+    assert [cp.AttentionShape(heads=h, kv_heads=kv).shifted_kv_heads for h, kv in shapes] == [2, 1, 4]
+    # 32K tokens, P = 4, G = 8192: a boundary carries K and V of 16 kv heads × 128 for 4096 tokens in bf16 = 32 MiB.
+    halo = 2 * 16 * 4096 * 128 * 2
+    assert cp.s2_halo_bytes(llama, 8192) == halo == 32 * 2**20
+    assert [cp.s2_rank_bytes(llama, 4, 8192, r) for r in range(4)] == [halo, 2 * halo, 2 * halo, halo]
+    assert [cp.s2_rank_bytes(llama, 4, 8192, r, checkpointing=True) for r in range(4)] == [2 * halo, 3 * halo,
+                                                                                             3 * halo, halo]
+    assert cp.s2_bytes(llama, 32768, 4) == 2 * halo
+    assert cp.s2_bytes(llama, 32768, 4, checkpointing=True) == 3 * halo
+    assert (cp.s2_bytes(llama, 32768, 2), cp.s2_bytes(llama, 32768, 2, checkpointing=True)) == (halo, 2 * halo)
+    # P = 8 takes groups of N/8: half the halo of P = 4.
+    assert cp.group_size(32768, 8) == 4096 and cp.s2_bytes(llama, 32768, 8) == halo
+    # Ring: the local K/V block, 2 × 8192 tokens × 32 kv heads × 128 × 2 bytes = 128 MiB, 3 × (P − 1) = 9 times.
+    assert cp.ring_bytes(llama, 32768, 4) == 9 * 2 * 8192 * 32 * 128 * 2 == 1152 * 2**20
+    # Ulysses: 3/4 of Q, K, V and the output (8192 × 4096 each, bf16), forward and backward.
+    assert cp.ulysses_bytes(llama, 32768, 4) == 2 * 4 * 8192 * 4096 * 2 * 3 // 4 == 384 * 2**20
+    with pytest.raises(ValueError, match="Ulysses needs P <= kv heads"):
+        cp.ulysses_bytes(cp.AttentionShape(heads=64, kv_heads=8), 32768, 16)
+    with pytest.raises(ValueError, match="do not split into 4 shards"):
+        cp.s2_bytes(llama, 32768, 4, group=16384)
+    table = cp.table()
+    assert "| 32,768 | 4 | 8,192 (N/4) | 64 | 96 | 1,152 | 384 | 18× | 6× |" in table
+    assert "| 262,144 | 8 | 32,768 (N/8) |" in table and "| 100,000 | 2 |" in table
+
+
+def test_context_parallel_gloo_count_agrees_with_the_formula():
+    cp = _load("context_parallel")
+    rows = cp.count_on_gloo(2)
+    assert len(rows) == 2 * len(cp.COUNT_CASES)
+    assert all(row["counted"] == row["formula"] for row in rows), rows
+    counted = {(row["case"], row["rank"]): row["counted"] for row in rows}
+    # By hand, 9 heads over 3 (2 shifted kv heads): 2 layers × K and V × 2 rows × 2 kv heads × G/2 = 8 tokens × head
+    # dim 8 × 4 bytes = 4096 bytes; rank 0 sends it forward (twice with checkpointing), rank 1 its gradient back.
+    assert counted[("9 heads over 3", 0)] == counted[("9 heads over 3", 1)] == 4096
+    assert counted[("9 heads over 3, checkpointing", 0)] == 8192
+    assert counted[("8 heads over 2, checkpointing", 1)] == 2048
+
+
 # --- benchmarks/replicate.py -----------------------------------------------------------------------------------------
 
 

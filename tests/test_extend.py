@@ -488,6 +488,51 @@ def test_two_processes_train_as_one_with_the_same_global_batch(project, tmp_path
     _assert_same_weights(written, _adapter_weights(project / "data/extend"), atol=1e-5)
 
 
+@pytest.mark.skipif(_torchrun_unavailable() is not None, reason=str(_torchrun_unavailable()))
+@pytest.mark.parametrize("document_attention", [False, True])
+def test_two_processes_sharing_every_row_train_as_one(project, tmp_path_factory, document_attention):
+    """`launch.sequence_parallel 2` under torchrun with 2 processes (gloo): each process holds half of every row
+    (S²-aware sequence parallelism), data parallel 1, so accumulation 2 as in one process. Same data order, the
+    whole row's loss as a token average over both halves, gradients summed over the pair: the loss curve and the
+    adapter of one process, within fp32 summation order. With document_attention, packed documents cross the
+    halves' boundary."""
+    hooks, dumps = tmp_path_factory.mktemp("hooks"), tmp_path_factory.mktemp("rank_weights")
+    (hooks / "sitecustomize.py").write_text(_RANK_DUMP, encoding="utf-8")
+    extend_section = {"document_attention": document_attention}
+    raw = tiny_params_dict(launch={"launcher": "torchrun", "nproc_per_node": 2, "sequence_parallel": 2},
+                           extend=extend_section)
+    Path("params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "stages.launch", "extend", "--params", "params.yaml"],
+                            cwd=project, env={**_stage_env(hooks), "LONGLORA_TEST_DUMP": str(dumps)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pair = json.loads(Path("data/metrics/extend.json").read_text())
+    assert (pair["world_size"], pair["sequence_parallel"], pair["gradient_accumulation_steps"], pair["steps"]) == (
+        2, 2, 2, 6)
+    assert pair["tokens_seen"] == 6 * 4 * TARGET  # each process counts its half of every row
+    rank0, rank1 = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "the ranks' weights differ"
+    written = _adapter_weights(project / "data/extend")
+    shutil.move(project / "data/extend", project / "pair")
+    Path("data/metrics/extend.json").unlink()
+
+    single = extend.run(parse_params(tiny_params_dict(extend=extend_section)))
+    assert (single["world_size"], single["sequence_parallel"], single["gradient_accumulation_steps"]) == (1, 1, 2)
+    assert pair["losses"] == pytest.approx(single["losses"], abs=1e-4)
+    _assert_same_weights(written, _adapter_weights(project / "data/extend"), atol=1e-5)
+
+
+def test_a_world_that_sequence_parallel_does_not_divide_is_refused_before_training(project):
+    """Under a launcher other than `launch`'s (a SLURM allocation of another size), the stage checks the world it
+    really has."""
+    job = extend.prepare_job(_params(launch={"launcher": "torchrun", "nproc_per_node": 2, "sequence_parallel": 2}))
+    with pytest.raises(InputError, match=re.escape("launch.sequence_parallel 2 does not divide the 3 processes this "
+                                                   "extend run has (WORLD_SIZE)")):
+        _training._sequence_parallel(job, 3)
+    assert _training._sequence_parallel(job, 4) == 2
+
+
 # --- bad input: one line, exit 2, nothing written --------------------------------------------------------------
 
 

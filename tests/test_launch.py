@@ -124,10 +124,34 @@ def test_bad_params_stop_the_launcher_with_one_line(tmp_path, monkeypatch, capsy
     ({"launch": {"launcher": "torchrun", "nproc_per_node": 3}},
      "extend.global_batch_size: 4 is not divisible by per_device_batch_size 2 × 3 processes (launch.nodes 1 × "
      "launch.nproc_per_node 3) = 6; change one of them"),
+    # Sequence parallelism: P processes per row, the rest data parallel.
+    ({"launch": {"launcher": "torchrun", "nproc_per_node": 2, "sequence_parallel": 4}},
+     "launch.sequence_parallel: 4 does not divide the world size, nodes 1 × nproc_per_node 2 = 2"),
+    ({"launch": {"launcher": "torchrun", "nproc_per_node": 4, "sequence_parallel": 2},
+      "extend": {"global_batch_size": 6, "per_device_batch_size": 2}},
+     "extend.global_batch_size: 6 is not divisible by per_device_batch_size 2 × 2 processes (launch.nodes 1 × "
+     "launch.nproc_per_node 4 / launch.sequence_parallel 2) = 4"),
+    ({"launch": {"launcher": "torchrun", "nproc_per_node": 2, "sequence_parallel": 2},
+      "extend": {"attention": "dense"}},
+     "launch.sequence_parallel: 2 shares rows between processes through S²-Attn's halo: it needs attention s2, not "
+     "dense (extend)"),
+    # The tiny target, 128 tokens, has S² groups of 32: 8 shards of whole groups would need 256.
+    ({"launch": {"launcher": "torchrun", "nproc_per_node": 8, "sequence_parallel": 8},
+      "extend": {"global_batch_size": 2, "per_device_batch_size": 2},
+      "sft": {"global_batch_size": 2, "per_device_batch_size": 2}},
+     "launch.sequence_parallel: 8 × S² group size 32 = 256 does not divide the rows' 128 tokens "
+     "(model.target_context): lower it, or set a smaller s2attn.group_size_ratio (extend)"),
 ])
 def test_launch_params_that_cannot_work_are_refused_naming_the_key(overrides, message):
     with pytest.raises(ParamsError, match=re.escape(message)):
         parse_params(tiny_params_dict(**overrides))
+
+
+def test_sequence_parallel_processes_count_once_in_the_batch_split():
+    params = parse_params(tiny_params_dict(launch={"launcher": "torchrun", "nproc_per_node": 4,
+                                                   "sequence_parallel": 2}))
+    assert (params.launch.world_size, params.launch.data_parallel) == (4, 2)
+    assert params.extend.gradient_accumulation(params.launch.data_parallel, "extend") == 1
 
 
 def test_a_global_batch_the_world_size_divides_is_accepted():
@@ -138,10 +162,11 @@ def test_a_global_batch_the_world_size_divides_is_accepted():
 # --- the profiles --------------------------------------------------------------------------------------------------
 
 PROFILES = {
-    # profile: (base model, target context, DeepSpeed config, ZeRO stage, lr)
-    "llama2-7b-32k.yaml": ("meta-llama/Llama-2-7b-hf", 32768, "configs/ds_zero2.json", 2, 2e-5),
-    "llama2-7b-100k.yaml": ("meta-llama/Llama-2-7b-hf", 100000, "configs/ds_zero3.json", 3, 2e-5),
-    "llama2-70b-32k.yaml": ("meta-llama/Llama-2-70b-hf", 32768, "configs/ds_zero3.json", 3, 1e-5),
+    # profile: (base model, target context, DeepSpeed config, ZeRO stage, lr, processes per row)
+    "llama2-7b-32k.yaml": ("meta-llama/Llama-2-7b-hf", 32768, "configs/ds_zero2.json", 2, 2e-5, 1),
+    "llama2-7b-100k.yaml": ("meta-llama/Llama-2-7b-hf", 100000, "configs/ds_zero3.json", 3, 2e-5, 1),
+    "llama2-7b-256k.yaml": ("meta-llama/Llama-2-7b-hf", 262144, "configs/ds_zero3.json", 3, 2e-5, 4),
+    "llama2-70b-32k.yaml": ("meta-llama/Llama-2-70b-hf", 32768, "configs/ds_zero3.json", 3, 1e-5, 1),
 }
 
 
@@ -149,19 +174,22 @@ PROFILES = {
 def test_profile_recipe_batch_arithmetic_and_deepspeed_config(profile):
     from longlora.method.training import check_deepspeed_config, read_deepspeed_config
 
-    model, target, deepspeed, zero, lr = PROFILES[profile]
+    model, target, deepspeed, zero, lr, shards = PROFILES[profile]
     params = load_params(ROOT / "configs" / profile)
     p, m = params.extend, params.model
     assert (m.name_or_path, m.original_context, m.target_context, m.rope_type) == (model, 4096, target, "linear")
     assert params.s2attn.group_size_for(target) == target // 4
     assert (params.lora.r, params.lora.alpha, params.lora.train_embeddings, params.lora.train_norms) == (8, 16, True,
                                                                                                          True)
-    # One 8-GPU node: 8 processes × per-device batch 1 × accumulation 8 = 64 sequences per step, 1000 steps.
-    assert params.launch == LaunchParams(launcher="torchrun", nproc_per_node=8, nodes=1)
-    world = params.launch.world_size
-    accumulation = p.gradient_accumulation(world, "extend")
-    assert (p.per_device_batch_size, accumulation, world) == (1, 8, 8)
-    assert p.per_device_batch_size * accumulation * world == p.global_batch_size == 64
+    # One 8-GPU node: 8 processes × per-device batch 1 × accumulation 8 = 64 sequences per step, 1000 steps; with
+    # `shards` processes sharing each row, 8 / shards data-parallel replicas × accumulation 8 × shards.
+    assert params.launch == LaunchParams(launcher="torchrun", nproc_per_node=8, nodes=1, sequence_parallel=shards)
+    world, replicas = params.launch.world_size, params.launch.data_parallel
+    accumulation = p.gradient_accumulation(replicas, "extend")
+    assert (p.per_device_batch_size, accumulation, world, replicas) == (1, 8 * shards, 8, 8 // shards)
+    assert p.per_device_batch_size * accumulation * replicas == p.global_batch_size == 64
+    # Every process's shard holds whole S² groups.
+    assert target % (shards * params.s2attn.group_size_for(target)) == 0
     assert (p.max_steps, p.lr, p.adam_beta2, p.weight_decay, p.warmup_steps) == (1000, lr, 0.95, 0.0, 20)
     assert p.lr_schedule == "constant_with_warmup" and p.gradient_checkpointing and p.precision == "auto"
     assert p.method == "lora_plus" and p.attention == "s2"
@@ -174,14 +202,14 @@ def test_profile_recipe_batch_arithmetic_and_deepspeed_config(profile):
     config = check_deepspeed_config(read_deepspeed_config(ROOT / p.deepspeed), args)
     assert config["zero_optimization"]["stage"] == zero and config["bf16"]["enabled"] is True
     assert config["optimizer"]["params"]["betas"] == [0.9, 0.95] and config["optimizer"]["params"]["lr"] == lr
-    assert config["gradient_accumulation_steps"] == 8 and config["train_micro_batch_size_per_gpu"] == 1
+    assert config["gradient_accumulation_steps"] == accumulation and config["train_micro_batch_size_per_gpu"] == 1
     # No DeepSpeed scheduler: the Trainer's constant_with_warmup runs under ZeRO-2 and ZeRO-3 alike.
     assert "scheduler" not in config
     if zero == 3:
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     # SFT after it, on the same node with the same ZeRO stage and learning rate, from the merged extended model.
     s = params.sft
-    assert s.per_device_batch_size * s.gradient_accumulation(world, "sft") * world == s.global_batch_size == 64
+    assert s.per_device_batch_size * s.gradient_accumulation(replicas, "sft") * replicas == s.global_batch_size == 64
     assert (s.lr, s.deepspeed, s.base_model) == (lr, Path(deepspeed), str(params.merge.extend.out_dir))
     # The command DVC runs for it on the node.
     assert launch.command("extend", params.launch, "params.yaml")[3:] == [

@@ -174,7 +174,7 @@ PROFILES = sorted(path.name for path in (ROOT / "configs").glob("*.yaml"))
 
 
 def test_the_profiles_are_there():
-    assert PROFILES == ["llama2-70b-32k.yaml", "llama2-7b-100k.yaml", "llama2-7b-32k.yaml"]
+    assert PROFILES == ["llama2-70b-32k.yaml", "llama2-7b-100k.yaml", "llama2-7b-256k.yaml", "llama2-7b-32k.yaml"]
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -277,3 +277,46 @@ def test_bad_input_stops_before_training_with_one_line(project, capsys, case, ex
     assert len(err.splitlines()) == 1
     assert not Path("data/sft_adapter").exists() and not Path("data/metrics/sft.json").exists()
     assert not Path("data/checkpoints/sft").exists()
+
+
+# --- sequence parallelism (launch.sequence_parallel): the collator's side -------------------------------------------
+
+
+def test_sequence_parallel_pads_rows_to_whole_shards_of_groups_and_cuts_them():
+    """Padded SFT rows (group 4) shared by 2 processes: right-padded to a multiple of 2 × 4, then halved; the halves
+    put back together are the padded batch, with the labels shifted over the whole row."""
+    from stages._training import ShardedBatches
+
+    examples = [{"input_ids": [5] * 11, "labels": [IGNORE_INDEX] * 3 + [5] * 8},
+                {"input_ids": [6] * 5, "labels": [6] * 5}]
+    inner = PaddedBatches(pad_id=0, multiple=4)
+    whole = inner(examples)  # 12 tokens: a multiple of the group, not of 2 groups
+    halves = [ShardedBatches(inner, 2, index, {"group_size": 4, "shift": True})(examples) for index in (0, 1)]
+    assert [h["input_ids"].shape for h in halves] == [(2, 8), (2, 8)]
+    joined = {key: torch.cat([h[key] for h in halves], dim=1) for key in ("input_ids", "attention_mask",
+                                                                         "shift_labels", "position_ids")}
+    assert joined["input_ids"][:, :12].tolist() == whole["input_ids"].tolist()
+    assert joined["input_ids"][:, 12:].eq(0).all() and joined["attention_mask"][:, 12:].eq(0).all()
+    assert joined["attention_mask"].sum(dim=1).tolist() == [11, 5]
+    labels = torch.cat((whole["labels"], torch.full((2, 4), IGNORE_INDEX)), dim=1)
+    assert joined["shift_labels"].tolist() == torch.cat(
+        (labels[:, 1:], torch.full((2, 1), IGNORE_INDEX)), dim=1).tolist()
+    assert joined["position_ids"].tolist() == [list(range(16))] * 2
+    assert [h["sequence_shard"].recv for h in halves] == [(0, 0), (0, 2)]
+
+
+def test_ranks_sharing_a_row_get_the_same_batches_in_the_one_process_order():
+    """accelerate hands process k every world-size-th batch from k: with 2 processes per row and 4 processes, 0 and 1
+    see the base order's batches 0, 2, …, and 2 and 3 the batches 1, 3, …"""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from stages._training import RepeatedBatches
+
+    base = [7, 3, 1, 6, 0, 2, 5, 4]
+    repeated = RepeatedBatches(base, batch_size=2, shards=2)
+    assert list(repeated) == [7, 3, 7, 3, 1, 6, 1, 6, 0, 2, 0, 2, 5, 4, 5, 4] and len(repeated) == 16
+    seen = [list(BatchSamplerShard(BatchSampler(repeated, 2, False), num_processes=4, process_index=k))
+            for k in range(4)]
+    assert seen[0] == seen[1] == [[7, 3], [0, 2]]
+    assert seen[2] == seen[3] == [[1, 6], [5, 4]]

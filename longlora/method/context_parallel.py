@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from longlora.method.s2attn import _flash_attn, _segment_plan, _use_flash_attn, _varlen_attention, s2_segments
 from longlora.recipe import check_group_size
 
 __all__ = ["HaloLink", "LocalLink", "SequenceShard", "halo_needs", "plan_shards", "shard_batch",
@@ -62,6 +63,11 @@ class SequenceShard:
     """Moves the halo between ranks (`HaloLink`); None on a single rank."""
     _plans: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
+               dropout_p: float = 0.0) -> torch.Tensor:
+        """`sharded_s2_attention` of this shard (what the S² backend calls when a batch carries a shard)."""
+        return sharded_s2_attention(query, key, value, self, scale=scale, dropout_p=dropout_p)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Planning: from the whole rows' positions to each shard's halo and segments
@@ -90,12 +96,6 @@ def halo_needs(position_ids: torch.Tensor, start: int, group_size: int, shift: b
     return int(unshifted.max()), int(shifted.max())
 
 
-def _s2_segments(documents: torch.Tensor, group_size: int, shifted: bool) -> torch.Tensor:
-    from longlora.method.s2attn import s2_segments
-
-    return s2_segments(documents, group_size, shifted)
-
-
 def _window_segments(position_ids: torch.Tensor, low: int, high: int, group_size: int, shifted: bool) -> torch.Tensor:
     """Cumulative segment boundaries over the rows' tokens [low, high), row after row: the whole rows' S² segments
     cut at the window's ends (a segment cut at `low` only ever holds halo tokens, whose outputs are dropped)."""
@@ -105,7 +105,7 @@ def _window_segments(position_ids: torch.Tensor, low: int, high: int, group_size
     for row in range(rows):
         starts = restart[row].nonzero().flatten()
         documents = torch.cat((starts, starts.new_tensor([position_ids.shape[1]])))
-        cut = _s2_segments(documents, group_size, shifted)
+        cut = s2_segments(documents, group_size, shifted)
         inside = cut[(cut > low) & (cut < high)] - low
         bounds.append(torch.cat((inside.new_tensor([0]), inside)) + row * width)
     return torch.cat((*bounds, torch.tensor([rows * width], dtype=torch.long)))
@@ -298,8 +298,6 @@ def _expand_kv(x: torch.Tensor, q_heads: slice, kv_heads: slice, rep: int) -> to
 
 
 def _plan(shard: SequenceShard, half: int, device: torch.device, buckets: bool):
-    from longlora.method.s2attn import _segment_plan
-
     key = (half, device, buckets)
     if key not in shard._plans:
         shard._plans[key] = _segment_plan(shard.segments[half].to(device), shard.group_size, buckets)
@@ -311,8 +309,6 @@ def sharded_s2_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     """S²-Attn of one shard: query (b, h, n, d), key/value (b, h_kv, n, d) of the shard's n tokens; returns
     (b, h, n, d), the rows' whole-sequence S²-Attn output at the shard's positions. The previous shard's K/V tails
     arrive through `shard.link`; the unshifted half is computed while they travel."""
-    from longlora.method.s2attn import _flash_attn, _use_flash_attn, _varlen_attention
-
     b, heads, n, d = query.shape
     heads_kv = key.shape[1]
     if heads_kv == 0 or heads % heads_kv or key.shape[2] != n or value.shape[:3] != key.shape[:3]:

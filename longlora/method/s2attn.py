@@ -726,9 +726,8 @@ def s2attn_attention_forward(
 
 
 def _sharded_attention(module, query, key, value, attention_mask, shard, s2, four_d, dropout, scaling):
-    """One rank's shard of S²-Attn under sequence parallelism (longlora.method.context_parallel)."""
-    from longlora.method.context_parallel import sharded_s2_attention
-
+    """One rank's shard of S²-Attn under sequence parallelism: `shard` is a longlora.method.context_parallel
+    SequenceShard (not imported here: only the training stages need that module)."""
     if not s2 or four_d or query.shape[2] != key.shape[2]:
         raise ValueError("a sequence-parallel shard (sequence_shard) runs S²-Attn in training only: not in eval mode, "
                          "with a KV cache or with a 4D attention mask")
@@ -739,7 +738,7 @@ def _sharded_attention(module, query, key, value, attention_mask, shard, s2, fou
                          f"the model uses group {group_size} (shift {shift}) at length {shard.length}")
     if attention_mask is not None and attention_mask.dim() == 2:
         _check_right_padding(attention_mask)
-    out = sharded_s2_attention(query, key, value, shard, scale=scaling, dropout_p=dropout)
+    out = shard.attend(query, key, value, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
