@@ -3,6 +3,7 @@
 # `make base-model` — rebuild the shipped embedded base model (data/base_model/) and record how it was built.
 # `make bench` — the speed benchmarks (run on an idle machine); `make flow` — the pipeline as a Prefect flow;
 # `make server` — the Prefect UI on 127.0.0.1:4200; `make serve` — the flow as a deployment runnable from the UI.
+# `make gpu-check` — the GPU path on one CUDA GPU (benchmarks/gpu_check.py).
 # `make docs` — regenerate docs/params.md from stages/sections.py (tests/test_docs.py checks it is current).
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -19,11 +20,12 @@ export TOKENIZERS_PARALLELISM := false
 # stages. The environment in .venv/ is this project's own, so its bytecode is written once, on first import.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup repro test lint bench flow server serve clean-venv base-model docs
+.PHONY: setup repro test lint bench flow server serve clean-venv base-model docs gpu-check
 
 setup: $(VENV)/.installed
 
 # torch first and pinned: this machine serves 2.13.0 as a CPU build; an unpinned torch would pull a CUDA build.
+# The qlora extra (bitsandbytes, 4-bit on the CPU too) so that QLoRA's tests run for real here.
 # No bytecode compiled ahead (--no-compile): compiling all 22 000 files of the environment took 70 s on 2 cores, most
 # of them never imported (scipy, scikit-learn and nltk come with lm-eval); Python writes each module's bytecode the
 # first time a stage imports it (see PYTHONDONTWRITEBYTECODE above).
@@ -31,7 +33,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-compile "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e ".[dev,qlora]"
 	touch $@
 
 lint: setup
@@ -52,6 +54,11 @@ base-model: setup
 	$(BIN)/python -m stages.build_base_model
 	$(BIN)/python -m stages.build_base_model provenance
 	$(BIN)/dvc commit --force build_base_model
+
+# One CUDA GPU, at most 8 minutes: environment, the gpu-marked tests, S² kernels against dense attention, a 1.1B
+# training step; writes benchmarks/results/gpu/<card>.md. Without CUDA: one line, exit 0.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 docs: setup
 	$(BIN)/python -m stages.params_doc > docs/params.md

@@ -16,6 +16,10 @@ RopeType = Literal["linear", "dynamic", "yarn", "llama3"]
 """Position interpolation: linear (the paper), dynamic NTK, YaRN, Llama-3 scaling."""
 ROPE_TYPES: tuple[str, ...] = get_args(RopeType)
 
+S2AttnKernel = Literal["auto", "flash_attn", "flex", "varlen", "sdpa"]
+"""The kernel S²-Attn trains with (see `stages.sections.S2AttnParams.kernel` and `longlora.method.s2attn`)."""
+S2ATTN_KERNELS: tuple[str, ...] = get_args(S2AttnKernel)
+
 PAPER_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 """LoRA targets of the paper: the attention projections, by the names Llama-family models give them."""
 
@@ -61,9 +65,11 @@ def group_size_for(
     return group_size
 
 
-Method = Literal["lora_plus", "lora", "full"]
+Method = Literal["lora_plus", "lora", "full", "qlora"]
 """What `extend` trains: LoRA+ (LoRA plus embeddings and norms, the paper's method), LoRA alone (adapter only, the
-ablation that fails to extend context), or every weight (full fine-tuning, the paper's upper reference)."""
+ablation that fails to extend context), every weight (full fine-tuning, the paper's upper reference), or QLoRA (LoRA+
+over a frozen base loaded in 4-bit NF4 with bitsandbytes, as the reference's supervised-fine-tune-qlora.py; the
+embeddings and norms stay unquantised and train in fp32; needs the `qlora` extra)."""
 
 Attention = Literal["s2", "dense"]
 """Attention while training: shifted sparse attention (the paper's S²-Attn) or dense causal attention (comparison)."""

@@ -358,7 +358,8 @@ def _shaping(job: Job, processes: int, deepspeed: dict | None) -> dict:
     shaping = {"model": job.params.model.model_dump(mode="json"), job.stage: section, "world_size": processes,
                "deepspeed": deepspeed, "data": job.data_meta, "content": identity}
     if p.attention == "s2":
-        shaping["s2attn"] = job.s2attn
+        # The kernel changes the speed, not the sums: a run may resume on another one (another card, flash-attn).
+        shaping["s2attn"] = {key: value for key, value in job.s2attn.items() if key != "kernel"}
     if job.params.launch.sequence_parallel > 1:  # absent otherwise: earlier runs' checkpoints keep their hash
         shaping["sequence_parallel"] = job.params.launch.sequence_parallel
     if p.method != "full":

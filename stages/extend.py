@@ -54,7 +54,7 @@ def prepare_job(params: Params) -> Job:
         dataset=BlockDataset(blocks, params.extend.document_attention), collator=default_data_collator,
         data_meta=blocks.meta, data_source=params.extend.data,
         s2attn={"group_size_ratio": s2.group_size_ratio or DEFAULT_GROUP_SIZE_RATIO, "group_size": s2.group_size,
-                "shift": s2.shift},
+                "shift": s2.shift, "kernel": s2.kernel},
         description={
             "original_context": original_context,
             "target_context": params.model.target_context,

@@ -14,6 +14,14 @@ added), and a Hugging Face model card, README.md (longlora/method/modelcard.py: 
 scaling, data and recipe of every training step, the reproducing command; `dvc repro report` adds the results). Its
 config carries the composed RoPE scaling and the new `max_position_embeddings` and names no S²-Attn attribute or
 backend: plain `AutoModelForCausalLM.from_pretrained(folder)` loads it, in a process that never imports this project.
+
+A `method: qlora` adapter (trained over the base held in 4-bit NF4) is merged the same way, into the base loaded in
+full precision: the merged weights are the base's own + ΔW, not the dequantised 4-bit weights + ΔW. The adapter was
+trained against the quantised base, so the merged model differs from the one training saw by the 4-bit rounding of
+the frozen Linear weights. The reference does the same: its one merge script (merge_lora_weights_and_save_hf_model.py)
+loads the base in fp16, never in 4-bit, and its inference-qlora.py quantises the merged model to NF4 again when
+loading it. The alternative, folding ΔW into dequantised weights, would ship the quantisation error in a full-size
+model. docs/training.md ("QLoRA").
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ def _merge(params: Params, source: str, out: StageOutput) -> dict:
     model = load_extended(folder, trust_remote_code=trust, param=param)
     adapter = is_adapter(folder)
     if adapter:
+        if description.get("method") == "qlora":
+            log.info("%s: a qlora adapter, trained over the 4-bit base, merged into the full-precision base %s",
+                     folder, description.get("base_model"))
         model = model.merge_and_unload()
     model.config = plain_config(model.config)
     dtype = _dtype(params.merge.dtype, folder)

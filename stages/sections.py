@@ -38,6 +38,7 @@ from longlora.recipe import (
     Method,
     Precision,
     RopeType,
+    S2AttnKernel,
     check_group_size,
     check_group_size_ratio,
     group_size_for,
@@ -244,6 +245,14 @@ class S2AttnParams(Section):
     shift: bool = True
     """Shift half the heads by half a group (the method). false: every head in the plain groups, so no information
     crosses a group boundary in training — the paper's "short attention" ablation (benchmarks/replicate.py)."""
+    kernel: S2AttnKernel = "auto"
+    """The attention kernel S²-Attn trains with (same result, different speed and requirements). auto: flash-attn
+    (`flash_attn` package) on CUDA in fp16/bf16 when it imports; else torch's varlen FlashAttention (`varlen`, CUDA,
+    fp16/bf16); else a compiled FlexAttention block-sparse mask (`flex`, CUDA); else `sdpa`: one fused SDPA call per
+    group batch (per length bucket with packed documents), the CPU path — on the CPU compiled FlexAttention has no
+    backward and eager FlexAttention takes N² memory. varlen and flex have no attention dropout: with dropout auto
+    takes flash-attn or sdpa. An explicit choice that cannot run here (package missing, no CUDA, fp32 for varlen,
+    dropout) stops training with an error instead of falling back."""
 
     @field_validator("group_size_ratio")
     @classmethod
@@ -459,7 +468,10 @@ class TrainingParams(Section):
 
     method: Method = "lora_plus"
     """lora_plus: LoRA plus trainable embeddings and norms (paper); lora: the adapter alone (ablation); full: every
-    weight (the paper's full fine-tuning reference; writes a full model folder)."""
+    weight (the paper's full fine-tuning reference; writes a full model folder); qlora: lora_plus over the frozen base
+    loaded in 4-bit NF4 (bitsandbytes, the `qlora` extra; computing in bf16 on a GPU, fp32 on a CPU), embeddings and
+    norms unquantised and trained in fp32, the same adapter folder, merged into the full-precision base; not with a
+    ZeRO-3 `deepspeed` config (docs/training.md, "QLoRA")."""
     attention: Attention = "s2"
     """s2: shifted sparse attention while training (evaluation is always dense); dense: causal attention (baseline)."""
     max_steps: int = Field(1000, gt=0)

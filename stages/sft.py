@@ -62,7 +62,8 @@ def prepare_job(params: Params) -> Job:
                              row_length=config.max_position_embeddings if p.padding_free else None)
     return Job(
         stage="sft", params=params, model_source=p.base_model, config=config, dataset=dataset, collator=collator,
-        data_meta=meta, data_source=Path(p.data), s2attn={"group_size": group_size, "shift": params.s2attn.shift},
+        data_meta=meta, data_source=Path(p.data), s2attn={"group_size": group_size, "shift": params.s2attn.shift,
+                                                                  "kernel": params.s2attn.kernel},
         sequential=grouped is not None, count_padding=True,
         tokenizer=tokenizer, extra_metrics=lambda: _padding(collator),
         description={

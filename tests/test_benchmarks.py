@@ -413,3 +413,35 @@ def test_rope_headroom_loads_the_factor_asked_for_and_prints_one_row_per_factor_
     AutoModelForCausalLM.from_pretrained(base).save_pretrained(tmp_path / "plain")
     with pytest.raises(SystemExit, match="no RoPE scaling"):
         rh.load_with_factor(str(tmp_path / "plain"), 6.0)
+
+
+# --- benchmarks/gpu_check.py (make gpu-check) ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_gpu_check_says_in_one_line_that_there_is_no_gpu_and_exits_0(capsys, tmp_path):
+    check = _load("gpu_check")
+    assert check.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("gpu-check: no CUDA device here")
+    assert not any(tmp_path.iterdir())  # nothing written without a GPU
+
+
+def test_gpu_check_page_shows_every_row_and_every_failure():
+    check = _load("gpu_check")
+    env = {"card": "NVIDIA H100 80GB HBM3", "memory_gib": 79.1, "torch": "2.13.0", "cuda": "12.8", "cudnn": 91000,
+           "flash_attn": None, "python": "3.11.7", "auto": "varlen",
+           "kernels": {"flash_attn": "flash-attn is not installed", "varlen": "runs", "flex": "runs", "sdpa": "runs"}}
+    attention = [{"seq": 16384, "attention": "dense (SDPA flash)", "ms": 40.0, "speedup": 1.0, "peak_gib": 0.5},
+                 {"seq": 16384, "attention": "S² varlen", "ms": 10.0, "speedup": 4.0, "peak_gib": 0.6},
+                 {"seq": 16384, "attention": "S² flex", "error": "RuntimeError: boom"}]
+    training = [{"seq": 16384, "attention": "S² (auto)", "s_per_step": 2.0, "tokens_per_s": 8192.0, "peak_gib": 30.0,
+                 "parameters_b": 1.1}]
+    page = check.markdown(env, (False, "1 failed, 3 passed"), attention, training)
+    assert page.startswith("# GPU check: NVIDIA H100 80GB HBM3\n")
+    assert "flash-attn absent" in page and "| auto picks | varlen |" in page
+    assert "`pytest -m gpu`: FAILED — 1 failed, 3 passed" in page
+    assert "| 16,384 | S² varlen | 10.0 | 4.00× | 0.60 |" in page
+    assert "| 16,384 | S² flex | error: RuntimeError: boom | | |" in page
+    assert "| 16,384 | S² (auto) | 2.00 | 8,192 | 30.0 |" in page
+    assert check._slug(env["card"]) == "nvidia-h100-80gb-hbm3"

@@ -165,9 +165,9 @@ def shard_batch(batch: dict, shards: int, index: int, group_size: int, *, shift:
 
 
 class LocalLink:
-    """All shards in one process (tests, and `benchmarks/context_parallel.py`'s counts): shard s receives the very
-    tensors shard s − 1 sent, so autograd carries their gradients back by itself. Shards must run in order, each
-    one's layers in the same order."""
+    """All shards in one process (tests against the one-rank reference): shard s receives the very tensors shard
+    s − 1 sent, so autograd carries their gradients back by itself. Shards must run in order, each one's layers in
+    the same order; `bytes_sent` counts the forward halo only."""
 
     def __init__(self):
         self.sent: list[list[torch.Tensor]] = []

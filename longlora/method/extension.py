@@ -32,7 +32,7 @@ EXTENSION_FORMAT = "longlora-extension-v1"
 ADAPTER_CONFIG = "adapter_config.json"
 # Attributes `longlora.method.s2attn.configure_s2attn` sets on a config: training machinery, never part of a saved
 # model.
-S2ATTN_ATTRIBUTES = ("s2attn_group_size", "s2attn_group_size_ratio", "s2attn_shift")
+S2ATTN_ATTRIBUTES = ("s2attn_group_size", "s2attn_group_size_ratio", "s2attn_shift", "s2attn_kernel")
 
 
 def plain_config(config: PretrainedConfig) -> PretrainedConfig:

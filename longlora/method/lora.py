@@ -10,11 +10,16 @@ embedding alone would train the input side only, while the output head kept the 
 untie them. PEFT's `ensure_weight_tying` wraps the output head around the very same trainable copy, so the adapter
 model, the reloaded adapter and the merged model all use the trained matrix on both sides, and the merged model
 stays tied.
+
+QLoRA (`method: qlora`) is this same adapter over a base whose Linear layers bitsandbytes holds in 4-bit
+(`longlora.method.training.trainable_model`): embeddings and norms are not Linear layers, so they stay unquantised and
+train exactly as here, and the adapter folder is the same.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -99,14 +104,22 @@ def _unwrapped(name: str) -> str:
     return name
 
 
+def _numel(weight: torch.Tensor) -> int:
+    """Parameters a weight stands for: a 4-bit bitsandbytes weight packs two per byte and keeps its own shape in
+    its quantisation state."""
+    shape = getattr(getattr(weight, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else weight.numel()
+
+
 def trainable_parameter_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Trainable parameters per group (lora, embeddings, norms, other) plus `trainable` and `total`."""
+    """Trainable parameters per group (lora, embeddings, norms, other) plus `trainable` and `total` (a 4-bit weight
+    counted by its unpacked shape)."""
     embeddings = {_unwrapped(n) for n in embedding_module_names(model)}
     norms = {_unwrapped(n) for n in norm_module_names(model)}
     counts = {"lora": 0, "embeddings": 0, "norms": 0, "other": 0}
     total = 0
     for name, param in model.named_parameters():
-        total += param.numel()
+        total += _numel(param)
         if not param.requires_grad:
             continue
         owner = _unwrapped(name).rsplit(".", 1)[0]

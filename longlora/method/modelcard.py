@@ -29,9 +29,11 @@ _METHODS = {
     "lora_plus": "LoRA+ (LoRA on {targets}, r={r}, alpha={alpha}; embeddings and normalisation layers trained too)",
     "lora": "LoRA on {targets}, r={r}, alpha={alpha} (adapter only)",
     "full": "full fine-tuning (every weight)",
+    "qlora": "QLoRA (LoRA on {targets}, r={r}, alpha={alpha}, against the base quantised to 4-bit NF4; embeddings and "
+             "normalisation layers trained too; merged into the full-precision base)",
 }
 
-_METHOD_NAMES = {"lora_plus": "LoRA+", "lora": "LoRA", "full": "full fine-tuning"}
+_METHOD_NAMES = {"lora_plus": "LoRA+", "lora": "LoRA", "full": "full fine-tuning", "qlora": "QLoRA"}
 
 
 def _pairs(rows: list[tuple[str, object]]) -> str:
@@ -95,8 +97,10 @@ def merged_model_card(steps: list[tuple[str, dict]], base_model: str, config: di
     tags = ["longlora", "long-context", "position-interpolation", f"rope-{rope.get('rope_type', 'default')}"]
     if any(step.get("attention_in_training") == "s2" for _, step in steps):
         tags.append("s2-attn")
-    if methods & {"lora", "lora_plus"}:
+    if methods & {"lora", "lora_plus", "qlora"}:
         tags.append("lora")
+    if "qlora" in methods:
+        tags.append("qlora")
     if "sft" in (stage for stage, _ in steps):
         tags.append("sft")
     data = ModelCardData(

@@ -44,7 +44,13 @@ from transformers.masking_utils import (
     sliding_window_causal_mask_function,
 )
 
-from longlora.recipe import DEFAULT_GROUP_SIZE_RATIO, check_group_size, check_group_size_ratio, group_size_for
+from longlora.recipe import (
+    DEFAULT_GROUP_SIZE_RATIO,
+    S2ATTN_KERNELS,
+    check_group_size,
+    check_group_size_ratio,
+    group_size_for,
+)
 
 __all__ = [
     "S2ATTN",
@@ -52,6 +58,7 @@ __all__ = [
     "document_boundaries",
     "grouped_causal_attention",
     "register_s2attn",
+    "resolve_s2attn_kernel",
     "s2attn_attention_forward",
     "s2attn_group_size",
     "s2attn_mask",
@@ -92,11 +99,97 @@ def _use_flash_attn(q: torch.Tensor) -> bool:
     return fused and _flash_attn("flash_attn_func") is not None
 
 
+@functools.cache
+def _torch_varlen() -> tuple[Callable, frozenset[str]] | None:
+    """torch's ``varlen_attn`` (FlashAttention kernels with cu_seqlens, CUDA only) and its keyword names, or None
+    where the installed torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    import inspect
+
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+@functools.cache
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_SDPA_ADVICE = "set s2attn.kernel to auto or sdpa"
+
+
+def _kernel_problem(kernel: str, query: torch.Tensor | None = None, dropout_p: float = 0.0) -> str | None:
+    """Why ``kernel`` cannot run S²-Attn on ``query`` (or, without one, on this machine at all), or None."""
+    cuda = query.is_cuda if query is not None else torch.cuda.is_available()
+    where = f"the attention runs on {query.device.type}" if query is not None else "this machine has no CUDA device"
+    if kernel == "flash_attn":
+        if _flash_attn("flash_attn_func") is None:
+            return ("the flash-attn package is not installed or fails to import (pip install flash-attn, built "
+                    "against your CUDA; or let auto pick torch's varlen or flex kernels)")
+        if not cuda:
+            return f"flash-attn runs on CUDA only and {where}; {_SDPA_ADVICE}"
+        if query is not None and query.dtype not in _HALF:
+            return f"flash-attn needs float16 or bfloat16, the attention runs in {query.dtype}; {_SDPA_ADVICE}"
+        if query is not None and query.shape[-1] > 256:
+            return f"flash-attn takes head dimensions up to 256, got {query.shape[-1]}; {_SDPA_ADVICE}"
+    elif kernel == "varlen":
+        if _torch_varlen() is None:
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10 has); {_SDPA_ADVICE}"
+        if not cuda:
+            return f"torch's varlen_attn runs FlashAttention kernels on CUDA only and {where}; {_SDPA_ADVICE}"
+        if query is not None and query.dtype not in _HALF:
+            return (f"torch's varlen_attn needs float16 or bfloat16, the attention runs in {query.dtype}; use flex "
+                    "or sdpa")
+        if query is not None and (query.shape[-1] > 256 or query.shape[-1] % 8):
+            return f"torch's varlen_attn takes head dimensions up to 256, multiples of 8, got {query.shape[-1]}"
+        if dropout_p:
+            return f"torch's varlen_attn has no attention dropout (the model's is {dropout_p}); use flash_attn or sdpa"
+    elif kernel == "flex":
+        if not _has_flex():
+            return f"torch {torch.__version__} has no FlexAttention; {_SDPA_ADVICE}"
+        if not cuda:
+            return (f"FlexAttention is used compiled, on CUDA only, and {where} (on the CPU compiled FlexAttention has "
+                    f"no backward, pytorch #148752, and eager FlexAttention takes N² memory); {_SDPA_ADVICE}")
+        if dropout_p:
+            return f"FlexAttention has no attention dropout (the model's is {dropout_p}); use flash_attn or sdpa"
+    elif kernel not in S2ATTN_KERNELS:
+        return f"unknown kernel; choose one of {', '.join(S2ATTN_KERNELS)}"
+    return None
+
+
+def resolve_s2attn_kernel(kernel: str, query: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """The kernel S²-Attn runs for ``kernel`` (``s2attn.kernel``: auto, flash_attn, flex, varlen or sdpa) on
+    ``query``: never auto. auto takes flash-attn (CUDA, fp16/bf16, the package imports), else torch's varlen
+    FlashAttention (CUDA, fp16/bf16, no dropout), else FlexAttention (CUDA, no dropout), else sdpa (the CPU, or
+    dropout without flash-attn). An explicit kernel that cannot run raises ValueError naming ``s2attn.kernel`` and
+    why: never a silent fallback."""
+    if kernel == "auto":
+        if _use_flash_attn(query):
+            return "flash_attn"
+        for candidate in ("varlen", "flex"):
+            if _kernel_problem(candidate, query, dropout_p) is None:
+                return candidate
+        return "sdpa"
+    problem = _kernel_problem(kernel, query, dropout_p)
+    if problem:
+        raise ValueError(f"s2attn.kernel {kernel!r}: {problem}")
+    return kernel
+
+
 def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, dropout_p: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, dropout_p: float,
+    flash: bool | None = None,
 ) -> torch.Tensor:
-    """Causal attention on (B, H, S, D) tensors; k/v may have fewer heads than q (GQA)."""
-    if _use_flash_attn(q):
+    """Causal attention on (B, H, S, D) tensors; k/v may have fewer heads than q (GQA). ``flash``: flash-attn's
+    kernel (True) or SDPA (False); None: flash-attn where it can run."""
+    if _use_flash_attn(q) if flash is None else flash:
         # flash-attn wants (B, S, H, D): the transposes are free, and it takes GQA and strided heads natively.
         out = _flash_attn("flash_attn_func")(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, softmax_scale=scale, causal=True
@@ -226,6 +319,7 @@ def shifted_sparse_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     documents: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """S²-Attn with the layout of ``F.scaled_dot_product_attention(query, key, value, is_causal=True)``.
 
@@ -239,15 +333,27 @@ def shifted_sparse_attention(
     computed exactly as ``shifted_sparse_attention`` computes it alone, right-padded to a multiple of G, on its real
     tokens: groups laid out from the document's start, cut at its end (``s2_segments``). n need not be a multiple
     of G then.
+
+    ``kernel`` (``s2attn.kernel``, see ``resolve_s2attn_kernel``): flash_attn, varlen (torch's FlashAttention with
+    the segments as cu_seqlens), flex (one FlexAttention call, ``longlora.method.s2flex``), sdpa, or auto.
     """
+    kernel = resolve_s2attn_kernel(kernel, query, dropout_p)
+    if kernel == "flex":
+        from longlora.method.s2flex import flex_shifted_sparse_attention
+
+        return flex_shifted_sparse_attention(query, key, value, group_size, scale=scale, documents=documents)
+    if documents is None and kernel == "varlen":
+        _validate(query, key, value, group_size)
+        documents = _row_documents(query.shape[0], query.shape[2], query.device)  # the groups as cu_seqlens
     if documents is not None:
-        return _document_sparse_attention(query, key, value, group_size, documents, scale, dropout_p)
+        return _document_sparse_attention(query, key, value, group_size, documents, scale, dropout_p, kernel)
     _validate(query, key, value, group_size)
     b, heads, n, _ = query.shape
     half, shift = heads // 2, group_size // 2
+    flash = kernel == "flash_attn"
 
     def attend(q, k, v):
-        return _causal_attention(q, k, v, scale, dropout_p)
+        return _causal_attention(q, k, v, scale, dropout_p, flash)
 
     def regions(unshifted: slice, shifted: slice) -> dict[str, tuple[slice, slice]]:
         """(head slice, seq slice) of each part in (b, h, n, d): the unshifted heads whole (none when h == 1), and
@@ -289,13 +395,24 @@ def grouped_causal_attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """S²-Attn without the shift: every head attends causally within the groups ``[kG, (k+1)G)`` only, so no
     information crosses a group boundary (the paper's "short attention" ablation, Table 6's pattern without shift).
-    Same layout and checks as ``shifted_sparse_attention``; returns (b, h, n, d)."""
+    Same layout, checks and ``kernel`` choice as ``shifted_sparse_attention``; returns (b, h, n, d)."""
     _validate(query, key, value, group_size)
+    kernel = resolve_s2attn_kernel(kernel, query, dropout_p)
+    if kernel == "flex":
+        from longlora.method.s2flex import flex_shifted_sparse_attention
+
+        return flex_shifted_sparse_attention(query, key, value, group_size, scale=scale, shift=False)
+    if kernel == "varlen":
+        documents = _row_documents(query.shape[0], query.shape[2], query.device)
+        return _document_sparse_attention(query, key, value, group_size, documents, scale, dropout_p, kernel,
+                                          shift=False)
     grouped = (_group(x, group_size) for x in (query, key, value))
-    return _ungroup(_causal_attention(*grouped, scale, dropout_p), query.shape[0]).transpose(1, 2)
+    out = _causal_attention(*grouped, scale, dropout_p, kernel == "flash_attn")
+    return _ungroup(out, query.shape[0]).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -397,13 +514,33 @@ def _segment_plan(cu: torch.Tensor, group_size: int, buckets: bool) -> _SegmentP
     return _SegmentPlan(cu, longest, sizes.tolist(), counts.tolist(), index, token_at)
 
 
+def _torch_varlen_attention(q, k, v, cu: torch.Tensor, longest: int, scale) -> torch.Tensor:
+    """torch's varlen_attn, causal within each segment of ``cu``, across the keyword spellings torch releases use
+    (``is_causal``, or ``window_size=(-1, 0)`` as in torch 2.13)."""
+    varlen, names = _torch_varlen()
+    options: dict[str, Any] = {"scale": scale}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in names:
+            options["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    if "is_causal" in names:
+        options["is_causal"] = True
+    else:
+        options["window_size"] = (-1, 0)
+    return varlen(q, k, v, cu, cu, longest, longest, **options)
+
+
 def _varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _SegmentPlan, scale, dropout_p
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _SegmentPlan, scale, dropout_p, kernel: str | None = None
 ) -> torch.Tensor:
     """Causal attention within each segment of the plan over the flat tokens; q (T, h, d), k/v (T, h_kv, d);
-    returns (T, h, d)."""
+    returns (T, h, d). An unbucketed plan runs flash-attn's varlen kernel, or torch's with ``kernel="varlen"``; a
+    bucketed one SDPA (``kernel="sdpa"``) or flash-attn per bucket (None: flash-attn where it can run)."""
     if plan.index is None:
         cu = plan.cu_seqlens
+        if kernel == "varlen":
+            return _torch_varlen_attention(q, k, v, cu, plan.longest, scale)
         varlen = _flash_attn("flash_attn_varlen_func")
         return varlen(q, k, v, cu, cu, plan.longest, plan.longest, dropout_p, softmax_scale=scale, causal=True)
     # split, not slicing: its backward concatenates the pieces' gradients instead of filling a zero buffer per piece.
@@ -413,10 +550,19 @@ def _varlen_attention(
     outputs = []
     for i, (size, count) in enumerate(zip(plan.sizes, plan.counts, strict=True)):
         qs, ks, vs = (x[i].unflatten(0, (count, size)).transpose(1, 2) for x in pieces)
-        out = _causal_attention(qs, ks, vs, scale, dropout_p)
+        out = _causal_attention(qs, ks, vs, scale, dropout_p, None if kernel is None else kernel == "flash_attn")
         outputs.append(out.transpose(1, 2).reshape(count * size, out.shape[1], out.shape[-1]))
     merged = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return merged.index_select(0, plan.token_at)
+
+
+def _check_documents(documents: torch.Tensor, total: int) -> torch.Tensor:
+    """``documents`` as int64, or ValueError unless they are increasing cumulative lengths from 0 to ``total``."""
+    cu = documents.to(dtype=torch.long)
+    if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(f"documents must be increasing cumulative lengths from 0 to batch × seq = {total}, got "
+                         f"{cu.tolist()[:8]}{'…' if len(cu) > 8 else ''}")
+    return cu
 
 
 _plans: tuple[weakref.ref, int, dict] | None = None
@@ -431,31 +577,39 @@ def _plans_for(documents: torch.Tensor, total: int, group_size: int, buckets: bo
         _plans = (weakref.ref(documents), documents._version, {})
     cache = _plans[2]
     if key not in cache:
-        cu = documents.to(dtype=torch.long)
-        if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] <= cu[:-1]).any()):
-            raise ValueError(f"documents must be increasing cumulative lengths from 0 to batch × seq = {total}, got "
-                             f"{cu.tolist()[:8]}{'…' if len(cu) > 8 else ''}")
+        cu = _check_documents(documents, total)
         cache[key] = tuple(_segment_plan(s2_segments(cu, group_size, shifted), group_size, buckets)
                            for shifted in (False, True))
     return cache[key]
 
 
-def _document_sparse_attention(query, key, value, group_size, documents, scale, dropout_p) -> torch.Tensor:
+def _document_sparse_attention(query, key, value, group_size, documents, scale, dropout_p, kernel: str | None = None,
+                               shift: bool = True) -> torch.Tensor:
+    """Document-aware S²-Attn with a resolved kernel: flash_attn (flash-attn's varlen kernel), varlen (torch's) or
+    sdpa (length buckets); None: flash_attn where it can run, else sdpa. ``shift=False``: every head in the plain
+    groups."""
     _validate(query, key, value, group_size, whole_groups=False)
     b, heads, n, _ = query.shape
-    buckets = not (_use_flash_attn(query) and _flash_attn("flash_attn_varlen_func") is not None)
+    if kernel is None:
+        kernel = "flash_attn" if _use_flash_attn(query) else "sdpa"
+    buckets = kernel == "sdpa" or (kernel == "flash_attn" and _flash_attn("flash_attn_varlen_func") is None)
     plans = _plans_for(documents.to(query.device), b * n, group_size, buckets)
-    half = heads // 2
-    key, value, kv_unshifted, kv_shifted = _kv_halves(key, value, heads)
+    half = heads // 2 if shift else heads
+    if shift:
+        key, value, kv_unshifted, kv_shifted = _kv_halves(key, value, heads)
+    else:
+        kv_unshifted = kv_shifted = slice(None)
 
     def flat(x):  # (b, h, n, d) → (b·n, h, d): a view for the (b, n, h, d) memory transformers produces
         return x.transpose(1, 2).reshape(b * n, x.shape[1], x.shape[-1])
 
     q, k, v = flat(query), flat(key), flat(value)
-    halves = [(slice(half, heads), kv_shifted, plans[1])]
+    halves = []
     if half:
-        halves.insert(0, (slice(0, half), kv_unshifted, plans[0]))
-    outs = [_varlen_attention(q[:, heads_q], k[:, heads_kv], v[:, heads_kv], plan, scale, dropout_p)
+        halves.append((slice(0, half), kv_unshifted, plans[0]))
+    if half < heads:
+        halves.append((slice(half, heads), kv_shifted, plans[1]))
+    outs = [_varlen_attention(q[:, heads_q], k[:, heads_kv], v[:, heads_kv], plan, scale, dropout_p, kernel)
             for heads_q, heads_kv, plan in halves]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out.view(b, n, heads, out.shape[-1]).transpose(1, 2)
@@ -714,14 +868,15 @@ def s2attn_attention_forward(
             f"S²-Attn group size {group_size} exceeds the model's sliding window {sliding_window}: in training, "
             "tokens attend further back than the window allows"
         )
+    kernel = getattr(module.config, "s2attn_kernel", "auto")
     if getattr(module.config, "s2attn_shift", True):
         out = shifted_sparse_attention(query, key, value, group_size, scale=scaling, dropout_p=dropout,
-                                       documents=documents)
+                                       documents=documents, kernel=kernel)
     elif documents is not None:
         raise ValueError("S²-Attn without the shift (s2attn.shift: false, the short-attention ablation) takes no "
                          "packed documents: use it with extend.document_attention false and sft.padding_free false")
     else:  # the no-shift ablation (configure_s2attn(shift=False))
-        out = grouped_causal_attention(query, key, value, group_size, scale=scaling, dropout_p=dropout)
+        out = grouped_causal_attention(query, key, value, group_size, scale=scaling, dropout_p=dropout, kernel=kernel)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -738,6 +893,11 @@ def _sharded_attention(module, query, key, value, attention_mask, shard, s2, fou
                          f"the model uses group {group_size} (shift {shift}) at length {shard.length}")
     if attention_mask is not None and attention_mask.dim() == 2:
         _check_right_padding(attention_mask)
+    kernel = getattr(module.config, "s2attn_kernel", "auto")
+    if kernel in ("flex", "varlen"):
+        raise ValueError(f"s2attn.kernel {kernel!r}: sequence-parallel shards (launch.sequence_parallel) run "
+                         "flash-attn or SDPA; set s2attn.kernel to auto, flash_attn or sdpa")
+    resolve_s2attn_kernel(kernel, query, dropout)  # an explicit flash_attn that cannot run: the error, not SDPA
     out = shard.attend(query, key, value, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
 
@@ -749,23 +909,29 @@ def register_s2attn() -> None:
 
 
 def configure_s2attn(target: Any, *, group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO, group_size: int | None = None,
-                     shift: bool = True):
+                     shift: bool = True, kernel: str = "auto"):
     """Select S²-Attn on a config (before building the model) or on a built model (also PEFT-wrapped).
 
     ``group_size`` (even int) fixes the group size; otherwise it is ``group_size_ratio`` × the sequence length.
     ``shift=False`` trains every head in the plain groups (``grouped_causal_attention``: the paper's ablation, not the
-    method). Sets ``s2attn_group_size``, ``s2attn_group_size_ratio``, ``s2attn_shift`` and the attention
-    implementation; returns ``target``.
+    method). ``kernel``: auto, flash_attn, flex, varlen or sdpa (``resolve_s2attn_kernel``); an explicit kernel this
+    machine cannot run at all (package missing, no CUDA) raises ValueError here, one the tensors rule out (dtype,
+    device, dropout) at the first forward. Sets ``s2attn_group_size``, ``s2attn_group_size_ratio``, ``s2attn_shift``,
+    ``s2attn_kernel`` and the attention implementation; returns ``target``.
     """
     if group_size is not None:
         check_group_size(group_size)
     group_size_ratio = check_group_size_ratio(group_size_ratio)
+    problem = None if kernel == "auto" else _kernel_problem(kernel)
+    if problem:
+        raise ValueError(f"s2attn.kernel {kernel!r}: {problem}")
     register_s2attn()
     is_model = hasattr(target, "set_attn_implementation") and hasattr(target, "config")
     config = target.config if is_model else target
     config.s2attn_group_size = group_size
     config.s2attn_group_size_ratio = group_size_ratio
     config.s2attn_shift = bool(shift)
+    config.s2attn_kernel = kernel
     if is_model:
         target.set_attn_implementation(S2ATTN)
     else:
