@@ -452,6 +452,30 @@ def _torchrun_unavailable() -> str | None:
     return None
 
 
+def launched_pair(project: Path, tmp_path_factory, stage: str, raw: dict, out_dir: str) -> tuple[dict, dict, str]:
+    """`python -m stages.launch <stage>` with the params `raw` (a 2-process launch), as dvc.yaml runs it. Checks that
+    it succeeded and that both ranks end with bit-identical trained weights; moves the stage's output folder
+    `out_dir` aside (so that a one-process run can write its own) and removes its metrics. Returns the pair's metrics,
+    its written adapter weights and the launcher's stderr."""
+    hooks, dumps = tmp_path_factory.mktemp("hooks"), tmp_path_factory.mktemp("rank_weights")
+    (hooks / "sitecustomize.py").write_text(_RANK_DUMP, encoding="utf-8")
+    Path("params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    # dvc.yaml's command: the launcher replaces itself with the torchrun (accelerate) command it builds.
+    result = subprocess.run([sys.executable, "-m", "stages.launch", stage, "--params", "params.yaml"],
+                            cwd=project, env={**_stage_env(hooks), "LONGLORA_TEST_DUMP": str(dumps)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics_file = Path(f"data/metrics/{stage}.json")
+    pair = json.loads(metrics_file.read_text())
+    rank0, rank1 = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "the ranks' weights differ"
+    written = _adapter_weights(project / out_dir)
+    shutil.move(project / out_dir, project / "pair")
+    metrics_file.unlink()
+    return pair, written, result.stderr
+
+
 @pytest.mark.skipif(_torchrun_unavailable() is not None, reason=str(_torchrun_unavailable()))
 @pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
 def test_two_processes_train_as_one_with_the_same_global_batch(project, tmp_path_factory, launcher):
@@ -461,26 +485,12 @@ def test_two_processes_train_as_one_with_the_same_global_batch(project, tmp_path
     differ only in the order of a few fp32 sums), the adapters within 1e-5."""
     from stages.launch import command
 
-    hooks, dumps = tmp_path_factory.mktemp("hooks"), tmp_path_factory.mktemp("rank_weights")
-    (hooks / "sitecustomize.py").write_text(_RANK_DUMP, encoding="utf-8")
     raw = tiny_params_dict(launch={"launcher": launcher, "nproc_per_node": 2})
-    Path("params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
-    # dvc.yaml's command: the launcher replaces itself with the torchrun (accelerate) command it builds.
-    result = subprocess.run([sys.executable, "-m", "stages.launch", "extend", "--params", "params.yaml"],
-                            cwd=project, env={**_stage_env(hooks), "LONGLORA_TEST_DUMP": str(dumps)},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    pair, written, stderr = launched_pair(project, tmp_path_factory, "extend", raw, "data/extend")
     built = command("extend", parse_params(raw).launch, "params.yaml")
-    assert f"stages.launch: {shlex.join(built)}\n" in result.stderr
-    pair = json.loads(Path("data/metrics/extend.json").read_text())
+    assert f"stages.launch: {shlex.join(built)}\n" in stderr
     assert (pair["world_size"], pair["gradient_accumulation_steps"], pair["steps"]) == (2, 1, 6)
     assert pair["tokens_seen"] == 6 * 4 * TARGET  # counted over both processes
-    rank0, rank1 = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
-    assert rank0.keys() == rank1.keys() and len(rank0) > 0
-    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "the ranks' weights differ"
-    written = _adapter_weights(project / "data/extend")
-    shutil.move(project / "data/extend", project / "pair")
-    Path("data/metrics/extend.json").unlink()
 
     single = extend.run(parse_params(tiny_params_dict()))
     assert (single["world_size"], single["gradient_accumulation_steps"]) == (1, 2)
@@ -496,26 +506,13 @@ def test_two_processes_sharing_every_row_train_as_one(project, tmp_path_factory,
     whole row's loss as a token average over both halves, gradients summed over the pair: the loss curve and the
     adapter of one process, within fp32 summation order. With document_attention, packed documents cross the
     halves' boundary."""
-    hooks, dumps = tmp_path_factory.mktemp("hooks"), tmp_path_factory.mktemp("rank_weights")
-    (hooks / "sitecustomize.py").write_text(_RANK_DUMP, encoding="utf-8")
     extend_section = {"document_attention": document_attention}
     raw = tiny_params_dict(launch={"launcher": "torchrun", "nproc_per_node": 2, "sequence_parallel": 2},
                            extend=extend_section)
-    Path("params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "stages.launch", "extend", "--params", "params.yaml"],
-                            cwd=project, env={**_stage_env(hooks), "LONGLORA_TEST_DUMP": str(dumps)},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    pair = json.loads(Path("data/metrics/extend.json").read_text())
+    pair, written, _ = launched_pair(project, tmp_path_factory, "extend", raw, "data/extend")
     assert (pair["world_size"], pair["sequence_parallel"], pair["gradient_accumulation_steps"], pair["steps"]) == (
         2, 2, 2, 6)
     assert pair["tokens_seen"] == 6 * 4 * TARGET  # each process counts its half of every row
-    rank0, rank1 = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
-    assert rank0.keys() == rank1.keys() and len(rank0) > 0
-    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "the ranks' weights differ"
-    written = _adapter_weights(project / "data/extend")
-    shutil.move(project / "data/extend", project / "pair")
-    Path("data/metrics/extend.json").unlink()
 
     single = extend.run(parse_params(tiny_params_dict(extend=extend_section)))
     assert (single["world_size"], single["sequence_parallel"], single["gradient_accumulation_steps"]) == (1, 1, 2)

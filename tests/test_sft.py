@@ -327,39 +327,15 @@ def test_two_processes_sharing_every_row_fine_tune_as_one(project, tmp_path_fact
     """`launch.sequence_parallel 2` under torchrun (gloo) on sft: rows padded to whole shards of groups (64 here,
     32 alone), or padding-free rows of several examples cut across the halves; the loss curve and the adapter of
     one process, and the same count of real tokens."""
-    import subprocess
-    import sys
-
-    import yaml
-    from safetensors.torch import load_file
-
-    from tests.test_extend import (
-        _RANK_DUMP,
-        _adapter_weights,
-        _assert_same_weights,
-        _stage_env,
-        _torchrun_unavailable,
-    )
+    from tests.test_extend import _adapter_weights, _assert_same_weights, _torchrun_unavailable, launched_pair
 
     if _torchrun_unavailable():
         pytest.skip(_torchrun_unavailable())
-    hooks, dumps = tmp_path_factory.mktemp("hooks"), tmp_path_factory.mktemp("rank_weights")
-    (hooks / "sitecustomize.py").write_text(_RANK_DUMP, encoding="utf-8")
     section = {"padding_free": padding_free}
     raw = tiny_params_dict(**_merge(LOCAL_INPUTS, {"sft": section, "launch": {
         "launcher": "torchrun", "nproc_per_node": 2, "sequence_parallel": 2}}))
-    Path("params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "stages.launch", "sft", "--params", "params.yaml"],
-                            cwd=project, env={**_stage_env(hooks), "LONGLORA_TEST_DUMP": str(dumps)},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    pair = json.loads(Path("data/metrics/sft.json").read_text())
+    pair, written, _ = launched_pair(project, tmp_path_factory, "sft", raw, "data/sft_adapter")
     assert (pair["world_size"], pair["sequence_parallel"], pair["gradient_accumulation_steps"]) == (2, 2, 2)
-    rank0, rank1 = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
-    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "the ranks' weights differ"
-    written = _adapter_weights(project / "data/sft_adapter")
-    shutil.move(project / "data/sft_adapter", project / "pair")
-    Path("data/metrics/sft.json").unlink()
 
     single = sft.run(_params(sft=section))
     assert single["tokens_seen"] == pair["tokens_seen"]  # real tokens only: the extra padding is not counted
