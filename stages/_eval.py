@@ -67,6 +67,19 @@ def load_model(params: Params, name: str, dtype_choice: str):
     return model.to(device), tokenizer
 
 
+def is_chat(params: Params, name: str, tokenizer) -> bool:
+    """Whether `eval_models.<name>` is prompted as a chat (its `chat` flag), which its tokenizer must then allow."""
+    from longlora.errors import InputError
+
+    if not params.eval_models[name].chat:
+        return False
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"eval_models.{name}.chat: true, but the tokenizer of {params.eval_models[name].path!r} has "
+                         "no chat template (a model the sft stage fine-tuned carries one; a base model is not a chat "
+                         "model: set chat false)")
+    return True
+
+
 def main(stage: str, run: Callable[[Params, str], dict], argv: list[str] | None = None) -> int:
     """`python -m stages.<stage> <model name> [--params params.yaml]`: one instance, `<stage>@<model name>`."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", add_help=False)

@@ -103,6 +103,7 @@ def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
     p = params.eval_harness
     runs = [(tasks, _task_manager(params, tasks, metadata)) for tasks, metadata in task_runs(params)]
     _eval.check_positions(params, name, p.max_length, "eval_harness.max_length")
+    chat = _eval.is_chat(params, name, _eval.load_tokenizer(params, name))
     model, tokenizer = _eval.load_model(params, name, p.dtype)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=p.batch_size, max_length=p.max_length)
     limit = None if p.limit is None else (int(p.limit) if p.limit >= 1 else p.limit)
@@ -110,7 +111,7 @@ def _evaluate(params: Params, name: str, out: StageOutput) -> dict:
     for tasks, manager in runs:
         found = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=p.num_fewshot,
-            apply_chat_template=p.apply_chat_template, log_samples=True, random_seed=p.seed,
+            apply_chat_template=chat, log_samples=True, random_seed=p.seed,
             numpy_random_seed=p.seed, torch_random_seed=p.seed, fewshot_random_seed=p.seed)
         if found is None:  # lm-eval returns None on the ranks other than 0
             raise RuntimeError("lm_eval.simple_evaluate returned no results (not rank 0?)")

@@ -133,13 +133,17 @@ def _evaluate(params: Params, name: str, haystack: tuple[list[str] | None, str],
     tasks = [task for task in p.tasks if task not in skipped]
     _eval.check_positions(params, name, max(lengths), "eval_ruler.lengths")
     tokenizer = _eval.load_tokenizer(params, name)
+    template = p.model_template or (ruler.CHAT if _eval.is_chat(params, name, tokenizer) else "base")
+    if template == ruler.CHAT and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"eval_ruler.model_template: chat, but the tokenizer of eval_models.{name} has no chat "
+                         "template; name one of RULER's templates, or leave it null")
     words, haystack_name = haystack
     samples, not_fitting = {}, []
     for length in lengths:  # every prompt is built before any weights load
         for task in tasks:
             try:
                 samples[length, task] = ruler.build_samples(task, tokenizer, length, p.samples, p.seed,
-                                                            p.model_template, words, qa_data.get(task))
+                                                            template, words, qa_data.get(task))
             except ruler.DoesNotFit:
                 not_fitting.append(f"{task}@{length}")
     averaged = [task for task in tasks if all((length, task) in samples for length in lengths)]
@@ -183,6 +187,7 @@ def _evaluate(params: Params, name: str, haystack: tuple[list[str] | None, str],
         "tasks_averaged": len(averaged),
         "not_fitting": not_fitting,
         "skipped": skipped,
+        "model_template": template,
         "essay_haystack": haystack_name,
         "qa_data": qa_sources,
     }

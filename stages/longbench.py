@@ -74,10 +74,11 @@ def _examples(params: Params) -> dict[str, list]:
 def _run(params: Params, model_name: str, examples: dict[str, list], out: StageOutput) -> dict:
     import torch
 
-    from stages._eval import check_positions, load_model
+    from stages._eval import check_positions, is_chat, load_model, load_tokenizer
 
     p = params.longbench
     check_positions(params, model_name, p.max_length + p.max_new_tokens, "longbench.max_length + max_new_tokens")
+    chat = is_chat(params, model_name, load_tokenizer(params, model_name))
     model, tokenizer = load_model(params, model_name, p.dtype)  # on the GPU when there is one
     loaded = time.perf_counter()
     threads = torch.get_num_threads()
@@ -87,7 +88,7 @@ def _run(params: Params, model_name: str, examples: dict[str, list], out: StageO
         with out.publish() as tmp:
             for dataset, records in examples.items():
                 predictions = predict_dataset(model, tokenizer, dataset, records, p.max_length, p.max_new_tokens,
-                                              chat=p.chat_template)
+                                              chat=chat)
                 _write_jsonl(tmp / f"{dataset}.jsonl", predictions)
             result = _score_and_write(tmp, p.longbench_e)
     finally:

@@ -63,9 +63,10 @@ def _evaluate(params: Params, name: str, records: list[dict], out: StageOutput) 
     p = params.longbench2
     longest = p.max_length + (p.max_new_tokens_cot if p.mode == "cot" else p.max_new_tokens)
     _eval.check_positions(params, name, longest, "longbench2.max_length + its generation")
+    chat = _eval.is_chat(params, name, _eval.load_tokenizer(params, name))
     model, tokenizer = _eval.load_model(params, name, p.dtype)
     predictions = longbench2.predict(model, tokenizer, records, p.max_length, p.max_new_tokens, mode=p.mode,
-                                     chat=p.chat_template, max_new_tokens_cot=p.max_new_tokens_cot)
+                                     chat=chat, max_new_tokens_cot=p.max_new_tokens_cot)
     with out.publish() as tmp:
         longbench2.write_predictions(tmp / f"{name}.jsonl", predictions)
         (tmp / RESULT_FILE).write_text(longbench2.result_table({name: predictions}, p.compensated),

@@ -10,7 +10,8 @@ It writes, under `data/corpus/`, the inputs the other data stages read, in the f
 - `longqa.json` (from the extend split) and `longqa_heldout.json` (held-out split) — LongAlpaca format
   ({"instruction", "output", "file"}, plus "meta" with the question kind, name and depth): long source code with
   one mechanically verifiable question each (see longlora/embedded/longqa.py), by default 50–85 % of
-  model.target_context tokens long;
+  model.target_context tokens long; `longqa_choice_share` of longqa.json's questions come with four choices and are
+  answered "The correct answer is (B).";
 - `longbench/<dataset>.jsonl` — LongBench format, small sets from the held-out split scored with LongBench's
   prompts and metrics (lcc, passage_count, passage_retrieval_en, and the held-out LongQA as multifieldqa_en; see
   longlora/embedded/longbench_data.py), contexts in the LongQA length range;
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from longlora.data.tokenizing import BatchEncoder, load_tokenizer, rust_parallelism
-from longlora.embedded.longbench2_data import embedded_longbench2
+from longlora.embedded.longbench2_data import embedded_longbench2, with_choice_questions
 from longlora.embedded.longbench_data import embedded_longbench
 from longlora.embedded.longqa import generate_longqa, long_documents
 from longlora.errors import InputError
@@ -86,9 +87,14 @@ def _run(params: Params, out: StageOutput) -> dict:
                     f"{p.longqa_min_tokens}–{p.longqa_max_tokens} tokens per instruction); raise "
                     "embedded_corpus.max_documents or model.target_context"
                 )
-            _write_json_list(tmp / filename, examples)
-            longqa_sets[split] = examples
             key = "longqa" if split == "extend" else "longqa_heldout"
+            if split == "extend" and p.longqa_choice_share:
+                asked, metrics["longqa_choice_questions"] = with_choice_questions(examples, p.longqa_choice_share,
+                                                                                  seed=p.seed)
+                _write_json_list(tmp / filename, asked)
+            else:
+                _write_json_list(tmp / filename, examples)
+            longqa_sets[split] = examples
             metrics[f"{key}_examples"] = len(examples)
             metrics[f"{key}_by_kind"] = qa.kinds
             metrics[f"{key}_by_depth_band"] = qa.depth_bands

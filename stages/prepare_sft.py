@@ -9,7 +9,8 @@ template (`template` param), followed by `output` + EOS. Labels are −100 on th
 `max_length` (default model.target_context) are dropped when the prompt alone leaves no room for an answer token,
 or cut in the middle of the prompt (`truncation: truncate_middle`) — never kept with every label masked.
 Output: data/sft/ (a Hugging Face dataset, `datasets.load_from_disk`: input_ids, labels, length; in length-grouped
-batches when `group_by_length`, which order.json beside it records for the sft stage) and
+batches when `group_by_length`, which order.json beside it records for the sft stage; chat_template.jinja: the
+prompt format as a chat template, which the sft stage saves with the fine-tuned model) and
 data/metrics/prepare_sft.json (kept, dropped, truncated, tokens, padding).
 """
 
@@ -25,6 +26,8 @@ import pyarrow as pa
 
 from longlora.data.readers import Problems, ReadStats, iter_records
 from longlora.data.sft import (
+    CHAT_TEMPLATE_FILE,
+    chat_template_of,
     fit_example,
     length_grouped_order,
     padding_fraction,
@@ -92,6 +95,7 @@ def _run(params: Params, out: StageOutput) -> dict:
         order = length_grouped_order(lengths, p.group_batch_size, p.seed) if p.group_by_length else None
         _save_dataset(raw, tmp, order)
         write_order(tmp, p.group_batch_size if p.group_by_length else None)
+        (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template_of(p.template, tokenizer), encoding="utf-8")
 
     written = np.asarray(lengths)[order] if order is not None else np.asarray(lengths)
     metrics = {

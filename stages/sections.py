@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from longlora.choices import (
     LONGBENCH_DATASETS,
     LONGBENCH_E_DATASETS,
+    RULER_CHAT_TEMPLATE,
     RULER_MODEL_TEMPLATES,
     RULER_OFFLINE_TASKS,
     RULER_TASKS,
@@ -325,6 +326,10 @@ class PrepareCorpusParams(Section):
     longbench2_examples: int = Field(16, ge=0)
     """Four-choice questions of longbench2.jsonl, LongBench v2's format made from the held-out LongQA
     (longlora/embedded/longbench2_data.py); 0: none."""
+    longqa_choice_share: float = Field(0.25, ge=0, le=1)
+    """Share of longqa.json's questions (the SFT set) asked with four choices and answered "The correct answer is
+    (B).", the sentence LongBench v2 reads, so that the fine-tuned model answers its questions as an instruction-tuned
+    model does (longlora/embedded/longbench2_data.py); the held-out questions stay open. 0: none."""
 
 
 class PreparePretrainParams(Section):
@@ -722,6 +727,10 @@ class EvalModel(Section):
     """Interpolate its RoPE to model.target_context when loading (model.rope_type and model.rope_headroom, from
     model.original_context), as extend does: the base model's "interpolation without training" baseline. Merged
     models already carry their scaling."""
+    chat: bool = False
+    """An instruction-tuned model: the evaluations that generate answers (LongBench, LongBench v2, RULER, lm-eval)
+    put each prompt in its tokenizer's chat template as one user turn, as their own tools do for chat models. The
+    pipeline's `sft` model carries the prompt format it was fine-tuned in (prepare_sft.template) as its template."""
     extrapolate: bool = False
     """Evaluate it at lengths beyond its positions (`max_position_embeddings`, after interpolation): a deliberate
     extrapolation study, such as the base model as pre-trained at the extended lengths. Otherwise an evaluation that
@@ -838,9 +847,10 @@ class EvalRulerParams(Section):
     """Prompts per task and length (RULER: 500; the embedded default's 2 keep `make repro` within its budget)."""
     seed: int = 42
     """Seed of every task at every length (RULER's default)."""
-    model_template: str = "base"
-    """RULER's template around each prompt, by its name in RULER's scripts/data/template.py (base: none; meta-chat,
-    meta-llama3, …: for the chat models RULER wraps)."""
+    model_template: str | None = None
+    """RULER's template around each prompt, for every model: its name in RULER's scripts/data/template.py (base:
+    none; meta-chat, meta-llama3, …: for the chat models RULER wraps) or chat (the model's own chat template). None:
+    chat for the eval_models marked `chat`, base for the others."""
     haystack: InPath | None = None
     """Prose for the essay-haystack tasks: RULER's PaulGrahamEssays.json ({"text": …}, made by its
     download_paulgraham_essay.py), or any UTF-8 text file. None: the held-out split of the embedded corpus (Python
@@ -878,9 +888,10 @@ class EvalRulerParams(Section):
 
     @field_validator("model_template")
     @classmethod
-    def _known_template(cls, value: str) -> str:
-        if value not in RULER_MODEL_TEMPLATES:
-            raise ValueError(f"unknown RULER model template {value!r}; known: {', '.join(RULER_MODEL_TEMPLATES)}")
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is not None and value not in (*RULER_MODEL_TEMPLATES, RULER_CHAT_TEMPLATE):
+            raise ValueError(f"unknown RULER model template {value!r}; known: {', '.join(RULER_MODEL_TEMPLATES)}, "
+                             f"{RULER_CHAT_TEMPLATE}")
         return value
 
     @model_validator(mode="after")
@@ -916,8 +927,6 @@ class EvalHarnessParams(Section):
     max_length: int | None = Field(None, gt=0)
     """lm-eval's `max_length`: longer contexts lose their start (lm-eval truncates on the left). None:
     model.target_context."""
-    apply_chat_template: bool = False
-    """Wrap every prompt in the tokenizer's chat template (`--apply_chat_template`)."""
     seed: int = 1234
     """lm-eval's seeds (python, numpy, torch, few-shot sampling), its own default."""
     dtype: EvalDtype = "auto"
@@ -964,9 +973,6 @@ class LongBenchParams(Section):
     model.target_context minus the longest generation (max_new_tokens, or LongBench's 512)."""
     max_new_tokens: int | None = Field(None, gt=0)
     """Cap on each task's generation length; None: LongBench's own (32 to 512 tokens per task)."""
-    chat_template: bool = False
-    """Wrap prompts in the tokenizer's chat template (chat models), except on the tasks where LongBench skips it
-    (few-shot and code completion: trec, triviaqa, samsum, lsht, lcc, repobench-p)."""
     dtype: EvalDtype = "float32"
     """Weights dtype the models are loaded in (bfloat16 on GPUs)."""
     cpu_threads: int | None = Field(None, gt=0)
@@ -1020,8 +1026,6 @@ class LongBench2Params(Section):
     """Tokens of the answer (pred.py: 128)."""
     max_new_tokens_cot: int = Field(1024, gt=0)
     """Tokens of the reasoning in cot mode (pred.py: 1024)."""
-    chat_template: bool = False
-    """Put each prompt in the tokenizer's chat template (pred.py sends it to a chat server as one user turn)."""
     compensated: bool = False
     """result.py's `compensated` flag: a question without a readable answer counts 0.25 (chance) instead of 0."""
     dtype: EvalDtype = "auto"

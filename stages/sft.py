@@ -15,7 +15,9 @@ prepare_sft stored the examples in length-grouped batches (order.json), they are
 size; otherwise shuffled. Training, checkpoints and resume after a kill, dvclive and the saved folder are shared with
 `extend` (stages/_training.py).
 
-Output (`sft.out_dir`): a PEFT adapter folder over the base model with its config, the tokenizer and extension.json;
+Output (`sft.out_dir`): a PEFT adapter folder over the base model with its config, the tokenizer (carrying
+prepare_sft's prompt format as its chat template, so that evaluations and servers prompt it as it was trained) and
+extension.json;
 `merge@sft` folds it into the final model. Metrics: losses, padding share, trainable parameters per group; tokens/s
 (real tokens), peak memory, seconds and the dvclive logs go to the run log, data/logs/sft/.
 """
@@ -45,12 +47,15 @@ def run(params: Params) -> dict:
 def prepare_job(params: Params) -> Job:
     """What this stage trains, as `params` describe it, its inputs checked: the model's config with its RoPE scaling,
     the SFT examples and their padding-free or padded batches, the S²-Attn settings."""
-    from longlora.data.sft import PaddedBatches
+    from longlora.data.sft import CHAT_TEMPLATE_FILE, PaddedBatches
     from longlora.data.tokenizing import load_tokenizer
 
     p = params.sft
     config, original_context = _base_config(params)
     tokenizer = load_tokenizer(p.base_model, params.model.trust_remote_code, PARAM)
+    template = Path(p.data) / CHAT_TEMPLATE_FILE
+    if template.is_file():  # the model is saved answering in the format it was trained in
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
     group_size = params.s2attn.group_size_for(params.model.target_context) if p.attention == "s2" else None
     dataset, meta, grouped = _examples(params, config, group_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -13,7 +13,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longlora.embedded.longbench2_data import document_items, embedded_longbench2, question_of
+from longlora.embedded.longbench2_data import (
+    CHOICE_REPLY,
+    LETTERS,
+    document_items,
+    embedded_longbench2,
+    question_of,
+    with_choice_questions,
+)
 from longlora.embedded.longqa import CLOSING, HEADER, PREAMBLE, QUESTIONS, instruction_document
 from longlora.errors import InputError
 from longlora.evaluation.longbench2 import (
@@ -338,6 +345,33 @@ def test_embedded_set_from_generated_longqa(generated_longqa):
     assert [r["answer"] for r in other] != [r["answer"] for r in records]
 
 
+def test_a_share_of_the_training_questions_is_asked_with_four_choices(generated_longqa):
+    """The SFT mix: the same choices as the evaluation set, in our wording, answered with the sentence LongBench v2's
+    reader takes; the rest of the questions untouched."""
+    longqa, _ = generated_longqa
+    asked, turned = with_choice_questions(longqa, 0.5, seed=0)
+    assert 0 < turned <= round(0.5 * len(longqa)) and len(asked) == len(longqa)  # those with three wrong choices
+    changed = [(old, new) for old, new in zip(longqa, asked, strict=True) if new != old]
+    assert len(changed) == turned
+    for old, new in changed:
+        wrong = [c for c in new["meta"]["choices"] if c != old["output"]]
+        in_document = [c in instruction_document(old["instruction"]) for c in wrong]
+        assert in_document == [new["meta"]["difficulty"] == "hard"] * 3
+        letter = extract_answer(new["output"])
+        assert new["output"] == f"The correct answer is ({letter})."
+        choices = new["meta"]["choices"]
+        assert len(set(choices)) == 4 and choices[LETTERS.index(letter)] == old["output"]
+        question = question_of(old["instruction"])
+        listed = "\n".join(f"({x}) {c}" for x, c in zip(LETTERS, choices, strict=True))
+        assert new["instruction"] == (old["instruction"][: old["instruction"].rindex(question) + len(question)]
+                                      + f"\nChoices:\n{listed}\n{CHOICE_REPLY}")
+        assert instruction_document(new["instruction"]) == instruction_document(old["instruction"])
+        assert "The correct answer is" in new["instruction"] and "insert answer here" not in new["instruction"]
+    assert len({new["output"] for _, new in changed}) > 1  # the answer's position is drawn
+    assert with_choice_questions(longqa, 0.5, seed=0) == (asked, turned)  # deterministic
+    assert with_choice_questions(longqa, 0.0) == (longqa, 0)
+
+
 # --- prediction -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -508,3 +542,34 @@ def test_stage_bad_input_stops_before_the_model_is_loaded(stage_project, monkeyp
     with pytest.raises(InputError, match=message):
         stage.run(_stage_params(**section), "m")
     assert not (stage_project / "data/eval_results/longbench2/m").exists()
+
+
+def test_stage_prompts_a_chat_model_in_its_chat_template(stage_project, tiny_tokenizer, monkeypatch):
+    """eval_models.<name>.chat: each prompt is one user turn of the model's own template (the sft model's is the
+    format it was fine-tuned in); a model marked chat without a template stops before loading, naming the key."""
+    import copy
+
+    from longlora.data.sft import LLAMA2_CHAT_TEMPLATE
+    from stages import longbench2 as stage
+    from tests.conftest import tiny_params_dict
+
+    def params():
+        from stages.params import parse_params
+
+        return parse_params(tiny_params_dict(eval_models={"m": {"path": "model", "chat": True}},
+                                             longbench2={"input": "lb2.jsonl", "max_new_tokens": 16,
+                                                         "max_examples": None}))
+
+    monkeypatch.setattr("stages._eval.load_model", lambda *_: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(InputError, match=r"eval_models\.m\.chat: true, but the tokenizer of 'model' has no chat "):
+        stage.run(params(), "m")
+    chatty = copy.deepcopy(tiny_tokenizer)
+    chatty.chat_template = LLAMA2_CHAT_TEMPLATE
+    chatty.save_pretrained(stage_project / "model")
+    model = _Scripted(chatty, ["The correct answer is (A)", "The correct answer is (B)", "(C)"])
+    monkeypatch.setattr("stages._eval.load_model", lambda *_: (model, chatty))
+    metrics = stage.run(params(), "m")
+    assert (metrics["overall"], metrics["nulls"]) == (66.7, 1)
+    for text, _, ids in model.calls:
+        assert text.startswith(f"{chatty.bos_token}[INST]Please read the following text") and text.endswith("[/INST]")
+        assert ids.count(chatty.bos_token_id) == 1  # the template's BOS, not a second one

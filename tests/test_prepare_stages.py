@@ -584,7 +584,12 @@ def test_prepare_corpus_writes_the_embedded_inputs(in_tmp, tiny_tokenizer, tiny_
         examples = json.loads((corpus / name).read_text("utf-8"))
         assert len(examples) == count == metrics[name.removesuffix(".json") + "_examples"]
         for example in examples:
-            _verify_with_ast(example)
+            choices = example["meta"].get("choices")  # a four-choice question answers with the choice's letter
+            _verify_with_ast({**example, "output": choices[ord(example["output"][-3]) - ord("A")]} if choices
+                             else example)
+        asked = [e for e in examples if "choices" in e["meta"]]
+        assert len(asked) == (metrics["longqa_choice_questions"] if name == "longqa.json" else 0)
+    assert 0 < metrics["longqa_choice_questions"] <= round(16 * params.prepare_corpus.longqa_choice_share)
     # The LongBench-format sets (tests/test_longbench.py checks their answers): held-out code only.
     assert metrics["longbench_examples"] == dict.fromkeys(
         ("multifieldqa_en", "passage_count", "passage_retrieval_en", "lcc"), 2)

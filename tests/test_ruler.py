@@ -4,6 +4,7 @@ its summary.csv byte for byte, the effective length; the stage end to end."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -41,6 +42,26 @@ def test_the_tasks_and_templates_are_the_ones_params_validate_against():
     assert [ruler.tokens_to_generate(t) for t in ("niah_single_1", "vt", "cwe", "fwe", "qa_1")] == [128, 30, 120, 50,
                                                                                                     32]
     assert [ruler.qa_dataset(t) for t in RULER_QA_TASKS] == ["squad", "hotpotqa"]
+
+
+def test_the_chat_template_wraps_the_task_as_rulers_named_templates_do(tokenizer):
+    """`chat`: the model's own template around one user turn, in the form of RULER's named ones; for the Llama-2
+    format the sft stage saves, exactly RULER's meta-chat but for the spaces inside the brackets."""
+    from longlora.data.sft import LLAMA2_CHAT_TEMPLATE
+
+    chatty = copy.deepcopy(tokenizer)
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        ruler.chat_model_template(chatty)
+    chatty.chat_template = LLAMA2_CHAT_TEMPLATE
+    assert ruler.chat_model_template(chatty) == "[INST]{task_template}[/INST]"  # BOS: the encoding adds it
+    chatty.chat_template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{ }"
+    assert ruler.chat_model_template(chatty).format(task_template="T") == "<<T>>{ }"  # braces kept as they are
+    chatty.chat_template = LLAMA2_CHAT_TEMPLATE
+    sample, = ruler.build_samples("niah_single_1", chatty, 800, 1, model_template="chat")
+    base, = ruler.build_samples("niah_single_1", tokenizer, 800, 1)
+    assert sample.prompt.startswith("[INST]A special magic number is hidden within the following text.")
+    assert sample.prompt.endswith("[/INST]" + sample.answer_prefix) and sample.answer_prefix == base.answer_prefix
+    assert sample.outputs == base.outputs and chatty(sample.prompt)["input_ids"].count(chatty.bos_token_id) == 1
 
 
 @pytest.mark.parametrize("task", [t for t in RULER_OFFLINE_TASKS if t != "cwe"])
@@ -399,6 +420,11 @@ def test_the_stage_writes_rulers_folders_and_the_effective_length(tokenizer, tmp
     ({"eval_ruler": {"lengths": [512], "tasks": ["qa_2"]}},
      r"eval_ruler\.tasks: every task is skipped \(eval_ruler\.qa_hotpotqa is null\)"),
     ({"eval_ruler": {"model_template": "llama9"}}, r"eval_ruler\.model_template: unknown RULER model template"),
+    ({"eval_ruler": {"lengths": [512], "tasks": ["fwe"], "model_template": "chat"}},
+     r"eval_ruler\.model_template: chat, but the tokenizer of eval_models\.tiny has no chat template"),
+    ({"eval_ruler": {"lengths": [512], "tasks": ["fwe"]}, "eval_models": {"tiny": {"path": "models/tiny",
+                                                                                  "chat": True, "extrapolate": True}}},
+     r"eval_models\.tiny\.chat: true, but the tokenizer of 'models/tiny' has no chat template"),
 ])
 def test_bad_input_stops_before_any_work_naming_the_parameter(tokenizer, tmp_path, monkeypatch, capsys,
                                                              sections, message):
@@ -411,7 +437,7 @@ def test_bad_input_stops_before_any_work_naming_the_parameter(tokenizer, tmp_pat
     monkeypatch.chdir(tmp_path)
     _save_model(Path("models/tiny"), tokenizer, 128, seed=0)
     capsys.readouterr()  # its progress bar
-    raw = tiny_params_dict(eval_models={"tiny": {"path": "models/tiny", "extrapolate": True}}, **sections)
+    raw = tiny_params_dict(**{"eval_models": {"tiny": {"path": "models/tiny", "extrapolate": True}}, **sections})
     Path("params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     code = eval_ruler.main(["tiny", "--params", "params.yaml"])
     err = capsys.readouterr().err.strip()

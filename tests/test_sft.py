@@ -12,9 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from longlora.data.sft import IGNORE_INDEX, PaddedBatches, fit_example, pack_rows
+from longlora.data.sft import (
+    CHAT_TEMPLATE_FILE,
+    IGNORE_INDEX,
+    LLAMA2_CHAT_TEMPLATE,
+    PaddedBatches,
+    fit_example,
+    pack_rows,
+)
 from longlora.io import run_log
 from longlora.method.extension import EXTENSION_FILE, load_extended
 from longlora.method.s2attn import configure_s2attn
@@ -110,6 +117,13 @@ def test_sft_fine_tunes_the_extended_model_and_merge_folds_it_into_the_final_mod
     torch.testing.assert_close(_logits(final, ids), expected, atol=1e-4, rtol=0)
     provenance = json.loads((project / "data/sft_model" / EXTENSION_FILE).read_text())
     assert provenance["merged_from"] == "data/sft_adapter" and provenance["original_context"] == ORIGINAL
+    # The final model answers in the format it was fine-tuned in: its tokenizer's chat template renders
+    # prepare_sft's prompt, token for token, for whatever prompts it as a chat.
+    tokenizer = AutoTokenizer.from_pretrained(project / "data/sft_model")
+    assert (project / "data/sft" / CHAT_TEMPLATE_FILE).read_text() == tokenizer.chat_template == LLAMA2_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Question: x?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer("[INST]Question: x?[/INST]")["input_ids"]
 
 
 def test_a_chat_base_with_a_shorter_context_is_interpolated_to_the_target(project):

@@ -10,12 +10,14 @@ import pytest
 from longlora.data.sft import (
     IGNORE_INDEX,
     Instruction,
+    chat_template_of,
     fit_example,
     length_grouped_order,
     middle_cut,
     pad_batch,
     padding_fraction,
     parse_instruction,
+    prompt_has_special_tokens,
     render_prompt,
 )
 
@@ -30,6 +32,33 @@ def test_llama2_prompt_as_in_the_paper_code():
     prompt = render_prompt(Instruction("Answer from the text.", "ok", input="The text."), "llama2",
                            system_prompt="Be brief.")
     assert prompt == "[INST] <<SYS>>\nBe brief.\n<</SYS>> \n\n Answer from the text. \nThe text. [/INST]"
+
+
+@pytest.mark.parametrize("example", [Instruction("Read this.\nQuestion: which?", "a"),
+                                     Instruction("Read this.", "a", "the document")])
+def test_the_llama2_chat_template_renders_the_training_prompt_token_for_token(tiny_tokenizer, example):
+    """The template saved with the fine-tuned model: what prepare_sft trains on is what a chat client sends."""
+    trained = tiny_tokenizer(render_prompt(example, "llama2", system_prompt="Be brief."),
+                             add_special_tokens=not prompt_has_special_tokens("llama2"))["input_ids"]
+    chatty = copy.deepcopy(tiny_tokenizer)
+    chatty.chat_template = chat_template_of("llama2", tiny_tokenizer)
+    messages = [{"role": "user", "content": f"{example.instruction} \n{example.input}" if example.input
+                 else example.instruction}]
+    if example.input:
+        messages.insert(0, {"role": "system", "content": "Be brief."})
+    text = chatty.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chatty(text, add_special_tokens=False)["input_ids"] == trained
+    # A whole conversation closes each answer with EOS, as the examples' targets end.
+    turns = chatty.apply_chat_template([messages[-1], {"role": "assistant", "content": "x"}], tokenize=False)
+    assert turns.endswith(f"[/INST]x{tiny_tokenizer.eos_token}")
+
+
+def test_the_chat_template_of_a_tokenizer_that_has_none(tiny_tokenizer):
+    with pytest.raises(ValueError, match="the tokenizer has no chat template"):
+        chat_template_of("chat_template", tiny_tokenizer)
+    chatty = copy.deepcopy(tiny_tokenizer)
+    chatty.chat_template = CHAT_TEMPLATE
+    assert chat_template_of("chat_template", chatty) == CHAT_TEMPLATE
 
 
 def test_chat_template_prompt(tiny_tokenizer):

@@ -28,6 +28,22 @@ IGNORE_INDEX = -100
 # system-prompt variant (with the input on its own line) when the example has one.
 LLAMA2_PROMPT = "[INST]{instruction}[/INST]"
 LLAMA2_PROMPT_WITH_INPUT = "[INST] <<SYS>>\n{system_prompt}\n<</SYS>> \n\n {instruction} \n{input} [/INST]"
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{% if loop.first and system is defined %}"
+    "[INST] <<SYS>>\n{{ system }}\n<</SYS>> \n\n {{ message['content'] }} [/INST]"
+    "{% else %}[INST]{{ message['content'] }}[/INST]{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+"""The same two formats as a chat template, saved with the fine-tuned model so that whatever prompts it as a chat
+(the evaluations, lm-eval, a serving engine) writes what it was trained on: BOS, then `[INST]{user}[/INST]`, or the
+system-prompt variant when a system turn comes first (`{user}` being `{instruction} \n{input}`)."""
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""Written by prepare_sft beside its dataset: the template its prompts are in, which the sft stage saves with the
+tokenizer."""
 
 @dataclass(frozen=True)
 class Instruction:
@@ -72,6 +88,15 @@ def render_prompt(example: Instruction, template: Template, tokenizer=None, syst
         messages.append({"role": "user", "content": content})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     raise ValueError(f"unknown template {template!r}")
+
+
+def chat_template_of(template: Template, tokenizer) -> str:
+    """The chat template that renders a prompt as `render_prompt(…, template, tokenizer)` does."""
+    if template == "llama2":
+        return LLAMA2_CHAT_TEMPLATE
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template chat_template: the tokenizer has no chat template; use template llama2")
+    return tokenizer.chat_template
 
 
 def prompt_has_special_tokens(template: Template) -> bool:

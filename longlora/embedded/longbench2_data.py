@@ -17,6 +17,10 @@ skipped. The answer's position is drawn uniformly. `length` is short, medium or 
 count (the code and the question) in thirds of [min_tokens, max_tokens], the range LongQA draws it from. The domain and
 sub-domain are LongBench v2's "Code Repository Understanding" and "Code repo QA"; the texts are ours, never LongBench's.
 Deterministic for a given seed, examples and tokenizer.
+
+The same choices serve the SFT mix (`with_choice_questions`): a share of the training LongQA questions is asked with
+four choices in our own wording and answered with the sentence LongBench v2 reads ("The correct answer is (B)."), as
+instruction-tuned models learn to answer multiple-choice questions; the held-out questions stay open.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ CountTokens = Callable[[list[str]], Sequence[int]]
 DOMAIN = "Code Repository Understanding"
 SUB_DOMAIN = "Code repo QA"
 LETTERS = ("A", "B", "C", "D")
+DIFFICULTIES = ("easy", "hard")
+"""In turn, easy first."""
+CHOICE_REPLY = 'Reply with "The correct answer is" and the letter of the right choice in brackets.'
+ANSWER_SENTENCE = "The correct answer is ({letter})."
+"""The answer of a four-choice training question: the sentence LongBench v2 (and most multiple-choice yardsticks
+that generate) reads the letter from."""
 _HEAD, _TAIL = HEADER.rstrip("\n").split("{name}")
 _HEADER_LINE = re.compile(f"^{re.escape(_HEAD)}(.+){re.escape(_TAIL)}$", re.M)
 _INSTRUCTION_SENTENCE = " Answer with "
@@ -69,39 +79,92 @@ def _length_class(tokens: int, min_tokens: int, max_tokens: int) -> str:
     return "short" if tokens < min_tokens + third else "medium" if tokens < min_tokens + 2 * third else "long"
 
 
+def _answers_by_kind(examples: list[dict]) -> dict[str, list[str]]:
+    answers: dict[str, list[str]] = {kind: [] for kind in KINDS}
+    for example in examples:
+        answers[example["meta"]["kind"]].append(example["output"])
+    return {kind: list(dict.fromkeys(found)) for kind, found in answers.items()}
+
+
+def four_choices(example: dict, answers_by_kind: dict[str, list[str]], difficulty: str,
+                 rng: np.random.Generator) -> tuple[list[str], int] | None:
+    """(the four choices, the answer's index) for a LongQA example, its three wrong choices `hard` (from its own
+    document) or `easy` (other examples' answers of its kind found nowhere in it); None without three of them."""
+    kind, answer = example["meta"]["kind"], example["output"]
+    context = instruction_document(example["instruction"])
+    if difficulty == "hard":
+        asked = example["meta"].get("name")
+        pool = [item for item in document_items(context, kind) if item not in (answer, asked)]
+    else:
+        pool = [item for item in answers_by_kind[kind] if item != answer and item not in context]
+    if len(pool) < 3:
+        return None
+    wrong = [pool[i] for i in rng.permutation(len(pool))[:3]]
+    position = int(rng.integers(len(LETTERS)))
+    return wrong[:position] + [answer] + wrong[position:], position
+
+
+def _usable(examples: list[dict]) -> list[dict]:
+    return [e for e in examples if (e.get("meta") or {}).get("kind") in KINDS]
+
+
+def with_choice_questions(examples: list[dict], share: float, seed: int = 0) -> tuple[list[dict], int]:
+    """The LongQA training examples with `share` of them (drawn at random, difficulties alternating as they can)
+    asked as four-choice questions instead: the question without its "Answer with …" sentence, the choices as
+    `(A) …` lines and CHOICE_REPLY; the answer ANSWER_SENTENCE. What teaches a model the answer sentence that
+    LongBench v2 reads.
+    (examples, how many were turned)."""
+    rng = np.random.default_rng(seed)
+    usable = _usable(examples)
+    answers_by_kind = _answers_by_kind(usable)
+    askable = {id(example) for example in usable}
+    chosen = set(rng.permutation(len(examples))[: round(share * len(examples))].tolist())
+    out, turned = [], 0
+    for i, example in enumerate(examples):
+        found = None
+        if i in chosen and id(example) in askable:
+            turn = DIFFICULTIES[turned % 2]
+            for difficulty in (turn, *(d for d in DIFFICULTIES if d != turn)):  # the other one when this one fails
+                if (found := four_choices(example, answers_by_kind, difficulty, rng)) is not None:
+                    break
+        if found is None:
+            out.append(example)
+            continue
+        choices, position = found
+        instruction = example["instruction"]
+        question = question_of(instruction)
+        head = instruction[: instruction.rindex(question) + len(question)]
+        listed = "\n".join(f"({letter}) {choice}" for letter, choice in zip(LETTERS, choices, strict=True))
+        out.append({**example, "instruction": f"{head}\nChoices:\n{listed}\n{CHOICE_REPLY}",
+                    "output": ANSWER_SENTENCE.format(letter=LETTERS[position]),
+                    "meta": {**example["meta"], "choices": choices, "difficulty": difficulty}})
+        turned += 1
+    return out, turned
+
+
 def embedded_longbench2(longqa_heldout: list[dict], count_tokens: CountTokens, n_examples: int, min_tokens: int,
                         max_tokens: int, seed: int = 0) -> list[dict]:
     """Up to `n_examples` LongBench v2 records from LongAlpaca-format held-out LongQA records (`instruction`,
     `output`, `meta` with its `kind` and `name`); those of another kind or without three wrong choices are
     skipped."""
     rng = np.random.default_rng(seed)
-    usable = [e for e in longqa_heldout if (e.get("meta") or {}).get("kind") in KINDS]
-    answers_by_kind: dict[str, list[str]] = {kind: [] for kind in KINDS}
-    for example in usable:
-        answers_by_kind[example["meta"]["kind"]].append(example["output"])
+    usable = _usable(longqa_heldout)
+    answers_by_kind = _answers_by_kind(usable)
     records: list[dict] = []
     for example in usable:
         if len(records) >= n_examples:
             break
-        kind, answer = example["meta"]["kind"], example["output"]
-        context = instruction_document(example["instruction"])
-        difficulty = "easy" if len(records) % 2 == 0 else "hard"
-        if difficulty == "hard":
-            asked = example["meta"].get("name")
-            pool = [item for item in document_items(context, kind) if item not in (answer, asked)]
-        else:
-            pool = [item for item in dict.fromkeys(answers_by_kind[kind]) if item != answer and item not in context]
-        if len(pool) < 3:
+        difficulty = DIFFICULTIES[len(records) % 2]
+        found = four_choices(example, answers_by_kind, difficulty, rng)
+        if found is None:
             continue
-        wrong = [pool[i] for i in rng.permutation(len(pool))[:3]]
-        position = int(rng.integers(len(LETTERS)))
-        choices = wrong[:position] + [answer] + wrong[position:]
+        choices, position = found
         tokens = count_tokens([example["instruction"]])[0]  # what min_tokens and max_tokens bound
         records.append({
             "_id": f"embedded-{len(records):05d}", "domain": DOMAIN, "sub_domain": SUB_DOMAIN,
             "difficulty": difficulty, "length": _length_class(tokens, min_tokens, max_tokens),
             "question": question_of(example["instruction"]),
             **{f"choice_{letter}": choice for letter, choice in zip(LETTERS, choices, strict=True)},
-            "answer": LETTERS[position], "context": context,
+            "answer": LETTERS[position], "context": instruction_document(example["instruction"]),
         })
     return records

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longlora.choices import RULER_CHAT_TEMPLATE
+
 
 @dataclass(frozen=True)
 class Family:
@@ -116,6 +118,27 @@ MODEL_TEMPLATES = {
 }
 """RULER's model templates (scripts/data/template.py) for the model families this project extends."""
 
+CHAT = RULER_CHAT_TEMPLATE
+"""Not one of RULER's names: the model's own chat template (its tokenizer's), one user turn; see chat_model_template."""
+
+
+def chat_model_template(tokenizer) -> str:
+    """The tokenizer's chat template around one user turn, in the form of MODEL_TEMPLATES (`{task_template}` where the
+    turn goes): what RULER's named templates spell out by hand for the chat models it knows. A leading BOS is left
+    out, since the prompt is encoded with the tokenizer's special tokens, as RULER's HuggingFace client encodes it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model template chat needs a tokenizer with a chat template")
+    marker = "\x00turn\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [
+            tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    head, _, tail = (part.replace("{", "{{").replace("}", "}}") for part in text.partition(marker))
+    return head + "{task_template}" + tail
+
+
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 DEPTHS = [round(100 * i / 39) for i in range(40)]
@@ -169,8 +192,8 @@ class _Builder:
         self.seed = seed
         self.rng = random.Random(seed)
         # prepare.py: the model template around the task's, then the answer prefix.
-        self.template = MODEL_TEMPLATES[model_template].format(task_template=self.family.template) \
-            + self.family.answer_prefix
+        wrapper = chat_model_template(tokenizer) if model_template == CHAT else MODEL_TEMPLATES[model_template]
+        self.template = wrapper.format(task_template=self.family.template) + self.family.answer_prefix
         self.essay_words = essay_words
         if self.args.get("type_haystack") == "essay" and not essay_words:
             raise ValueError(f"{task} needs a prose haystack")
@@ -503,8 +526,9 @@ def build_samples(task: str, tokenizer, max_seq_length: int, count: int, seed: i
     read_squad / read_hotpotqa give them. Raises DoesNotFit when even the smallest does not."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; known: {', '.join(TASKS)}")
-    if model_template not in MODEL_TEMPLATES:
-        raise ValueError(f"unknown RULER model template {model_template!r}; known: {', '.join(MODEL_TEMPLATES)}")
+    if model_template not in (*MODEL_TEMPLATES, CHAT):
+        raise ValueError(f"unknown RULER model template {model_template!r}; known: {', '.join(MODEL_TEMPLATES)}, "
+                         f"{CHAT}")
     return _Builder(task, tokenizer, max_seq_length, seed, model_template, haystack, qa).samples(count)
 
 
