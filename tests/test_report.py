@@ -188,6 +188,11 @@ def test_the_report_is_the_same_bytes_twice_and_says_what_was_not_evaluated(eval
                                                       "eval_harness", "longbench2"], "longbench_average": None}
     summary = Path("data/report/summary.txt").read_text(encoding="utf-8")
     assert "sft           25.00      40.25          -         50.00     95.00      88.25           128" in summary
+    assert "not one answer could be read" not in summary  # 2 of 8 unread
+    _write_json(Path("data/metrics/longbench2/base.json"), {"overall": 0.0, "questions": 8, "nulls": 8})
+    report.run(evaluated)
+    summary = Path("data/report/summary.txt").read_text(encoding="utf-8")
+    assert "LongBench v2: not one answer could be read from base: a model that does not write" in summary
     text = Path("data/report/README.md").read_text(encoding="utf-8")
     assert "Not evaluated (left out; `dvc repro` runs them): longbench@sft (no data/metrics/longbench/sft.json)" in text
     assert "| sft | - | - | - |" in text

@@ -46,6 +46,9 @@ class ModelResults:
     """The longest length up to which every RULER average clears the threshold; 0: not even the shortest."""
     longbench2: dict[str, float | None] = field(default_factory=dict)
     """LongBench v2 accuracy (0-100, as its result.py) by LONGBENCH2_SCORES key; None: no question of that group."""
+    longbench2_unread: bool = False
+    """Not one of LongBench v2's answers could be read (nulls = questions): the model does not write its answer
+    sentence, as a base model does not."""
     harness: dict[str, float] = field(default_factory=dict)
     """lm-evaluation-harness numbers as lm-eval reports them, by `<task> <metric>`."""
 
@@ -80,6 +83,7 @@ def model_results(metrics: dict[str, dict | None]) -> ModelResults:
         ruler=_by_length(ruler.get("average")),
         ruler_effective_length=ruler.get("effective_length"),
         longbench2={key: longbench2[key] for key in LONGBENCH2_SCORES if key in longbench2},
+        longbench2_unread=bool(longbench2.get("questions")) and longbench2.get("nulls") == longbench2["questions"],
         harness={f"{task} {metric}": float(value) for task, numbers in (harness.get("results") or {}).items()
                  for metric, value in numbers.items()},
     )
@@ -198,6 +202,10 @@ def summary_text(results: dict[str, ModelResults]) -> str:
              "questions (0-100, 25 is chance); RULER@N: mean score over RULER's tasks at N",
              "tokens (0-100); RULER length: its effective length (every average up to it >= the threshold);",
              "-: not evaluated"]
+    unread = [name for name, r in results.items() if r.longbench2_unread]
+    if unread:
+        notes += [f"LongBench v2: not one answer could be read from {', '.join(unread)}: a model that does not write",
+                  "\"The correct answer is (X)\" scores 0 (eval_harness gives the letters' likelihoods instead)"]
     return "\n".join([*_aligned(first), "", *_aligned(second), *notes]) + "\n"
 
 
