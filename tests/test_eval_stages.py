@@ -95,7 +95,7 @@ def test_perplexity_writes_both_numbers_per_length_as_the_library_computes_them(
         assert written == metrics[name] and written["stage"] == f"eval_perplexity@{name}"
         assert set(written) == {"stage", "ppl", "ppl_windowed"}  # a model-by-length table in `dvc metrics show`
         ran_with = json.loads(Path(f"data/logs/eval_perplexity@{name}/params.json").read_text())["params"]
-        assert ran_with["eval_model"] == {"name": name, **MODELS[name], "interpolate": name == "base"}
+        assert ran_with["eval_model"] == {"name": name, **MODELS[name], "interpolate": name == "base", "chat": False}
         for row in rows:
             assert float(row["perplexity"]) == written["ppl"][row["length"]] > 1
             assert float(row["windowed_perplexity"]) == written["ppl_windowed"][row["length"]] > 1
@@ -229,7 +229,7 @@ def test_dvc_plots_show_reads_the_perplexity_lines_and_the_heatmaps(project):
     """The real `dvc plots show` on the project's dvc.yaml: one line per model in each perplexity plot, the PNGs."""
     # Every model the project's dvc.yaml plots (params.yaml's eval_models), the later ones on the extended test model.
     names = yaml.safe_load((ROOT / "params.yaml").read_text())["eval_models"]
-    models = {name: MODELS.get(name, MODELS["extended"]) for name in names}
+    models = {name: {**MODELS.get(name, MODELS["extended"]), "chat": False} for name in names}  # stand-ins: no template
     evals = {**EVALS, "eval_models": models}
     params = parse_params(tiny_params_dict(**{**evals, "eval_perplexity": {**EVALS["eval_perplexity"],
                                                                             "lengths": [32, 64, 128]}}))

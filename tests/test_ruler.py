@@ -163,10 +163,11 @@ def test_sentences_and_words_of_a_prose_haystack():
 def test_nothing_the_embedded_models_train_on_uses_rulers_wording():
     """RULER's prompts are new to the embedded models, so their RULER scores measure generalisation: the generators
     of every training text (pre-training mix, SFT questions) never write RULER's phrases."""
+    import longlora.embedded.longbench2_data as choices
     import longlora.embedded.longqa as longqa
     import longlora.embedded.synthetic as synthetic
 
-    sources = " ".join(Path(m.__file__).read_text(encoding="utf-8") for m in (synthetic, longqa)).lower()
+    sources = " ".join(Path(m.__file__).read_text(encoding="utf-8") for m in (synthetic, longqa, choices)).lower()
     phrases = ["special magic", "memorize", "quiz you", "variable assignment", "most common words",
                "appear most often", "coded text", "frequently appeared", "mentioned in the provided text"]
     phrases += ["given documents", "only give me the answer", "do not output any other words"]
