@@ -55,6 +55,7 @@ RULER_OFFLINE_TASKS = tuple(name for name in RULER_TASKS if name not in RULER_QA
 """RULER's 11 tasks that need no data set: eval_ruler's default."""
 
 RULER_MODEL_TEMPLATES = ("base", "meta-chat", "vicuna-chat", "lwm-chat", "Phi3", "meta-llama3")
-RULER_CHAT_TEMPLATE = "chat"
-"""Not one of RULER's template names: the model's own chat template (longlora/evaluation/ruler.py)."""
 """The names of RULER's model templates (its scripts/data/template.py) that longlora/evaluation/ruler.py has."""
+RULER_CHAT_TEMPLATE = "chat"
+"""Not one of RULER's template names: the model's own chat template, one user turn
+(longlora/evaluation/ruler.py: chat_model_template)."""

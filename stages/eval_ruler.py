@@ -20,6 +20,7 @@ import json
 import logging
 from pathlib import Path
 
+from longlora.choices import RULER_CHAT_TEMPLATE
 from longlora.errors import InputError
 from longlora.io import StageOutput
 from longlora.sources import is_hub_name, looks_local
@@ -133,8 +134,8 @@ def _evaluate(params: Params, name: str, haystack: tuple[list[str] | None, str],
     tasks = [task for task in p.tasks if task not in skipped]
     _eval.check_positions(params, name, max(lengths), "eval_ruler.lengths")
     tokenizer = _eval.load_tokenizer(params, name)
-    template = p.model_template or (ruler.CHAT if _eval.is_chat(params, name, tokenizer) else "base")
-    if template == ruler.CHAT and not getattr(tokenizer, "chat_template", None):
+    template = p.model_template or (RULER_CHAT_TEMPLATE if _eval.is_chat(params, name, tokenizer) else "base")
+    if template == RULER_CHAT_TEMPLATE and not getattr(tokenizer, "chat_template", None):
         raise InputError(f"eval_ruler.model_template: chat, but the tokenizer of eval_models.{name} has no chat "
                          "template; name one of RULER's templates, or leave it null")
     words, haystack_name = haystack

@@ -118,10 +118,6 @@ MODEL_TEMPLATES = {
 }
 """RULER's model templates (scripts/data/template.py) for the model families this project extends."""
 
-CHAT = RULER_CHAT_TEMPLATE
-"""Not one of RULER's names: the model's own chat template (its tokenizer's), one user turn; see chat_model_template."""
-
-
 def chat_model_template(tokenizer) -> str:
     """The tokenizer's chat template around one user turn, in the form of MODEL_TEMPLATES (`{task_template}` where the
     turn goes): what RULER's named templates spell out by hand for the chat models it knows. A leading BOS is left
@@ -192,7 +188,8 @@ class _Builder:
         self.seed = seed
         self.rng = random.Random(seed)
         # prepare.py: the model template around the task's, then the answer prefix.
-        wrapper = chat_model_template(tokenizer) if model_template == CHAT else MODEL_TEMPLATES[model_template]
+        wrapper = (chat_model_template(tokenizer) if model_template == RULER_CHAT_TEMPLATE
+                   else MODEL_TEMPLATES[model_template])
         self.template = wrapper.format(task_template=self.family.template) + self.family.answer_prefix
         self.essay_words = essay_words
         if self.args.get("type_haystack") == "essay" and not essay_words:
@@ -526,9 +523,9 @@ def build_samples(task: str, tokenizer, max_seq_length: int, count: int, seed: i
     read_squad / read_hotpotqa give them. Raises DoesNotFit when even the smallest does not."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; known: {', '.join(TASKS)}")
-    if model_template not in (*MODEL_TEMPLATES, CHAT):
+    if model_template not in (*MODEL_TEMPLATES, RULER_CHAT_TEMPLATE):
         raise ValueError(f"unknown RULER model template {model_template!r}; known: {', '.join(MODEL_TEMPLATES)}, "
-                         f"{CHAT}")
+                         f"{RULER_CHAT_TEMPLATE}")
     return _Builder(task, tokenizer, max_seq_length, seed, model_template, haystack, qa).samples(count)
 
 
