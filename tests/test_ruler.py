@@ -478,3 +478,16 @@ def test_the_stage_answers_qa_from_rulers_file_and_skips_a_qa_task_without_data(
     assert all(r["input"].endswith("?" + " Answer:") and r["length"] <= 1024 for r in records)
     assert ruler.score_task("qa_1", [r["pred"] for r in records], [r["outputs"] for r in records]) == summary["qa_1"]
     assert metrics["average"]["1024"] == round((summary["fwe"][0] + summary["qa_1"][0]) / 2, 2)
+
+
+def test_a_chat_marker_bos_stays_in_the_chat_template_since_the_encoding_adds_none(smol_chat_model_dir):
+    """SmolLM2's BOS is ChatML's `<|im_start|>` and encoding adds no BOS: the marker is part of the turn, kept."""
+    from transformers import AutoTokenizer
+
+    smol = AutoTokenizer.from_pretrained(smol_chat_model_dir)
+    wrapper = ruler.chat_model_template(smol)
+    assert wrapper.startswith("<|im_start|>system\n") and wrapper.endswith(
+        "<|im_start|>user\n{task_template}<|im_end|>\n<|im_start|>assistant\n")
+    sample, = ruler.build_samples("niah_single_1", smol, 1500, 1, model_template="chat")
+    ids = smol(sample.prompt)["input_ids"]
+    assert ids[0] == smol.bos_token_id and ids.count(smol.convert_tokens_to_ids("<|im_start|>")) == 3
